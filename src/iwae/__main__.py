@@ -1,0 +1,5 @@
+import sys
+
+from iwae.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of ``iwae`` beyond train/eval/sample, one module each (see ``iwae.cli``)."""

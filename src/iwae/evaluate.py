@@ -1,0 +1,263 @@
+"""Evaluation: test log-likelihood from L_k (k = 5000), active units, reconstruction and KL terms.
+
+Shape convention: examples ``[batch, x_dim]``; log-weights ``[k, batch]``. The k samples of an
+example are drawn in chunks so memory stays bounded whatever k is, and the log-mean-exp over
+chunks is accumulated in float64 (:class:`iwae.bounds.LogMeanExpAccumulator`).
+
+Active units (Burda et al., section 5.2): ``A_u = Var_x(E_q[u | x])`` over a split; a unit is
+active if ``A_u > 0.01``. For the first layer ``E_q[h_1 | x]`` is q's mean; for deeper layers it
+is a Monte Carlo average of q's mean over samples of the layer below. The alternative
+definition used by some reports, mean KL(q(u | .) || p(u | .)) > 0.01, is reported as well.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from iwae.bounds import LogMeanExpAccumulator
+from iwae.checkpoint import atomic_write_text
+from iwae.data import Split, binarize, load_dataset
+from iwae.models import LatentVariableModel
+from iwae.runs import EVAL_FILE, load_model, resolve_device
+
+ACTIVE_THRESHOLD = 0.01
+
+
+@dataclass
+class EvalResult:
+    nll: float
+    nll_std_err: float
+    k: int
+    split: str
+    n_examples: int
+    seed: int
+    active_units: list[int]
+    active_units_authors: list[int] | None
+    active_units_kl: list[int]
+    nll_active_only: float | None
+    recon_log_lik: float
+    kl: float
+    elbo: float
+    seconds: float
+    log_activity: list[list[float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def posterior_means(
+    model: LatentVariableModel, x: Tensor, generator: torch.Generator, n_samples: int = 100
+) -> list[Tensor]:
+    """``E_q[h_j | x]`` per stochastic layer, each ``[batch, d_j]`` (Monte Carlo above layer 1)."""
+    sample = model(x, n_samples, generator)
+    means = [sample.q_params[0][0]]
+    for mean, _ in sample.q_params[1:]:  # [n_samples, batch, d]
+        means.append(mean.mean(dim=0))
+    return means
+
+
+@torch.no_grad()
+def unit_kl(model: LatentVariableModel, x: Tensor, generator: torch.Generator) -> list[Tensor]:
+    """Per-unit KL(q(h_j | .) || p(h_j | .)) for one sample of the other layers: ``[batch, d_j]`` each."""
+    sample = model(x, 1, generator)
+    kls = []
+    top = len(sample.latents) - 1
+    for j, (q_mean, q_log_std) in enumerate(sample.q_params):
+        if j == 0:  # q(h_1 | x) has no sample dimension
+            q_mean, q_log_std = q_mean.unsqueeze(0), q_log_std.unsqueeze(0)
+        if j == top:
+            p_mean, p_log_std = torch.zeros_like(q_mean), torch.zeros_like(q_log_std)
+        else:
+            p_mean, p_log_std = model.decoder[j + 1](sample.latents[j + 1])
+        var_ratio = torch.exp(2 * (q_log_std - p_log_std))
+        mean_term = ((q_mean - p_mean) * torch.exp(-p_log_std)) ** 2
+        kls.append((0.5 * (var_ratio + mean_term - 1) - (q_log_std - p_log_std))[0])
+    return kls
+
+
+@torch.no_grad()
+def activity(
+    model: LatentVariableModel,
+    split: Split,
+    binarization: str,
+    generator: torch.Generator,
+    batch_size: int = 500,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Per layer: ``A_u`` (variance over the split of E_q[u | x]) and the mean per-unit KL, ``[d_j]`` each."""
+    means: list[list[Tensor]] = []
+    kl_sums: list[Tensor] = []
+    for start in range(0, len(split), batch_size):
+        x = binarize(split.images[start : start + batch_size], binarization, generator)
+        for j, mean in enumerate(posterior_means(model, x, generator)):
+            if len(means) <= j:
+                means.append([])
+            means[j].append(mean.double())
+        for j, kl in enumerate(unit_kl(model, x, generator)):
+            kl_sum = kl.double().sum(dim=0)
+            if len(kl_sums) <= j:
+                kl_sums.append(kl_sum)
+            else:
+                kl_sums[j] = kl_sums[j] + kl_sum
+    variances = [torch.cat(layer).var(dim=0) for layer in means]
+    mean_kls = [kl_sum / len(split) for kl_sum in kl_sums]
+    return variances, mean_kls
+
+
+def count_active(values: list[Tensor]) -> list[int]:
+    return [int((v > ACTIVE_THRESHOLD).sum().item()) for v in values]
+
+
+@torch.no_grad()
+def estimate_log_likelihood(
+    model: LatentVariableModel,
+    split: Split,
+    binarization: str,
+    k: int,
+    generator: torch.Generator,
+    *,
+    batch_size: int = 100,
+    max_rows: int = 25_000,
+    unit_masks: list[Tensor] | None = None,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Per-example L_k with samples streamed in chunks of ``max_rows // batch`` (float64 log-mean-exp).
+
+    Each example is binarised once. Returns float64 ``[n]`` tensors: ``log_lik`` (L_k),
+    ``recon`` (mean of log p(x | h) over the k samples), ``kl`` (mean of log q - log p(h)) and,
+    if ``unit_masks`` is given, ``log_lik_active`` (L_k of the model with masked units removed,
+    from the same binarised examples).
+    """
+    chunk = max(1, min(k, max_rows // batch_size))
+    out: dict[str, list[Tensor]] = {"log_lik": [], "recon": [], "kl": []}
+    if unit_masks is not None:
+        out["log_lik_active"] = []
+    bar = tqdm(total=len(split), unit="example", desc=f"L_{k}", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(split), batch_size):
+        x = binarize(split.images[start : start + batch_size], binarization, generator)
+        full, pruned = LogMeanExpAccumulator(), LogMeanExpAccumulator()
+        recon = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        kl = torch.zeros_like(recon)
+        for done in range(0, k, chunk):
+            size = min(chunk, k - done)
+            sample = model(x, size, generator)
+            full.add(sample.log_w)
+            recon += sample.log_px_given_h.double().sum(dim=0)
+            kl += (sample.log_q - sample.log_prior).double().sum(dim=0)
+            if unit_masks is not None:
+                pruned.add(model(x, size, generator, unit_masks=unit_masks).log_w)
+        out["log_lik"].append(full.result())
+        out["recon"].append(recon / k)
+        out["kl"].append(kl / k)
+        if unit_masks is not None:
+            out["log_lik_active"].append(pruned.result())
+        bar.update(x.shape[0])
+    bar.close()
+    return {name: torch.cat(values).cpu() for name, values in out.items()}
+
+
+def evaluate_model(
+    model: LatentVariableModel,
+    split: Split,
+    binarization: str,
+    *,
+    k: int = 5000,
+    seed: int = 0,
+    split_name: str = "test",
+    authors_split: Split | None = None,
+    prune_inactive: bool = True,
+    batch_size: int = 100,
+    progress: bool = False,
+) -> EvalResult:
+    """NLL = -mean L_k over ``split``, active units, and the reconstruction and KL terms."""
+    started = time.perf_counter()
+    device = next(model.parameters()).device
+    split = split.to(device)
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    variances, mean_kls = activity(model, split, binarization, generator)
+    authors = None
+    if authors_split is not None:
+        authors_variances, _ = activity(model, authors_split.subset(500).to(device), binarization, generator)
+        authors = count_active(authors_variances)
+    masks = [(v > ACTIVE_THRESHOLD).to(torch.float32).to(device) for v in variances]
+    all_active = all(bool(m.all()) for m in masks)
+    estimates = estimate_log_likelihood(
+        model,
+        split,
+        binarization,
+        k,
+        generator,
+        batch_size=batch_size,
+        unit_masks=masks if prune_inactive and not all_active else None,
+        progress=progress,
+    )
+    log_lik = estimates["log_lik"]
+    n = log_lik.shape[0]
+    if "log_lik_active" in estimates:
+        nll_active: float | None = -estimates["log_lik_active"].mean().item()
+    else:
+        nll_active = -log_lik.mean().item() if prune_inactive else None
+    recon, kl = estimates["recon"].mean().item(), estimates["kl"].mean().item()
+    return EvalResult(
+        nll=-log_lik.mean().item(),
+        nll_std_err=(log_lik.std().item() / math.sqrt(n)) if n > 1 else float("nan"),
+        k=k,
+        split=split_name,
+        n_examples=n,
+        seed=seed,
+        active_units=count_active(variances),
+        active_units_authors=authors,
+        active_units_kl=count_active(mean_kls),
+        nll_active_only=nll_active,
+        recon_log_lik=recon,
+        kl=kl,
+        elbo=recon - kl,
+        seconds=time.perf_counter() - started,
+        log_activity=[torch.log(v.clamp_min(1e-300)).tolist() for v in variances],
+    )
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    k: int = 5000,
+    split: str = "test",
+    limit: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    data_dir: str | None = None,
+    prune_inactive: bool = True,
+    batch_size: int = 100,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate a run directory's model and write ``eval.json`` into it."""
+    run_dir = Path(run_dir)
+    torch_device = resolve_device(device)
+    model, config = load_model(run_dir, torch_device)
+    data = load_dataset(config.dataset, data_dir, progress=progress)
+    result = evaluate_model(
+        model,
+        data.split(split).subset(limit),
+        data.binarization,
+        k=k,
+        seed=seed,
+        split_name=split,
+        authors_split=data.train,
+        prune_inactive=prune_inactive,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    payload = result.to_dict()
+    payload["limit"] = limit
+    payload["dataset"] = config.dataset
+    atomic_write_text(run_dir / EVAL_FILE, json.dumps(payload, indent=2) + "\n")
+    return result

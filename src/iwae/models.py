@@ -1,0 +1,314 @@
+"""Latent-variable models with one or more stochastic layers (Burda et al. 2016, section 5).
+
+Shape convention: samples first. An input batch ``x`` is ``[batch, x_dim]``; latents drawn
+from q are ``[k, batch, d]``; every per-sample log-density is ``[k, batch]``.
+
+The generative model is ``p(x, h_1..h_L) = p(h_L) prod_j p(h_j | h_{j+1}) p(x | h_1)`` with
+``p(h_L) = N(0, I)``; the recognition model is ``q(h_1 | x) prod_j q(h_{j+1} | h_j)``. Every
+conditional is an MLP (tanh by default) followed by a Gaussian head (mean = linear,
+std = exp(linear)) or, for the observation, a Bernoulli head on logits (or a Gaussian head).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LOG_2PI = math.log(2.0 * math.pi)
+ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "softplus": F.softplus}
+LIKELIHOODS = ("bernoulli", "gaussian")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a model; ``hidden_dims[j]`` are the hidden sizes of q(h_{j+1} | h_j).
+
+    The generative network for p(h_j | h_{j+1}) mirrors q's hidden sizes in reverse order.
+    """
+
+    x_dim: int = 784
+    latent_dims: tuple[int, ...] = (50,)
+    hidden_dims: tuple[tuple[int, ...], ...] = ((200, 200),)
+    activation: str = "tanh"
+    likelihood: str = "bernoulli"
+
+    def __post_init__(self) -> None:
+        if len(self.latent_dims) != len(self.hidden_dims) or not self.latent_dims:
+            raise ValueError("latent_dims and hidden_dims need one entry per stochastic layer")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
+        if self.likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+
+    @property
+    def n_stochastic(self) -> int:
+        return len(self.latent_dims)
+
+    @classmethod
+    def burda(cls, layers: int, x_dim: int = 784) -> ModelConfig:
+        """Burda et al.'s architectures with one or two stochastic layers (REFERENCE section 3)."""
+        if layers == 1:
+            return cls(x_dim=x_dim, latent_dims=(50,), hidden_dims=((200, 200),))
+        if layers == 2:
+            return cls(x_dim=x_dim, latent_dims=(100, 50), hidden_dims=((200, 200), (100, 100)))
+        raise ValueError(f"Burda's architectures have 1 or 2 stochastic layers, got {layers}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        data = dict(data)
+        data["latent_dims"] = tuple(data["latent_dims"])
+        data["hidden_dims"] = tuple(tuple(h) for h in data["hidden_dims"])
+        return cls(**data)
+
+
+def glorot_uniform_(weight: Tensor) -> None:
+    """Glorot-uniform initialisation, +-sqrt(6 / (n_in + n_out)), in place."""
+    n_out, n_in = weight.shape
+    limit = math.sqrt(6.0 / (n_in + n_out))
+    with torch.no_grad():
+        weight.uniform_(-limit, limit)
+
+
+def _linear(layer: nn.Linear, inputs: Tensor, detach_params: bool) -> Tensor:
+    if detach_params:
+        return F.linear(inputs, layer.weight.detach(), layer.bias.detach())
+    return layer(inputs)
+
+
+def gaussian_log_prob(value: Tensor, mean: Tensor, log_std: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Diagonal Gaussian log-density summed over the last dimension (only over ``mask`` if given)."""
+    z = (value - mean) * torch.exp(-log_std)
+    per_dim = -0.5 * z * z - log_std - 0.5 * LOG_2PI
+    if mask is not None:
+        per_dim = per_dim * mask
+    return per_dim.sum(dim=-1)
+
+
+def standard_normal_log_prob(value: Tensor, mask: Tensor | None = None) -> Tensor:
+    per_dim = -0.5 * value * value - 0.5 * LOG_2PI
+    if mask is not None:
+        per_dim = per_dim * mask
+    return per_dim.sum(dim=-1)
+
+
+def bernoulli_log_prob(x: Tensor, logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``sum_d x_d log sigmoid(l_d) + (1 - x_d) log sigmoid(-l_d)``; ``x`` broadcasts against ``logits``."""
+    per_dim = x * logits - F.softplus(logits)
+    if mask is not None:
+        per_dim = per_dim * mask
+    return per_dim.sum(dim=-1)
+
+
+class MLPHead(nn.Module):
+    """An MLP (hidden layers with an activation) followed by a linear head of ``n_params * out_dim``.
+
+    The head's outputs are split into ``n_params`` tensors of size ``out_dim`` (mean and log-std
+    for a Gaussian, logits for a Bernoulli). All weights start Glorot-uniform, biases at zero.
+    """
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], out_dim: int, n_params: int, activation: str):
+        super().__init__()
+        sizes = (in_dim, *hidden)
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
+        self.head = nn.Linear(sizes[-1], n_params * out_dim)
+        self.out_dim = out_dim
+        self.n_params = n_params
+        self.activation = ACTIVATIONS[activation]
+        for layer in self.hidden:
+            glorot_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        for part in self.head.weight.split(out_dim, dim=0):  # each head initialised as its own layer
+            glorot_uniform_(part)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, inputs: Tensor, detach_params: bool = False) -> tuple[Tensor, ...]:
+        hidden = inputs
+        for layer in self.hidden:
+            hidden = self.activation(_linear(layer, hidden, detach_params))
+        return _linear(self.head, hidden, detach_params).split(self.out_dim, dim=-1)
+
+
+@dataclass
+class ImportanceSample:
+    """k samples from q for a batch, with the log-densities that make up the log-weights.
+
+    ``latents[j]`` is h_{j+1}, ``[k, batch, d_j]``; the log-densities are ``[k, batch]``.
+    ``log_w = log p(x | h_1) + log p(h) - log q(h | x)``.
+    """
+
+    latents: list[Tensor]
+    log_px_given_h: Tensor
+    log_prior: Tensor
+    log_q: Tensor
+    q_params: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+    @property
+    def log_joint(self) -> Tensor:
+        return self.log_px_given_h + self.log_prior
+
+    @property
+    def log_w(self) -> Tensor:
+        return self.log_px_given_h + self.log_prior - self.log_q
+
+
+class LatentVariableModel(nn.Module):
+    """Burda-style VAE/IWAE model: the same network serves every objective in :mod:`iwae.objectives`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        act = config.activation
+        in_dims = (config.x_dim, *config.latent_dims[:-1])
+        self.encoder = nn.ModuleList(
+            MLPHead(in_dim, hidden, latent, 2, act)
+            for in_dim, hidden, latent in zip(in_dims, config.hidden_dims, config.latent_dims, strict=True)
+        )
+        # decoder[j] models p(h_j | h_{j+1}) for j >= 1 and decoder[0] models p(x | h_1).
+        obs_params = 1 if config.likelihood == "bernoulli" else 2
+        self.decoder = nn.ModuleList(
+            MLPHead(
+                config.latent_dims[j],
+                tuple(reversed(config.hidden_dims[j])),
+                in_dims[j],
+                obs_params if j == 0 else 2,
+                act,
+            )
+            for j in range(config.n_stochastic)
+        )
+
+    # -- parameters -------------------------------------------------------------------------
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        return list(self.encoder.parameters())
+
+    def decoder_parameters(self) -> list[nn.Parameter]:
+        return list(self.decoder.parameters())
+
+    def set_output_bias(self, mean_x: Tensor) -> None:
+        """Burda's initialisation: output bias = logit(mean training pixel clipped to [0.001, 0.999])."""
+        if self.config.likelihood != "bernoulli":
+            return
+        p = mean_x.detach().to(torch.float64).clamp(0.001, 0.999)
+        with torch.no_grad():
+            self.decoder[0].head.bias.copy_(torch.log(p) - torch.log1p(-p))
+
+    # -- densities --------------------------------------------------------------------------
+    def observation_log_prob(self, x: Tensor, h1: Tensor, observed_mask: Tensor | None = None) -> Tensor:
+        params = self.decoder[0](h1)
+        if self.config.likelihood == "bernoulli":
+            return bernoulli_log_prob(x, params[0], observed_mask)
+        return gaussian_log_prob(x, params[0], params[1], observed_mask)
+
+    def forward(
+        self,
+        x: Tensor,
+        k: int,
+        generator: torch.Generator | None = None,
+        *,
+        stop_q_params: bool = False,
+        unit_masks: list[Tensor] | None = None,
+        observed_mask: Tensor | None = None,
+    ) -> ImportanceSample:
+        """Draw k reparameterised samples h ~ q(h | x) and evaluate their log-densities.
+
+        Args:
+            x: ``[batch, x_dim]``.
+            k: number of samples per example.
+            generator: the random source for the Gaussian noise (seeded runs pass one).
+            stop_q_params: evaluate ``log q(h | x)`` with the encoder's parameters stopped while the
+                samples keep their path derivative (used by the STL and DReG estimators).
+            unit_masks: per stochastic layer, a ``[d_j]`` 0/1 mask; masked-out units are clamped to 0
+                (the prior mean) and left out of every density, i.e. the model with those units removed.
+            observed_mask: ``[batch, x_dim]`` 0/1; only observed entries enter ``log p(x | h)``.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        inputs = x
+        latents: list[Tensor] = []
+        q_params: list[tuple[Tensor, Tensor]] = []
+        log_q = x.new_zeros(())
+        for j, layer in enumerate(self.encoder):
+            mean, log_std = layer(inputs)
+            noise_shape = (k, *mean.shape) if j == 0 else mean.shape
+            eps = torch.randn(noise_shape, generator=generator, device=x.device, dtype=mean.dtype)
+            h = mean + torch.exp(log_std) * eps
+            mask = None if unit_masks is None else unit_masks[j].to(h.dtype)
+            if mask is not None:
+                h = h * mask
+            if stop_q_params:
+                if j == 0:
+                    q_mean, q_log_std = mean.detach(), log_std.detach()
+                else:
+                    q_mean, q_log_std = layer(inputs, detach_params=True)
+            else:
+                q_mean, q_log_std = mean, log_std
+            log_q = log_q + gaussian_log_prob(h, q_mean, q_log_std, mask)
+            latents.append(h)
+            q_params.append((mean, log_std))
+            inputs = h
+        log_prior = self._log_prior(latents, unit_masks)
+        log_px = self.observation_log_prob(x, latents[0], observed_mask)
+        return ImportanceSample(latents, log_px, log_prior, log_q, q_params)
+
+    def _log_prior(self, latents: list[Tensor], unit_masks: list[Tensor] | None) -> Tensor:
+        def mask_of(j: int) -> Tensor | None:
+            return None if unit_masks is None else unit_masks[j].to(latents[j].dtype)
+
+        top = len(latents) - 1
+        log_prior = standard_normal_log_prob(latents[top], mask_of(top))
+        for j in range(top):
+            mean, log_std = self.decoder[j + 1](latents[j + 1])
+            log_prior = log_prior + gaussian_log_prob(latents[j], mean, log_std, mask_of(j))
+        return log_prior
+
+    def log_weights(self, x: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """``log p(x, h_i) - log q(h_i | x)`` for k samples: ``[batch, x_dim] -> [k, batch]``."""
+        return self(x, k, generator).log_w
+
+    # -- generation ---------------------------------------------------------------------------
+    def observation_mean(self, h1: Tensor) -> Tensor:
+        """E[x | h_1]: Bernoulli means (sigmoid of logits) or the Gaussian mean."""
+        params = self.decoder[0](h1)
+        return torch.sigmoid(params[0]) if self.config.likelihood == "bernoulli" else params[0]
+
+    def decode_top(self, h_top: Tensor, generator: torch.Generator | None = None, sample: bool = True) -> Tensor:
+        """From the top latent layer down to E[x | h_1], sampling (or taking means of) the layers between."""
+        h = h_top
+        for j in reversed(range(1, self.config.n_stochastic)):
+            mean, log_std = self.decoder[j](h)
+            if sample:
+                h = mean + torch.exp(log_std) * torch.randn(
+                    mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
+                )
+            else:
+                h = mean
+        return self.observation_mean(h)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n draws of E[x | h_1] with h from the prior: ``[n, x_dim]``."""
+        device = next(self.parameters()).device
+        top = torch.randn((n, self.config.latent_dims[-1]), generator=generator, device=device)
+        return self.decode_top(top, generator)
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """E[x | h_1] for one h ~ q(h | x) per example: ``[batch, x_dim]``."""
+        return self.observation_mean(self(x, 1, generator).latents[0][0])
+
+    @torch.no_grad()
+    def encode_means(self, x: Tensor) -> list[Tensor]:
+        """Deterministic encoding: the mean of each layer of q given the mean of the layer below."""
+        inputs, means = x, []
+        for layer in self.encoder:
+            mean, _ = layer(inputs)
+            means.append(mean)
+            inputs = mean
+        return means

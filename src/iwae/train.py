@@ -1,0 +1,205 @@
+"""Training with Burda et al.'s protocol: Adam, staged learning rates, minibatch 20, dynamic binarisation.
+
+``fit(config, run_dir)`` trains a model described by a :class:`~iwae.config.TrainConfig`, writing
+checkpoints (after every stage, and at epoch ends every few minutes) and per-epoch metrics into
+``run_dir``. ``fit(..., resume=True)`` continues an interrupted run; on the CPU its final
+parameters equal those of an uninterrupted run with the same seed. One ``torch.Generator``,
+seeded from the config, drives shuffling, binarisation and the latent noise, and its state is
+saved in every checkpoint.
+
+Shape convention: minibatches ``x`` are ``[batch, x_dim]``; log-weights ``[k, batch]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from iwae import bounds
+from iwae.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_model
+from iwae.config import TrainConfig, config_differences
+from iwae.data import Dataset, Split, binarize, load_dataset
+from iwae.models import LatentVariableModel
+from iwae.objectives import get_objective
+from iwae.runs import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunError, resolve_device
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    epochs_done: int
+    train_bound: float | None
+    valid_bound: float | None
+    seconds: float
+    complete: bool
+
+
+def build_model(config: TrainConfig, train_images: torch.Tensor, device: torch.device) -> LatentVariableModel:
+    """A freshly initialised model (seeded): Glorot weights, output bias from the mean training pixel."""
+    torch.manual_seed(config.seed)
+    model = LatentVariableModel(config.model)
+    model.set_output_bias(train_images.mean(dim=0))
+    return model.to(device)
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Adam:
+    lr = config.stages[0][1]
+    return torch.optim.Adam(
+        model.parameters(), lr=lr, betas=(config.beta1, config.beta2), eps=config.adam_eps, foreach=True
+    )
+
+
+@torch.no_grad()
+def mean_bound(
+    model: LatentVariableModel,
+    split: Split,
+    k: int,
+    binarization: str,
+    generator: torch.Generator,
+    batch_size: int = 100,
+) -> float:
+    """Mean IWAE bound L_k over a split (binarised once with ``generator``)."""
+    total = 0.0
+    for start in range(0, len(split), batch_size):
+        x = binarize(split.images[start : start + batch_size], binarization, generator)
+        total += bounds.iwae_bound(model.log_weights(x, k, generator)).double().sum().item()
+    return total / len(split)
+
+
+def _prepare_run_dir(config: TrainConfig, run_dir: Path, resume: bool) -> Path | None:
+    """Create the run directory, or check the one to resume; return the checkpoint to resume from."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / CONFIG_FILE
+    checkpoint = run_dir / CHECKPOINT_FILE
+    if config_path.is_file():
+        if not resume:
+            raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+        saved = TrainConfig.from_json(config_path.read_text())
+        differences = config_differences(saved, config)
+        if differences:
+            raise RunError(
+                f"{run_dir} was started with different settings ({', '.join(differences)}); "
+                "resume with the same arguments, or choose another --out"
+            )
+        return checkpoint if checkpoint.is_file() else None
+    atomic_write_text(config_path, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    return None
+
+
+def _truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from (they will be recomputed)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= epochs_done]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def fit(
+    config: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    data_dir: str | None = None,
+    dataset: Dataset | None = None,
+    progress: bool = True,
+    checkpoint_minutes: float = 2.0,
+    max_epochs: int | None = None,
+) -> FitResult:
+    """Train (or resume) a run; see the module docstring.
+
+    Args:
+        dataset: an already loaded dataset (otherwise ``config.dataset`` is loaded from ``data_dir``).
+        max_epochs: stop after this many epochs in this call (the run can be resumed later).
+    """
+    run_dir = Path(run_dir)
+    torch_device = resolve_device(device)
+    resume_from = _prepare_run_dir(config, run_dir, resume)
+    data = dataset if dataset is not None else load_dataset(config.dataset, data_dir, progress=progress)
+    train_split = data.train.subset(config.train_limit).to(torch_device)
+    valid_split = data.valid.to(torch_device)
+    objective = get_objective(config.objective)
+
+    model = build_model(config, train_split.images, torch_device)
+    optimizer = build_optimizer(model, config)
+    generator = torch.Generator(device=torch_device).manual_seed(config.seed)
+    epochs_done, elapsed = 0, 0.0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        model.load_state_dict(state.model_state)
+        optimizer.load_state_dict(state.optimizer_state)
+        generator.set_state(state.rng_state)
+        epochs_done, elapsed = state.progress["epochs_done"], state.progress["seconds"]
+    _truncate_metrics(run_dir / METRICS_FILE, epochs_done)
+
+    n_train = len(train_split)
+    steps_per_epoch = math.ceil(n_train / config.batch_size)
+    stop_epoch = config.total_epochs if max_epochs is None else min(config.total_epochs, epochs_done + max_epochs)
+    stage_ends = config.stage_ends()
+    bar = tqdm(
+        total=config.total_epochs * steps_per_epoch,
+        initial=epochs_done * steps_per_epoch,
+        unit="batch",
+        desc=f"{config.objective} k={config.k}",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    last_save = time.monotonic()
+    train_bound = valid_bound = None
+    try:
+        for epoch in range(epochs_done, stop_epoch):
+            stage, lr = config.stage_of_epoch(epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            started = time.perf_counter()
+            model.train()
+            bound_sum = torch.zeros((), dtype=torch.float64, device=torch_device)
+            order = torch.randperm(n_train, generator=generator, device=torch_device)
+            for start in range(0, n_train, config.batch_size):
+                x = binarize(train_split.images[order[start : start + config.batch_size]], data.binarization, generator)
+                terms = objective(model(x, config.k, generator))
+                loss = -terms.surrogate.mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                bound_sum += terms.bound.detach().sum()
+                bar.update(1)
+            seconds = time.perf_counter() - started
+            elapsed += seconds
+            model.eval()
+            train_bound = bound_sum.item() / n_train
+            # Monitoring draws from its own generator, so it never changes the training trajectory.
+            valid_generator = torch.Generator(device=torch_device).manual_seed(config.seed + 7919 * epochs_done)
+            valid_bound = mean_bound(model, valid_split, config.valid_k, data.binarization, valid_generator)
+            record = {
+                "epoch": epoch + 1,
+                "stage": stage,
+                "lr": lr,
+                "train_bound": train_bound,
+                f"valid_L{config.valid_k}": valid_bound,
+                "seconds": seconds,
+                "examples_per_second": n_train / seconds,
+            }
+            with open(run_dir / METRICS_FILE, "a") as metrics:
+                metrics.write(json.dumps(record) + "\n")
+            bar.set_postfix(epoch=epoch + 1, lr=lr, bound=f"{train_bound:.2f}", valid=f"{valid_bound:.2f}")
+            epochs_done = epoch + 1
+            due = time.monotonic() - last_save >= checkpoint_minutes * 60
+            if epoch in stage_ends or due or epochs_done == stop_epoch:
+                progress_state = {"epochs_done": epochs_done, "seconds": elapsed}
+                save_checkpoint(
+                    run_dir / CHECKPOINT_FILE, model, optimizer, generator, progress_state, config.to_json()
+                )
+                last_save = time.monotonic()
+    finally:
+        bar.close()
+    complete = epochs_done == config.total_epochs
+    if complete:
+        save_model(run_dir / MODEL_FILE, model, config.to_json())
+    return FitResult(run_dir, epochs_done, train_bound, valid_bound, elapsed, complete)

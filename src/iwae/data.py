@@ -298,7 +298,7 @@ class Dataset:
     train: Split
     valid: Split
     test: Split
-    binarization: str  # "dynamic" or "fixed"
+    binarization: str  # "dynamic", "fixed" (pre-binarised) or "none" (continuous data)
     image_shape: tuple[int, int] = (28, 28)
 
     def split(self, name: str) -> Split:
@@ -308,10 +308,11 @@ class Dataset:
 
 
 def binarize(images: Tensor, binarization: str, generator: torch.Generator | None = None) -> Tensor:
-    """A fresh Bernoulli(grey level) draw for dynamic binarisation; the images themselves if fixed."""
-    if binarization == "fixed":
-        return images
-    return torch.bernoulli(images, generator=generator)
+    """A fresh Bernoulli(grey level) draw for ``"dynamic"`` binarisation; the data unchanged otherwise
+    (``"fixed"`` for pre-binarised images, ``"none"`` for continuous data)."""
+    if binarization == "dynamic":
+        return torch.bernoulli(images, generator=generator)
+    return images
 
 
 def _split_tail(images: np.ndarray, labels: np.ndarray | None, n_valid: int) -> tuple[Split, Split]:

@@ -144,10 +144,10 @@ def _search_dirs(root: str | os.PathLike | None) -> list[Path]:
     return dirs
 
 
-def file_digest(path: Path, algorithm: str) -> str:
-    """Hex digest of a file's content (decompressed content for ``.gz``)."""
+def file_digest(path: Path, algorithm: str, gzipped: bool | None = None) -> str:
+    """Hex digest of a file's content (of the decompressed content for gzip files, by default ``.gz``)."""
     hasher = hashlib.new(algorithm)
-    opener = gzip.open if path.suffix == ".gz" else open
+    opener = gzip.open if (path.suffix == ".gz" if gzipped is None else gzipped) else open
     try:
         with opener(path, "rb") as stream:
             for block in iter(lambda: stream.read(1 << 20), b""):
@@ -162,7 +162,7 @@ def verify(path: Path, remote: RemoteFile) -> None:
     if remote.digest is None:
         return
     algorithm, expected = remote.digest.split(":", 1)
-    found = file_digest(path, algorithm)
+    found = file_digest(path, algorithm, gzipped=remote.name.endswith(".gz"))
     if found != expected:
         raise DataError(
             f"{path} fails its checksum ({algorithm} {found}, expected {expected}); "

@@ -6,9 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
-
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 SHARED_DATA = Path(os.environ.get("IWAE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

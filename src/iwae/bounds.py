@@ -89,3 +89,73 @@ def log_mean_exp_chunks(chunks: Iterable[Tensor]) -> Tensor:
     for chunk in chunks:
         accumulator.add(chunk)
     return accumulator.result()
+
+
+# -- the bound family (Rainforth et al. 2018; Daudel et al. 2022) ---------------------------------
+# For 0 < |p| < _TINY_POWER the power mean is ``mean + p var / 2`` (its expansion around p = 0, error O(p^2)).
+_TINY_POWER = 1e-8
+
+
+def group_log_weights(log_w: Tensor, M: int) -> Tensor:
+    """Split ``[k, batch]`` log-weights into M groups of K = k / M: ``[M, K, batch]``.
+
+    Grouping is contiguous, ``log_w.reshape(M, K, batch)``: group m holds samples m*K .. (m+1)*K - 1.
+    """
+    _check_log_weights(log_w)
+    k = log_w.shape[0]
+    if M < 1 or k % M:
+        raise ValueError(f"k = {k} samples cannot be split into M = {M} equal groups; choose k a multiple of M")
+    return log_w.reshape(M, k // M, *log_w.shape[1:])
+
+
+def miwae_bound(log_w: Tensor, M: int) -> Tensor:
+    """MIWAE(M, K): the mean over M groups of IWAE_K bounds, k = M * K. ``[k, batch] -> [batch]``.
+
+    Grouping as in :func:`group_log_weights`. M = 1 is IWAE_k; M = k is the ELBO.
+    """
+    groups = group_log_weights(log_w, M)
+    return log_mean_exp(groups, dim=1).mean(dim=0)
+
+
+def ciwae_bound(log_w: Tensor, beta: float) -> Tensor:
+    """CIWAE(beta) = beta * ELBO + (1 - beta) * IWAE_k. ``[k, batch] -> [batch]``."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"CIWAE needs 0 <= beta <= 1, got {beta}")
+    return beta * elbo(log_w) + (1.0 - beta) * iwae_bound(log_w)
+
+
+def piwae_bounds(log_w: Tensor, M: int) -> tuple[Tensor, Tensor]:
+    """PIWAE(M, K)'s two targets, ``(decoder: IWAE_{MK}, encoder: MIWAE(M, K))``, each ``[batch]``."""
+    return iwae_bound(log_w), miwae_bound(log_w, M)
+
+
+def power_mean_bound(log_w: Tensor, p: float) -> Tensor:
+    """The power-mean bound ``L_p^k = (1/p) log (1/k) sum_i w_i^p``. ``[k, batch] -> [batch]``.
+
+    p = 1 is IWAE_k; p -> 0 is the ELBO (exactly at p = 0). For fixed log-weights it rises with p
+    (the power-mean inequality). With ``y_i = p log w_i - max_j p log w_j``, the log-mean is taken as
+    ``log1p(mean expm1(y))`` where all ``y_i > -1`` (no cancellation when p is small) and by
+    ``logsumexp`` otherwise, so the division by a small p stays accurate in float32.
+    """
+    _check_log_weights(log_w)
+    if not math.isfinite(p):
+        raise ValueError(f"the power p must be finite, got {p}")
+    if p == 0.0:
+        return elbo(log_w)
+    if abs(p) < _TINY_POWER:
+        mean = log_w.mean(dim=0)
+        return mean + p * (log_w - mean).square().mean(dim=0) / 2
+    scaled = p * log_w
+    top = scaled.max(dim=0).values
+    shifted = scaled - top  # <= 0
+    near = torch.log1p(torch.expm1(shifted).mean(dim=0))
+    far = torch.logsumexp(shifted, dim=0) - math.log(log_w.shape[0])
+    return (top + torch.where(shifted.min(dim=0).values > -1.0, near, far)) / p
+
+
+def vr_iwae_bound(log_w: Tensor, alpha: float) -> Tensor:
+    """VR-IWAE(alpha) = ``1/(1-alpha) log (1/k) sum_i w_i^(1-alpha)``. ``[k, batch] -> [batch]``.
+
+    The power mean with p = 1 - alpha: alpha = 0 is IWAE_k, alpha -> 1 the ELBO; it falls as alpha rises.
+    """
+    return power_mean_bound(log_w, 1.0 - alpha)

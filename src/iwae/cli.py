@@ -45,7 +45,17 @@ def _train_parser(sub) -> None:
 
     p = sub.add_parser("train", help="train a VAE or IWAE", description="Train a VAE or IWAE (Burda et al.).")
     p.add_argument("--dataset", default="mnist", choices=DATASETS)
-    p.add_argument("--objective", default="iwae", choices=["vae", "iwae"])
+    p.add_argument(
+        "--objective",
+        default="iwae",
+        choices=["vae", "iwae", "miwae", "ciwae", "piwae", "power", "vr"],
+        help="bound to train (miwae/piwae need --M, ciwae --beta, power --p, vr --alpha)",
+    )
+    p.add_argument("--estimator", default="standard", choices=["standard", "stl", "dreg"], help="gradient estimator")
+    p.add_argument("--M", type=_positive_int, default=1, help="miwae/piwae: split the k samples into M groups")
+    p.add_argument("--beta", type=float, help="ciwae: weight of the ELBO, 0..1")
+    p.add_argument("--p", type=float, help="power: the power-mean exponent (<= 1; 1 is IWAE, 0 the ELBO)")
+    p.add_argument("--alpha", type=float, help="vr: the VR-IWAE alpha (>= 0; 0 is IWAE, 1 the ELBO)")
     p.add_argument("--k", type=_positive_int, default=1, help="samples per example (default 1)")
     p.add_argument("--layers", type=int, default=1, choices=[1, 2], help="stochastic layers (Burda's nets)")
     when = p.add_mutually_exclusive_group()
@@ -61,6 +71,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--checkpoint-minutes", type=float, default=2.0, help="checkpoint at least this often")
     p.add_argument("--max-epochs", type=_positive_int, help="stop after N epochs of this call (resume later)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--init-from", metavar="RUN", help="start from a finished run's final weights (Burda's Table 2)")
     p.add_argument("--out", required=True, help="run directory")
     _add_common(p)
 
@@ -88,7 +99,7 @@ def _sample_parser(sub) -> None:
 # Further commands live in their own modules under ``iwae.commands``; each module defines
 # ``register(subparsers)``, which adds its parser with ``set_defaults(handler=fn)``, where ``fn``
 # takes the parsed arguments and returns the JSON-serialisable result to print.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["iwae.commands.snr", "iwae.commands.sweep", "iwae.commands.analyses"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +144,12 @@ def _train_config(args: argparse.Namespace):
         beta1=args.beta1,
         seed=args.seed,
         train_limit=args.train_limit,
+        estimator=args.estimator,
+        M=args.M,
+        beta=args.beta,
+        p=args.p,
+        alpha=args.alpha,
+        init_from=str(Path(args.init_from).resolve()) if args.init_from else None,
     )
 
 

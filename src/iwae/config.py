@@ -57,6 +57,13 @@ class TrainConfig:
     seed: int = 0
     train_limit: int | None = None
     valid_k: int = 50
+    # Gradient estimator and the bound family's parameters (iwae.estimators); the defaults leave vae/iwae as they were.
+    estimator: str = "standard"  # standard, stl or dreg
+    M: int = 1  # miwae/piwae: k samples in M groups of K = k / M
+    beta: float | None = None  # ciwae
+    p: float | None = None  # power
+    alpha: float | None = None  # vr
+    init_from: str | None = None  # a finished run whose final weights start this one (Burda's Table 2)
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -65,6 +72,20 @@ class TrainConfig:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         if not self.stages:
             raise ValueError("the schedule needs at least one stage")
+        self._check_objective()
+
+    def _check_objective(self) -> None:
+        from iwae.estimators import ESTIMATOR_NAMES, OBJECTIVE_NAMES, BoundSpec
+        from iwae.objectives import OBJECTIVES
+
+        if self.estimator not in ESTIMATOR_NAMES:
+            raise ValueError(f"unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATOR_NAMES)}")
+        if self.objective in OBJECTIVE_NAMES:
+            BoundSpec.from_config(self).check(self.k)
+        elif self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVE_NAMES)}")
+        elif self.estimator != "standard" or self.M != 1 or {self.beta, self.p, self.alpha} != {None}:
+            raise ValueError(f"objective {self.objective!r} takes only the standard estimator and no M/beta/p/alpha")
 
     @property
     def total_epochs(self) -> int:

@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from iwae import bounds
-from iwae.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_model
+from iwae import bounds, estimators
+from iwae.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint, save_model
 from iwae.config import TrainConfig, config_differences
 from iwae.data import Dataset, Split, binarize, load_dataset
 from iwae.models import LatentVariableModel
 from iwae.objectives import get_objective
-from iwae.runs import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunError, resolve_device
+from iwae.runs import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunError, load_config, resolve_device
 
 
 @dataclass
@@ -48,11 +48,43 @@ def build_model(config: TrainConfig, train_images: torch.Tensor, device: torch.d
     return model.to(device)
 
 
+def load_initial_weights(model: LatentVariableModel, config: TrainConfig) -> None:
+    """Start from the final weights of the finished run ``config.init_from`` (same architecture)."""
+    source = Path(config.init_from)
+    source_config = load_config(source)
+    if source_config.model != config.model:
+        raise RunError(f"--init-from {source}: its architecture differs from this run's; use the same --layers")
+    if not (source / MODEL_FILE).is_file():
+        raise RunError(f"--init-from {source}: no {MODEL_FILE}, the run has not finished; finish it first")
+    state, _ = load_model_state(source / MODEL_FILE)
+    model.load_state_dict(state)
+
+
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Adam:
     lr = config.stages[0][1]
     return torch.optim.Adam(
         model.parameters(), lr=lr, betas=(config.beta1, config.beta2), eps=config.adam_eps, foreach=True
     )
+
+
+def training_step(
+    model: LatentVariableModel, x: torch.Tensor, config: TrainConfig, generator: torch.Generator
+) -> torch.Tensor:
+    """Draw k samples for minibatch ``x`` ``[batch, x_dim]``, set ``.grad`` to the estimator's loss gradient.
+
+    Returns the reported bound ``[batch]``; the caller zeroes gradients before and steps the optimiser after.
+    Objectives of :mod:`iwae.estimators` go through :func:`iwae.estimators.estimate` (vae/iwae with the
+    standard estimator are exactly ``-surrogate.mean()`` backpropagated once); other registered objectives
+    use :func:`iwae.objectives.get_objective`.
+    """
+    if config.objective not in estimators.OBJECTIVE_NAMES:
+        terms = get_objective(config.objective)(model(x, config.k, generator))
+        (-terms.surrogate.mean()).backward()
+        return terms.bound.detach()
+    spec = estimators.BoundSpec.from_config(config)
+    terms = estimators.estimate(model, x, config.k, generator, spec, config.estimator)
+    estimators.backward(model, terms)
+    return terms.bound
 
 
 @torch.no_grad()
@@ -124,9 +156,10 @@ def fit(
     data = dataset if dataset is not None else load_dataset(config.dataset, data_dir, progress=progress)
     train_split = data.train.subset(config.train_limit).to(torch_device)
     valid_split = data.valid.to(torch_device)
-    objective = get_objective(config.objective)
 
     model = build_model(config, train_split.images, torch_device)
+    if config.init_from is not None:
+        load_initial_weights(model, config)
     optimizer = build_optimizer(model, config)
     generator = torch.Generator(device=torch_device).manual_seed(config.seed)
     epochs_done, elapsed = 0, 0.0
@@ -146,7 +179,7 @@ def fit(
         total=config.total_epochs * steps_per_epoch,
         initial=epochs_done * steps_per_epoch,
         unit="batch",
-        desc=f"{config.objective} k={config.k}",
+        desc=f"{config.objective}/{config.estimator} k={config.k}",
         disable=not progress,
         dynamic_ncols=True,
     )
@@ -163,12 +196,10 @@ def fit(
             order = torch.randperm(n_train, generator=generator, device=torch_device)
             for start in range(0, n_train, config.batch_size):
                 x = binarize(train_split.images[order[start : start + config.batch_size]], data.binarization, generator)
-                terms = objective(model(x, config.k, generator))
-                loss = -terms.surrogate.mean()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                batch_bound = training_step(model, x, config, generator)
                 optimizer.step()
-                bound_sum += terms.bound.detach().sum()
+                bound_sum += batch_bound.detach().sum()
                 bar.update(1)
             seconds = time.perf_counter() - started
             elapsed += seconds

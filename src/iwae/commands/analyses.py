@@ -1,0 +1,145 @@
+"""``iwae posterior``, ``iwae camel``, ``iwae anomaly`` and ``iwae impute``: the analyses beyond the table.
+
+Each handler returns the JSON object the CLI prints; tables and progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected numbers >= 1, got {text!r}")
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    p.add_argument("--json", action="store_true", help="print only the JSON result (no table on stderr)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if data:
+        p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
+        p.add_argument("--data-dir", default=None, help="directory holding dataset files (else $IWAE_DATA_DIR)")
+
+
+def cmd_posterior(args: argparse.Namespace) -> dict:
+    from iwae.posterior import posterior_run
+
+    result = posterior_run(
+        args.run, ks=args.ks, digits=args.digits, n_draws=args.draws, grid_size=args.grid, out_dir=args.out,
+        seed=args.seed, device=args.device, data_dir=args.data_dir, progress=not args.no_progress,
+    )  # fmt: skip
+    if not args.json:
+        print("k | mean TV(true posterior, q_IW density) | mean TV(true, SIR histogram)", file=sys.stderr)
+        for k in args.ks:
+            tv_d, tv_h = result["mean_tv_density"][str(k)], result["mean_tv_hist"][str(k)]
+            print(f"{k} | {tv_d:.4f} | {tv_h:.4f}", file=sys.stderr)
+        print(f"histogram noise floor {result['mean_tv_hist_floor']:.4f}", file=sys.stderr)
+    return result
+
+
+def cmd_camel(args: argparse.Namespace) -> dict:
+    from iwae.camel import CamelSettings, run_camel
+
+    settings = CamelSettings(k=args.k, vae_k=args.vae_k, epochs=args.epochs, n_train=args.n_train,
+                             n_test=args.n_test, eval_k=args.eval_k, seed=args.seed)  # fmt: skip
+    result = run_camel(settings, args.out, progress=not args.no_progress)
+    if not args.json:
+        print(f"true E[log p(x)] {result['true']:.4f} | VAE L_{args.eval_k} {result['vae']:.4f} | "
+              f"IWAE (k={args.k}) L_{args.eval_k} {result['iwae']:.4f}", file=sys.stderr)  # fmt: skip
+    return result
+
+
+def cmd_anomaly(args: argparse.Namespace) -> dict:
+    from iwae.anomaly import anomaly_run
+
+    if args.holdout_digit is not None and not 0 <= args.holdout_digit <= 9:
+        raise ValueError(f"--holdout-digit must be 0..9, got {args.holdout_digit}")
+    if args.holdout_run is not None and args.holdout_digit is None:
+        raise ValueError("--holdout-run needs --holdout-digit (the digit that run was trained without)")
+    result = anomaly_run(
+        args.run, n_samples=args.L, limit=args.limit, holdout_digit=args.holdout_digit,
+        holdout_run=args.holdout_run, holdout_epochs=args.holdout_epochs,
+        holdout_train_limit=args.holdout_train_limit, out_dir=args.out, seed=args.seed, device=args.device,
+        data_dir=args.data_dir, progress=not args.no_progress,
+    )  # fmt: skip
+    if not args.json:
+        print(result["markdown"], file=sys.stderr)
+    return result
+
+
+def cmd_impute(args: argparse.Namespace) -> dict:
+    from iwae.impute import ImputeSettings, impute_run
+
+    if not 0.0 < args.missing < 1.0:
+        raise ValueError(f"--missing must be in (0, 1), got {args.missing}")
+    epochs = args.epochs if args.epochs is not None else (100 if args.dataset == "breast-cancer" else 20)
+    settings = ImputeSettings(missing=args.missing, k=args.K, epochs=epochs, n_impute=args.L,
+                              n_multiple=args.multiple, seed=args.seed)  # fmt: skip
+    result = impute_run(args.dataset, settings, args.out, limit=args.limit, progress=not args.no_progress)
+    if not args.json:
+        print(result["markdown"], file=sys.stderr)
+    return result
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("posterior", help="q_IW against the true posterior for a 2-D latent model")
+    p.add_argument("run", help="run directory (one stochastic layer with a 2-D latent)")
+    p.add_argument("--ks", type=_int_list, default=[1, 10, 100], help="proposal counts k (default 1,10,100)")
+    p.add_argument("--digits", type=_positive, default=4, help="how many test digits (default 4)")
+    p.add_argument("--draws", type=_positive, default=1000, help="SIR draws per digit and k (default 1000)")
+    p.add_argument("--grid", type=_positive, default=60, help="grid cells per axis (default 60)")
+    p.add_argument("--out", help="output directory (default RUN/posterior)")
+    _common(p)
+    p.set_defaults(handler=cmd_posterior)
+
+    p = subparsers.add_parser("camel", help="VAE vs IWAE on the 1-D two-hump density")
+    p.add_argument("--out", default="camel", help="output directory (default ./camel)")
+    p.add_argument("--epochs", type=_positive, default=200, help="passes over the training sample (default 200)")
+    p.add_argument("--k", type=_positive, default=20, help="IWAE samples (default 20)")
+    p.add_argument("--vae-k", type=_positive, default=20, help="VAE samples, averaged outside the log (default 20)")
+    p.add_argument("--n-train", type=_positive, default=5000)
+    p.add_argument("--n-test", type=_positive, default=2000)
+    p.add_argument("--eval-k", type=_positive, default=5000, help="k of the L_k test score (default 5000)")
+    _common(p, data=False)
+    p.set_defaults(handler=cmd_camel)
+
+    p = subparsers.add_parser("anomaly", help="six VAE/IWAE anomaly scores and their AUROC")
+    p.add_argument("run", help="run directory of a model trained on MNIST")
+    p.add_argument("--L", type=_positive, default=100, help="samples per example (default 100)")
+    p.add_argument("--limit", type=_positive, default=1000, help="examples per class (default 1000)")
+    p.add_argument("--holdout-digit", type=int, help="also score a model trained without this digit")
+    p.add_argument("--holdout-run", help="a run trained without --holdout-digit (else one is trained)")
+    p.add_argument("--holdout-epochs", type=_positive, default=5, help="epochs of the held-out model (default 5)")
+    p.add_argument("--holdout-train-limit", type=_positive, help="train the held-out model on N examples")
+    p.add_argument("--out", help="output directory (default RUN/anomaly)")
+    _common(p)
+    p.set_defaults(handler=cmd_anomaly)
+
+    p = subparsers.add_parser("impute", help="MIWAE imputation of values missing completely at random")
+    p.add_argument("--dataset", default="breast-cancer", choices=["mnist", "breast-cancer"])
+    p.add_argument("--missing", type=float, default=0.5, help="fraction missing (default 0.5)")
+    p.add_argument("--K", type=_positive, default=20, help="importance samples to train (default 20)")
+    p.add_argument("--L", type=_positive, default=1000, help="importance samples to impute (default 1000)")
+    p.add_argument("--multiple", type=_positive, default=20, help="SIR imputations per example (default 20)")
+    p.add_argument("--epochs", type=_positive, help="training passes (default 100 tabular, 20 MNIST)")
+    p.add_argument("--limit", type=_positive, help="rows used (MNIST default 2000 images)")
+    p.add_argument("--out", default="impute", help="output directory (default ./impute)")
+    _common(p, data=False)
+    p.set_defaults(handler=cmd_impute)

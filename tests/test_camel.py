@@ -1,0 +1,57 @@
+"""The camel density: the true E[log p(x)] by quadrature, the sampler, and a tiny-budget CLI run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from iwae.camel import sample_camel, true_expected_log_density, true_log_density
+from iwae.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread (two threads spin and slow these tests down on a busy machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_true_expected_log_density() -> None:
+    value = true_expected_log_density()
+    assert abs(value - (-1.3585)) < 5e-4  # -1.35851..., the "-1.358" of REFERENCE section 5
+    # Cross-check with a fine grid (Riemann sum over [-8, 8]).
+    grid = np.linspace(-8, 8, 200_001)
+    log_p = true_log_density(grid)
+    assert abs(np.sum(np.exp(log_p) * log_p) * (grid[1] - grid[0]) - value) < 1e-6
+
+
+def test_density_normalised_and_sampler_matches_it() -> None:
+    grid = np.linspace(-8, 8, 100_001)
+    assert abs(np.exp(true_log_density(grid)).sum() * (grid[1] - grid[0]) - 1.0) < 1e-6
+    x = sample_camel(20_000, torch.Generator().manual_seed(0))
+    assert x.shape == (20_000, 1)
+    # Mean 0 and variance 1 + 0.25 = 1.25; standard errors 0.008 and 0.011 (6 sigma bounds: failure < 1e-8).
+    assert abs(x.mean().item()) < 0.05
+    assert abs(x.var().item() - 1.25) < 0.07
+    assert abs(float(true_log_density(0.0)) - math.log(math.exp(-2) / (0.5 * math.sqrt(2 * math.pi)))) < 1e-12
+
+
+def test_camel_cli_tiny_budget(tmp_path: Path, capsys) -> None:
+    code = main(["camel", "--json", "--out", str(tmp_path), "--epochs", "2", "--n-train", "400", "--n-test", "200",
+                 "--eval-k", "100", "--no-progress"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    assert {"true", "vae", "iwae"} <= set(result)
+    assert abs(result["true"] + 1.3585) < 5e-4
+    # Every model's expected log-likelihood is below the true one's up to Monte Carlo noise of the test sample.
+    assert result["vae"] < result["true"] + 0.1 and result["iwae"] < result["true"] + 0.1
+    assert Path(result["png"]).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "camel.json").read_text())["true"] == result["true"]

@@ -1,0 +1,214 @@
+"""Reports: published numbers, the tables' arithmetic, and the table1-smoke preset end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from iwae import cli
+from iwae.reports import (
+    PUBLISHED_TABLE1,
+    PUBLISHED_TABLE2,
+    build_report,
+    load_records,
+    orderings,
+    table1,
+    table1_cells,
+    table2,
+    write_report,
+)
+from iwae.store import ResultStore
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "docs" / "REFERENCE.md"
+
+
+# -- the published numbers ------------------------------------------------------------------------
+def _reference_table1() -> dict[tuple[str, int, int, str], tuple[float, tuple[int, ...]]]:
+    text = REFERENCE.read_text()
+    found = {}
+    for dataset, heading in (("mnist", "MNIST, dynamic binarisation"), ("omniglot", "OMNIGLOT (Burda Table 1)")):
+        block = text[text.index(heading) :].split("\n\n")[1]
+        for line in block.splitlines()[2:]:
+            layers, k, vae, iwae = (cell.strip() for cell in line.strip("|").split("|"))
+            for objective, cell in (("vae", vae), ("iwae", iwae)):
+                nll, units = cell.split(" / ")
+                found[(dataset, int(layers), int(k), objective)] = (float(nll), tuple(map(int, units.split("+"))))
+    return found
+
+
+def test_published_table1_matches_the_reference() -> None:
+    if not REFERENCE.is_file():
+        pytest.skip(f"no {REFERENCE}")
+    reference = _reference_table1()
+    assert len(reference) == 24
+    for key, value in reference.items():
+        assert PUBLISHED_TABLE1[key] == value, key
+    text = REFERENCE.read_text()
+    fixed = [nll for (dataset, _, _, _), (nll, _) in PUBLISHED_TABLE1.items() if dataset == "mnist-fixed"]
+    assert len(fixed) == 12 and all(f"{nll:.2f}" in text for nll in fixed)  # Appendix D: NLL only
+    for entry in PUBLISHED_TABLE2.values():
+        assert f"{entry['continued'][0]:.2f}, {entry['continued'][1][0]} units" in text
+
+
+# -- tables from a hand-made database -------------------------------------------------------------
+def _row(store: ResultStore, name: str, run_dir: Path, nll: float, units: list[int], **options) -> None:
+    config = {"dataset": "mnist", "layers": 1, "epochs": 2, "eval_k": 10, **options}
+    store.upsert(
+        name,
+        run_dir=str(run_dir / name),
+        config=config,
+        status="finished",
+        seconds_per_epoch=1.5 * options.get("k", 1),
+        train_bound=-100.0,
+        valid_bound=-101.0,
+        eval={
+            "nll": nll,
+            "active_units": units,
+            "k": 10,
+            "n_examples": 30,
+            "recon_log_lik": -80.0,
+            "kl": 20.0,
+            "log_activity": [[-9.0, -8.5, 0.1, 0.3][: sum(units) + 2]],
+        },
+        metrics=[
+            {"epoch": 1, "train_bound": -110.0, "valid_L50": -105.0},
+            {"epoch": 2, "train_bound": -100.0, "valid_L50": -101.0},
+        ],
+    )
+
+
+@pytest.fixture
+def made_up(tmp_path: Path) -> Path:
+    """A sweep database with invented results (inputs for the arithmetic, not measurements)."""
+    store = ResultStore.in_dir(tmp_path)
+    _row(store, "vae-k1", tmp_path, 90.0, [10], objective="vae", k=1)
+    _row(store, "vae-k5", tmp_path, 89.5, [11], objective="vae", k=5)
+    _row(store, "iwae-k1", tmp_path, 90.0, [10], objective="iwae", k=1)
+    _row(store, "iwae-k5", tmp_path, 88.0, [14], objective="iwae", k=5)
+    _row(store, "iwae-k5-s1", tmp_path, 87.0, [16], objective="iwae", k=5, seed=1)
+    _row(store, "swap", tmp_path, 87.5, [12], objective="iwae", k=50, init_from=str(tmp_path / "vae-k1"))
+    store.upsert("broken", config={"k": 1}, status="failed", error="RuntimeError: boom")
+    return tmp_path
+
+
+def test_table1_sets_ours_beside_the_paper_with_differences(made_up: Path) -> None:
+    records, unfinished = load_records([made_up])
+    assert len(records) == 6 and [row["name"] for row in unfinished] == ["broken"]
+    cells = table1_cells(records)
+    assert ("mnist", 1, 50, "iwae") not in cells  # continued runs are not Table 1 cells
+    iwae5 = cells[("mnist", 1, 5, "iwae")]
+    assert iwae5.nll == pytest.approx(87.5) and iwae5.units == (15.0,) and iwae5.seeds == 2
+    table = table1(cells)
+    row = next(r for r in table.rows if r[:3] == ["mnist", "1", "5"])
+    assert row[3:9] == ["89.50", "86.47", "+3.03", "11", "20", "-9"]  # VAE: ours, paper, diff (NLL; units)
+    assert row[9:15] == ["87.50", "85.54", "+1.96", "15", "22", "-7"]  # IWAE, mean of two seeds
+
+
+def test_table2_pairs_continued_runs_with_their_base(made_up: Path) -> None:
+    records, _ = load_records([made_up])
+    table = table2(records)
+    assert table is not None and len(table.rows) == 1
+    row = table.rows[0]
+    assert row[:7] == ["swap", "vae k=1", "iwae k=50", "90.00", "86.76", "10", "19"]
+    assert row[7:] == ["87.50", "84.88", "+2.62", "12", "22", "-10"]
+
+
+def test_orderings_are_judged_from_our_numbers(made_up: Path) -> None:
+    records, _ = load_records([made_up])
+    lines = orderings(table1_cells(records))
+    assert "mnist, 1 layer(s), k=5: IWAE NLL < VAE NLL holds (VAE - IWAE = +2.00 nats)" in lines
+    assert any("IWAE NLL falls as k grows holds" in line for line in lines)
+
+
+def test_report_files_markdown_and_self_contained_html(made_up: Path, tmp_path: Path) -> None:
+    paths = write_report([made_up], tmp_path / "out" / "REPORT.md", title="made up")
+    markdown = Path(paths["markdown"]).read_text()
+    page = Path(paths["html"]).read_text()
+    assert paths["markdown"].endswith("REPORT.md") and paths["html"].endswith("REPORT.html")
+    assert "| mnist | 1 | 5 | 89.50 | 86.47 | +3.03 |" in markdown
+    assert "E log p(x\\|h)" in markdown  # pipes inside cells are escaped
+    assert "](REPORT_files/learning_curves.png)" in markdown
+    assert (tmp_path / "out" / "REPORT_files" / "log_activity.png").is_file()
+    assert page.count("data:image/png;base64,") >= 4 and "<img" in page and "src='REPORT_files" not in page
+    assert "RuntimeError: boom" in markdown
+    records, unfinished = load_records([made_up])
+    report = build_report(records, unfinished, "x")
+    assert [b[1] for b in report.blocks if b[0] == "h2"][:3] == [
+        "Table 1: test NLL (nats) and active units, ours | paper | difference",
+        "The paper's orderings at this budget",
+        "Table 2: objective swap (continue a finished run under the other objective)",
+    ]
+
+
+def test_runs_with_different_budgets_are_not_averaged(tmp_path: Path) -> None:
+    store = ResultStore.in_dir(tmp_path)
+    _row(store, "short", tmp_path, 100.0, [5], objective="iwae", k=5)
+    _row(store, "long", tmp_path, 90.0, [9], objective="iwae", k=5, epochs=20)
+    records, _ = load_records([tmp_path])
+    headings = [b[1] for b in build_report(records, [], "x").blocks if b[0] == "h2"]
+    tables = [h for h in headings if h.startswith("Table 1")]
+    assert len(tables) == 2 and any("2 passes" in h for h in tables) and any("20 passes" in h for h in tables)
+    markdown = build_report(records, [], "x").markdown("files")
+    assert "| mnist | 1 | 5 | — | 86.47 | — | — | 20 | — | 100.00 | 85.54 | +14.46 |" in markdown
+    assert "| 90.00 | 85.54 | +4.46 |" in markdown
+
+
+# -- table1-smoke end to end ----------------------------------------------------------------------
+def _cli(argv: list[str], capsys) -> dict:
+    assert cli.main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.slow
+def test_smoke_preset_end_to_end(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "smoke"
+    first = _cli(
+        [
+            "reproduce",
+            "table1",
+            "--preset",
+            "smoke",
+            "--workers",
+            "2",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+        capsys,
+    )
+    assert first["runs"] == 4 and first["ran"] == 4 and first["failed"] == {} and first["threads_per_worker"] >= 1
+    again = _cli(
+        ["sweep", "table1-smoke", "--workers", "2", "--out", str(out), "--device", "cpu", "--no-progress"], capsys
+    )
+    assert again["ran"] == 0 and again["skipped"] == 4  # finished runs are skipped
+
+    listing = _cli(["results", str(out), "--csv", str(tmp_path / "runs.csv")], capsys)
+    assert {r["name"] for r in listing["runs"]} == {"vae-k1", "vae-k5", "iwae-k1", "iwae-k5"}
+    with open(tmp_path / "runs.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"finished"}
+    for r in rows:
+        assert 50 < float(r["nll"]) < 550  # a barely trained model: worse than the paper, better than chance
+        assert r["torch_version"] and r["device"] == "cpu" and r["eval_k"] == "50" and r["eval_examples"] == "100"
+        assert len(json.loads(r["config"])) >= 10
+    by_name = {r["name"]: r for r in rows}
+    # at k = 1 the VAE and IWAE objectives coincide, and with one seed the runs are identical
+    assert by_name["vae-k1"]["nll"] == by_name["iwae-k1"]["nll"]
+
+    report = _cli(["report", str(out), "--out", str(tmp_path / "report")], capsys)
+    markdown = Path(report["markdown"]).read_text()
+    for k, vae_paper, iwae_paper in ((1, "86.76", "86.76"), (5, "86.47", "85.54")):
+        line = next(x for x in markdown.splitlines() if x.startswith(f"| mnist | 1 | {k} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[4] == vae_paper and cells[10] == iwae_paper
+        vae_ours = float(by_name[f"vae-k{k}"]["nll"])
+        assert cells[3] == f"{vae_ours:.2f}" and cells[5] == f"{vae_ours - float(vae_paper):+.2f}"
+    assert re.search(r"!\[iwae-k5\]\(report_files/samples_iwae-k5\.png\)", markdown)
+    assert (tmp_path / "report.html").stat().st_size > 10_000
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()  # written by reproduce

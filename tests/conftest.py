@@ -10,6 +10,18 @@ import pytest
 SHARED_DATA = Path(os.environ.get("IWAE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models and thousands of tiny backward passes: one intra-op thread avoids the threads'
+    synchronisation cost. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "fashion-mnist").is_dir():

@@ -15,14 +15,7 @@ from iwae.anomaly import SCORES, anomaly_scores, auroc, average_ranks, roc_curve
 from iwae.cli import main
 from iwae.models import LatentVariableModel, ModelConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (two threads spin and slow these tests down on a busy machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def brute_force_auroc(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -13,14 +13,7 @@ import torch
 from iwae.camel import sample_camel, true_expected_log_density, true_log_density
 from iwae.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (two threads spin and slow these tests down on a busy machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_true_expected_log_density() -> None:

@@ -68,13 +68,7 @@ def _paired_z(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return diff.mean(0)[keep] / (std[keep] / diff.shape[0] ** 0.5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests run thousands of tiny backward passes: one intra-op thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,7 @@ from hypothesis import strategies as st
 from iwae.cli import main
 from iwae.impute import ImputeSettings, impute, mcar_mask, mean_imputation, missing_mse, train_miwae
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (two threads spin and slow these tests down on a busy machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @settings(max_examples=30, deadline=None)

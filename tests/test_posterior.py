@@ -20,14 +20,7 @@ from iwae.posterior import (
     total_variation,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (two threads spin and slow these tests down on a busy machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_run(run_dir: Path, mnist: Dataset, latent_dims: tuple[int, ...], n_train: int = 100) -> str:

@@ -18,14 +18,7 @@ from iwae.oracles import LinearGaussianModel
 from iwae.snr import GradientMoments, loglog_slope, run_study
 from iwae.train import fit
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many tiny backward passes: one intra-op thread is several times faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_moments_give_abs_mean_over_std_and_drop_constant_zeros() -> None:

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from iwae.commands import positive_int
+
 EXIT_USAGE = 2
 
 
@@ -22,16 +24,6 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not argparse's usage block
         raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -52,24 +44,24 @@ def _train_parser(sub) -> None:
         help="bound to train (miwae/piwae need --M, ciwae --beta, power --p, vr --alpha)",
     )
     p.add_argument("--estimator", default="standard", choices=["standard", "stl", "dreg"], help="gradient estimator")
-    p.add_argument("--M", type=_positive_int, default=1, help="miwae/piwae: split the k samples into M groups")
+    p.add_argument("--M", type=positive_int, default=1, help="miwae/piwae: split the k samples into M groups")
     p.add_argument("--beta", type=float, help="ciwae: weight of the ELBO, 0..1")
     p.add_argument("--p", type=float, help="power: the power-mean exponent (<= 1; 1 is IWAE, 0 the ELBO)")
     p.add_argument("--alpha", type=float, help="vr: the VR-IWAE alpha (>= 0; 0 is IWAE, 1 the ELBO)")
-    p.add_argument("--k", type=_positive_int, default=1, help="samples per example (default 1)")
+    p.add_argument("--k", type=positive_int, default=1, help="samples per example (default 1)")
     p.add_argument("--layers", type=int, default=1, choices=[1, 2], help="stochastic layers (Burda's nets)")
     when = p.add_mutually_exclusive_group()
-    when.add_argument("--epochs", type=_positive_int, help="one stage of N passes at --lr")
+    when.add_argument("--epochs", type=positive_int, help="one stage of N passes at --lr")
     when.add_argument("--schedule", help="'burda' (3,280 passes, default) or 'burda:S' (its first S stages)")
     p.add_argument("--lr", type=float, help="learning rate with --epochs (default 1e-3)")
-    p.add_argument("--batch-size", type=_positive_int, default=20)
+    p.add_argument("--batch-size", type=positive_int, default=20)
     p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (paper 0.9; the authors' code 0.99)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-limit", type=_positive_int, help="train on the first N training examples only")
+    p.add_argument("--train-limit", type=positive_int, help="train on the first N training examples only")
     p.add_argument("--activation", default="tanh", choices=["tanh", "relu", "softplus"])
     p.add_argument("--latent-dims", help="override latent sizes, e.g. '2' or '100,50'")
     p.add_argument("--checkpoint-minutes", type=float, default=2.0, help="checkpoint at least this often")
-    p.add_argument("--max-epochs", type=_positive_int, help="stop after N epochs of this call (resume later)")
+    p.add_argument("--max-epochs", type=positive_int, help="stop after N epochs of this call (resume later)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument("--init-from", metavar="RUN", help="start from a finished run's final weights (Burda's Table 2)")
     p.add_argument("--out", required=True, help="run directory")
@@ -79,11 +71,11 @@ def _train_parser(sub) -> None:
 def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="test NLL (L_k), active units, KL and reconstruction terms")
     p.add_argument("run", help="run directory")
-    p.add_argument("--k", type=_positive_int, default=5000)
+    p.add_argument("--k", type=positive_int, default=5000)
     p.add_argument("--split", default="test", choices=["test", "train", "valid"])
-    p.add_argument("--limit", type=_positive_int, help="only the first N examples of the split")
+    p.add_argument("--limit", type=positive_int, help="only the first N examples of the split")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=_positive_int, default=100)
+    p.add_argument("--batch-size", type=positive_int, default=100)
     p.add_argument("--no-prune", action="store_true", help="skip the NLL with inactive units removed")
     _add_common(p)
 

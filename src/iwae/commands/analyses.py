@@ -8,25 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected numbers >= 1, got {text!r}")
-    return values
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
+from iwae.commands import positive_int, positive_int_list
 
 
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
@@ -101,33 +83,33 @@ def cmd_impute(args: argparse.Namespace) -> dict:
 def register(subparsers) -> None:
     p = subparsers.add_parser("posterior", help="q_IW against the true posterior for a 2-D latent model")
     p.add_argument("run", help="run directory (one stochastic layer with a 2-D latent)")
-    p.add_argument("--ks", type=_int_list, default=[1, 10, 100], help="proposal counts k (default 1,10,100)")
-    p.add_argument("--digits", type=_positive, default=4, help="how many test digits (default 4)")
-    p.add_argument("--draws", type=_positive, default=1000, help="SIR draws per digit and k (default 1000)")
-    p.add_argument("--grid", type=_positive, default=60, help="grid cells per axis (default 60)")
+    p.add_argument("--ks", type=positive_int_list, default=[1, 10, 100], help="proposal counts k (default 1,10,100)")
+    p.add_argument("--digits", type=positive_int, default=4, help="how many test digits (default 4)")
+    p.add_argument("--draws", type=positive_int, default=1000, help="SIR draws per digit and k (default 1000)")
+    p.add_argument("--grid", type=positive_int, default=60, help="grid cells per axis (default 60)")
     p.add_argument("--out", help="output directory (default RUN/posterior)")
     _common(p)
     p.set_defaults(handler=cmd_posterior)
 
     p = subparsers.add_parser("camel", help="VAE vs IWAE on the 1-D two-hump density")
     p.add_argument("--out", default="camel", help="output directory (default ./camel)")
-    p.add_argument("--epochs", type=_positive, default=200, help="passes over the training sample (default 200)")
-    p.add_argument("--k", type=_positive, default=20, help="IWAE samples (default 20)")
-    p.add_argument("--vae-k", type=_positive, default=20, help="VAE samples, averaged outside the log (default 20)")
-    p.add_argument("--n-train", type=_positive, default=5000)
-    p.add_argument("--n-test", type=_positive, default=2000)
-    p.add_argument("--eval-k", type=_positive, default=5000, help="k of the L_k test score (default 5000)")
+    p.add_argument("--epochs", type=positive_int, default=200, help="passes over the training sample (default 200)")
+    p.add_argument("--k", type=positive_int, default=20, help="IWAE samples (default 20)")
+    p.add_argument("--vae-k", type=positive_int, default=20, help="VAE samples, averaged outside the log (default 20)")
+    p.add_argument("--n-train", type=positive_int, default=5000)
+    p.add_argument("--n-test", type=positive_int, default=2000)
+    p.add_argument("--eval-k", type=positive_int, default=5000, help="k of the L_k test score (default 5000)")
     _common(p, data=False)
     p.set_defaults(handler=cmd_camel)
 
     p = subparsers.add_parser("anomaly", help="six VAE/IWAE anomaly scores and their AUROC")
     p.add_argument("run", help="run directory of a model trained on MNIST")
-    p.add_argument("--L", type=_positive, default=100, help="samples per example (default 100)")
-    p.add_argument("--limit", type=_positive, default=1000, help="examples per class (default 1000)")
+    p.add_argument("--L", type=positive_int, default=100, help="samples per example (default 100)")
+    p.add_argument("--limit", type=positive_int, default=1000, help="examples per class (default 1000)")
     p.add_argument("--holdout-digit", type=int, help="also score a model trained without this digit")
     p.add_argument("--holdout-run", help="a run trained without --holdout-digit (else one is trained)")
-    p.add_argument("--holdout-epochs", type=_positive, default=5, help="epochs of the held-out model (default 5)")
-    p.add_argument("--holdout-train-limit", type=_positive, help="train the held-out model on N examples")
+    p.add_argument("--holdout-epochs", type=positive_int, default=5, help="epochs of the held-out model (default 5)")
+    p.add_argument("--holdout-train-limit", type=positive_int, help="train the held-out model on N examples")
     p.add_argument("--out", help="output directory (default RUN/anomaly)")
     _common(p)
     p.set_defaults(handler=cmd_anomaly)
@@ -135,11 +117,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("impute", help="MIWAE imputation of values missing completely at random")
     p.add_argument("--dataset", default="breast-cancer", choices=["mnist", "breast-cancer"])
     p.add_argument("--missing", type=float, default=0.5, help="fraction missing (default 0.5)")
-    p.add_argument("--K", type=_positive, default=20, help="importance samples to train (default 20)")
-    p.add_argument("--L", type=_positive, default=1000, help="importance samples to impute (default 1000)")
-    p.add_argument("--multiple", type=_positive, default=20, help="SIR imputations per example (default 20)")
-    p.add_argument("--epochs", type=_positive, help="training passes (default 100 tabular, 20 MNIST)")
-    p.add_argument("--limit", type=_positive, help="rows used (MNIST default 2000 images)")
+    p.add_argument("--K", type=positive_int, default=20, help="importance samples to train (default 20)")
+    p.add_argument("--L", type=positive_int, default=1000, help="importance samples to impute (default 1000)")
+    p.add_argument("--multiple", type=positive_int, default=20, help="SIR imputations per example (default 20)")
+    p.add_argument("--epochs", type=positive_int, help="training passes (default 100 tabular, 20 MNIST)")
+    p.add_argument("--limit", type=positive_int, help="rows used (MNIST default 2000 images)")
     p.add_argument("--out", default="impute", help="output directory (default ./impute)")
     _common(p, data=False)
     p.set_defaults(handler=cmd_impute)

@@ -11,18 +11,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from iwae.commands import positive_int_list
+
 DEFAULT_REPEATS = 100
 DEFAULT_BATCH = 1
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected numbers >= 1, got {text!r}")
-    return sorted(set(values))
+def _sorted_ks(text: str) -> list[int]:
+    return sorted(set(positive_int_list(text)))
 
 
 def _name_list(text: str) -> list[str]:
@@ -40,7 +36,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("run", nargs="?", help="run directory (default: a fresh one-layer MNIST model)")
     p.add_argument("--estimators", type=_name_list, default=["standard", "stl", "dreg"], help="comma-separated")
-    p.add_argument("--ks", type=_int_list, default=list(DEFAULT_KS), help="comma-separated values of K")
+    p.add_argument("--ks", type=_sorted_ks, default=list(DEFAULT_KS), help="comma-separated values of K")
     p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="gradient estimates per K (>= 2)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="examples in the fixed minibatch")
     p.add_argument("--seed", type=int, default=0)

@@ -118,6 +118,16 @@ def test_presets_expand_to_the_documented_grids() -> None:
     assert {train_config(s.options).total_epochs for s in quick} == {13}  # one equal budget
     assert [s.options["k"] for s in expand_grid(load_grid("ksweep"))] == [1, 5, 20, 30, 50, 100]
     assert len(expand_grid(load_grid("table1-smoke"))) == 4
+    compared = [train_config(s.options) for s in expand_grid(load_grid("estimators"))]
+    assert {(c.k, c.total_epochs) for c in compared} == {(64, 4)}  # one equal budget for the six
+    assert sorted((c.objective, c.estimator, c.M, c.beta) for c in compared) == [
+        ("ciwae", "standard", 1, 0.05),
+        ("iwae", "dreg", 1, None),
+        ("iwae", "standard", 1, None),
+        ("iwae", "stl", 1, None),
+        ("miwae", "standard", 8, None),
+        ("piwae", "standard", 8, None),
+    ]
 
 
 def test_grid_files_and_missing_sources(tmp_path: Path) -> None:
@@ -245,3 +255,20 @@ def test_sweep_refuses_changed_training_settings_but_not_changed_evaluation(tmp_
         experiments.run_sweep(changed, tmp_path, progress=False)  # refused before anything runs
     assert store.get("k1") is None and not (tmp_path / experiments.GRID_COPY).exists()
     experiments._check_same_settings(store.get("k2"), recorded.options | {"eval_k": 99}, tmp_path)  # allowed
+
+
+def test_a_finished_run_of_another_grid_is_reused_not_retrained(tmp_path: Path) -> None:
+    from iwae.reports import load_records
+
+    first = {"fixed": {**TINY, "objective": "iwae", "epochs": 1}, "axes": {"k": [2]}}
+    (spec,) = experiments.resolved_specs(first, tmp_path)
+    assert experiments.execute(spec.to_dict(), tmp_path, device="cpu")[1] == "finished"
+    second = {"fixed": {**TINY, "epochs": 1}, "axes": {"objective": ["iwae"], "k": [2]}}  # same settings
+    summary = experiments.run_sweep(second, tmp_path, progress=False, device="cpu")
+    assert (summary["ran"], summary["reused"]) == (0, 1)
+    store = ResultStore.in_dir(tmp_path)
+    original, twin = store.get("k2"), store.get("iwae-k2")
+    assert twin["status"] == "finished" and twin["eval"] == original["eval"] and twin["run_dir"] == original["run_dir"]
+    assert (tmp_path / experiments.RUNS_SUBDIR / "iwae-k2" / runs.MODEL_FILE).is_file()  # init_from finds it
+    records, _ = load_records([tmp_path])
+    assert len(records) == 1  # one run, however many grids name it

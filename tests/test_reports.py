@@ -14,6 +14,7 @@ from iwae.reports import (
     PUBLISHED_TABLE1,
     PUBLISHED_TABLE2,
     build_report,
+    estimators_table,
     load_records,
     orderings,
     table1,
@@ -155,6 +156,26 @@ def test_runs_with_different_budgets_are_not_averaged(tmp_path: Path) -> None:
     markdown = build_report(records, [], "x").markdown("files")
     assert "| mnist | 1 | 5 | — | 86.47 | — | — | 20 | — | 100.00 | 85.54 | +14.46 |" in markdown
     assert "| 90.00 | 85.54 | +4.46 |" in markdown
+
+
+def test_other_estimators_get_their_own_table_not_a_table1_cell(tmp_path: Path) -> None:
+    store = ResultStore.in_dir(tmp_path)
+    _row(store, "iwae", tmp_path, 90.0, [20], objective="iwae", k=64)
+    _row(store, "dreg", tmp_path, 89.0, [22], objective="iwae", k=64, estimator="dreg")
+    _row(store, "miwae", tmp_path, 91.0, [18], objective="miwae", k=64, M=8)
+    _row(store, "ciwae", tmp_path, 92.5, [17], objective="ciwae", k=64, beta=0.05)
+    records, _ = load_records([tmp_path])
+    cell = table1_cells(records)[("mnist", 1, 64, "iwae")]
+    assert cell.nll == 90.0 and cell.seeds == 1  # DReG is not averaged into the IWAE cell
+    table = estimators_table(records)
+    assert [row[3:5] for row in table.rows] == [
+        ["iwae", "dreg"],
+        ["iwae", "standard"],
+        ["ciwae(beta=0.05)", "standard"],
+        ["miwae(M=8)", "standard"],
+    ]
+    assert table.rows[1][6:9] == ["90.00", "84.52", "+5.48"]  # Rainforth's IWAE(64), unverified
+    assert table.rows[0][7] == "—" and table.rows[3][6:9] == ["91.00", "84.97", "+6.03"]
 
 
 # -- table1-smoke end to end ----------------------------------------------------------------------

@@ -63,6 +63,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--checkpoint-minutes", type=float, default=2.0, help="checkpoint at least this often")
     p.add_argument("--max-epochs", type=positive_int, help="stop after N epochs of this call (resume later)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (about 1.2x faster steps after ~30 s compiling)"
+    )
     p.add_argument("--init-from", metavar="RUN", help="start from a finished run's final weights (Burda's Table 2)")
     p.add_argument("--out", required=True, help="run directory")
     _add_common(p)
@@ -91,7 +94,12 @@ def _sample_parser(sub) -> None:
 # Further commands live in their own modules under ``iwae.commands``; each module defines
 # ``register(subparsers)``, which adds its parser with ``set_defaults(handler=fn)``, where ``fn``
 # takes the parsed arguments and returns the JSON-serialisable result to print.
-COMMAND_MODULES: list[str] = ["iwae.commands.snr", "iwae.commands.sweep", "iwae.commands.analyses"]
+COMMAND_MODULES: list[str] = [
+    "iwae.commands.snr",
+    "iwae.commands.sweep",
+    "iwae.commands.analyses",
+    "iwae.commands.bench",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +166,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
         progress=not args.no_progress,
         checkpoint_minutes=args.checkpoint_minutes,
         max_epochs=args.max_epochs,
+        compile_model=args.compile,
     )
     return {
         "run": str(result.run_dir),

@@ -48,6 +48,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 import tomllib
@@ -413,6 +414,31 @@ def _is_done(row: dict[str, Any] | None, options: dict[str, Any]) -> bool:
     return (run_dir / MODEL_FILE).is_file() and (run_dir / EVAL_FILE).is_file() and row["config"] == options
 
 
+def _finished_twin(store: ResultStore, name: str, options: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished run in the store, under another name, with exactly these settings (another grid's run)."""
+    for row in store.rows(status="finished"):
+        if row["name"] != name and _is_done(row, options):
+            return row
+    return None
+
+
+def _adopt_twin(store: ResultStore, spec: RunSpec, twin: dict[str, Any], runs_dir: Path) -> None:
+    """Record ``spec`` as the finished ``twin`` instead of training it again.
+
+    The row copies the twin's results and points at the twin's directory (the report counts a run
+    directory once); ``runs/NAME`` becomes a link to it, so ``init_from = NAME`` finds the weights.
+    """
+    link = runs_dir / spec.name
+    if not link.exists():
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            link.symlink_to(Path(twin["run_dir"]).resolve(), target_is_directory=True)
+        except OSError:  # no symbolic links here (some Windows set-ups): a copy does as well
+            shutil.copytree(twin["run_dir"], link)
+    fields = {key: value for key, value in twin.items() if key not in ("name", "phase")}
+    store.upsert(spec.name, **{**fields, "phase": spec.phase})
+
+
 def _training_settings(options: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in options.items() if key not in EVAL_DEFAULTS and key not in RUN_DEFAULTS}
 
@@ -506,6 +532,7 @@ def run_sweep(
     runs_dir = out_dir / RUNS_SUBDIR
     phases = list(dict.fromkeys(spec.phase for spec in specs))
     skipped: list[str] = []
+    reused: list[str] = []
     results: list[tuple[str, str, str | None]] = []
     for phase in phases:
         todo = []
@@ -513,6 +540,11 @@ def run_sweep(
             options = spec.options
             if _is_done(store.get(spec.name), options):
                 skipped.append(spec.name)
+                continue
+            twin = _finished_twin(store, spec.name, options)
+            if twin is not None:
+                _adopt_twin(store, spec, twin, runs_dir)
+                reused.append(spec.name)
                 continue
             store.upsert(spec.name, phase=phase, run_dir=str(runs_dir / spec.name), config=options, status="pending")
             todo.append(RunSpec(spec.name, phase, options))
@@ -526,6 +558,7 @@ def run_sweep(
         "runs": len(specs),
         "ran": len(results),
         "skipped": len(skipped),
+        "reused": len(reused),
         "failed": failed,
         "workers": workers,
         "threads_per_worker": max(1, available_cores() // workers),

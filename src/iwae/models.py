@@ -92,6 +92,14 @@ def gaussian_log_prob(value: Tensor, mean: Tensor, log_std: Tensor, mask: Tensor
     return per_dim.sum(dim=-1)
 
 
+def gaussian_log_prob_of_noise(eps: Tensor, log_std: Tensor, mask: Tensor | None = None) -> Tensor:
+    """:func:`gaussian_log_prob` of ``mean + exp(log_std) * eps``, written with the standardised noise ``eps``."""
+    per_dim = -0.5 * eps * eps - log_std - 0.5 * LOG_2PI
+    if mask is not None:
+        per_dim = per_dim * mask
+    return per_dim.sum(dim=-1)
+
+
 def standard_normal_log_prob(value: Tensor, mask: Tensor | None = None) -> Tensor:
     per_dim = -0.5 * value * value - 0.5 * LOG_2PI
     if mask is not None:
@@ -130,10 +138,18 @@ class MLPHead(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, inputs: Tensor, detach_params: bool = False) -> tuple[Tensor, ...]:
+        return self.split_head(_linear(self.head, self.features(inputs, detach_params), detach_params))
+
+    def features(self, inputs: Tensor, detach_params: bool = False) -> Tensor:
+        """The last hidden layer's activations, the input of the linear head."""
         hidden = inputs
         for layer in self.hidden:
             hidden = self.activation(_linear(layer, hidden, detach_params))
-        return _linear(self.head, hidden, detach_params).split(self.out_dim, dim=-1)
+        return hidden
+
+    def split_head(self, outputs: Tensor) -> tuple[Tensor, ...]:
+        # A one-parameter head is returned whole: split() would cost a copy in the backward pass.
+        return (outputs,) if self.n_params == 1 else outputs.split(self.out_dim, dim=-1)
 
 
 @dataclass
@@ -201,10 +217,28 @@ class LatentVariableModel(nn.Module):
 
     # -- densities --------------------------------------------------------------------------
     def observation_log_prob(self, x: Tensor, h1: Tensor, observed_mask: Tensor | None = None) -> Tensor:
-        params = self.decoder[0](h1)
+        """``log p(x | h_1)`` over observed entries: x ``[batch, x_dim]``, h1 ``[k, batch, d]`` -> ``[k, batch]``."""
         if self.config.likelihood == "bernoulli":
-            return bernoulli_log_prob(x, params[0], observed_mask)
+            return self._bernoulli_log_prob(x, h1, observed_mask)
+        params = self.decoder[0](h1)
         return gaussian_log_prob(x, params[0], params[1], observed_mask)
+
+    def _bernoulli_log_prob(self, x: Tensor, h1: Tensor, observed_mask: Tensor | None) -> Tensor:
+        """:func:`bernoulli_log_prob` on the decoder's logits ``l = W f + b``, with the data term by matmul.
+
+        ``sum_d x_d l_d = f . (W^T x) + b . x``: one ``[batch, x_dim] x [x_dim, hidden]`` product per
+        example replaces a pass over the ``[k, batch, x_dim]`` logits (and its backward), leaving
+        ``sum_d softplus(l_d)`` as the only element-wise work on them. Same value up to rounding.
+        """
+        decoder = self.decoder[0]
+        features = decoder.features(h1)  # [k, batch, hidden]
+        logits = decoder.head(features)
+        observed_x = x if observed_mask is None else x * observed_mask
+        data_term = (features * (observed_x @ decoder.head.weight)).sum(dim=-1) + observed_x @ decoder.head.bias
+        normaliser = F.softplus(logits)
+        if observed_mask is not None:
+            normaliser = normaliser * observed_mask
+        return data_term - normaliser.sum(dim=-1)
 
     def forward(
         self,
@@ -247,9 +281,9 @@ class LatentVariableModel(nn.Module):
                     q_mean, q_log_std = mean.detach(), log_std.detach()
                 else:
                     q_mean, q_log_std = layer(inputs, detach_params=True)
-            else:
-                q_mean, q_log_std = mean, log_std
-            log_q = log_q + gaussian_log_prob(h, q_mean, q_log_std, mask)
+                log_q = log_q + gaussian_log_prob(h, q_mean, q_log_std, mask)
+            else:  # (h - mean) / std is eps itself: the same density with fewer passes over [k, batch, d]
+                log_q = log_q + gaussian_log_prob_of_noise(eps, log_std, mask)
             latents.append(h)
             q_params.append((mean, log_std))
             inputs = h

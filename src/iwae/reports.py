@@ -80,6 +80,17 @@ PUBLISHED_TABLE2: dict[tuple[tuple[str, int], tuple[str, int]], dict[str, tuple[
 }
 BURDA_PASSES = 3280
 
+# Rainforth et al. (ICML 2018), MNIST, one stochastic layer, 64 samples; marked unverified in
+# REFERENCE.md section 4 (taken from secondary sources). (variant, estimator, k) -> test NLL.
+RAINFORTH_SOURCE = "Rainforth et al. (ICML 2018), unverified, via REFERENCE.md section 4"
+PUBLISHED_RAINFORTH: dict[tuple[str, str, int], float] = {
+    ("iwae", "standard", 64): 84.52,
+    ("miwae(M=8)", "standard", 64): 84.97,
+    ("piwae(M=8)", "standard", 64): 84.46,
+    ("ciwae(beta=0.05)", "standard", 64): 84.57,
+    ("vae", "standard", 64): 86.21,
+}
+
 
 # -- runs from the databases ---------------------------------------------------------------------
 @dataclass
@@ -95,6 +106,8 @@ class RunRecord:
     seed: int
     init_from: str | None
     epochs: int
+    estimator: str
+    variant: str  # the objective with its parameter, e.g. 'miwae(M=8)' or 'ciwae(beta=0.05)'
     train_limit: int | None
     nll: float
     units: tuple[int, ...]
@@ -109,6 +122,17 @@ class RunRecord:
     metrics: list[dict[str, Any]]
     samples_png: str | None
     env: dict[str, Any] = field(default_factory=dict)
+
+
+def objective_variant(config: Any) -> str:
+    """The objective with the parameter that defines it: 'iwae', 'miwae(M=8)', 'ciwae(beta=0.05)', ..."""
+    parameter = {"miwae": "M", "piwae": "M", "ciwae": "beta", "power": "p", "vr": "alpha"}.get(config.objective)
+    return f"{config.objective}({parameter}={getattr(config, parameter):g})" if parameter else config.objective
+
+
+def is_table1_run(record: RunRecord) -> bool:
+    """A cell of Burda's Table 1: VAE or IWAE, standard estimator, trained from scratch."""
+    return record.init_from is None and record.estimator == "standard" and record.objective in ("vae", "iwae")
 
 
 def _record(row: dict[str, Any], label: str) -> RunRecord:
@@ -126,6 +150,8 @@ def _record(row: dict[str, Any], label: str) -> RunRecord:
         seed=config.seed,
         init_from=config.init_from,
         epochs=config.total_epochs,
+        estimator=config.estimator,
+        variant=objective_variant(config),
         train_limit=config.train_limit,
         nll=float(evaluation["nll"]),
         units=tuple(int(u) for u in evaluation["active_units"]),
@@ -147,13 +173,17 @@ def load_records(sweep_dirs: list[str | Path]) -> tuple[list[RunRecord], list[di
     """Finished runs (as records) and the rows of unfinished ones, from each sweep's database."""
     from iwae.store import DB_FILE
 
-    records, unfinished = [], []
+    records, unfinished, seen_dirs = [], [], set()
     for directory in sweep_dirs:
         if not (Path(directory) / DB_FILE).is_file():
             raise ValueError(f"{directory} holds no {DB_FILE}; run 'iwae sweep GRID --out {directory}' first")
         prefix = f"{Path(directory).name}/" if len(sweep_dirs) > 1 else ""
         for row in ResultStore.in_dir(directory).rows():
             if row["status"] == "finished" and row["eval"]:
+                run_dir = str(Path(row["run_dir"]).resolve())
+                if run_dir in seen_dirs:  # one run recorded by several grids (the sweep reused it)
+                    continue
+                seen_dirs.add(run_dir)
                 records.append(_record(row, prefix + row["name"]))
             else:
                 unfinished.append(row)
@@ -195,9 +225,53 @@ def _cell(records: list[RunRecord]) -> Cell:
 def table1_cells(records: list[RunRecord]) -> dict[tuple[str, int, int, str], Cell]:
     groups: dict[tuple[str, int, int, str], list[RunRecord]] = defaultdict(list)
     for r in records:
-        if r.init_from is None:
+        if is_table1_run(r):
             groups[(r.dataset, r.layers, r.k, r.objective)].append(r)
     return {key: _cell(group) for key, group in sorted(groups.items())}
+
+
+def estimators_table(records: list[RunRecord]) -> Table | None:
+    """Runs with another objective or estimator, beside the IWAE runs of the same setting and Rainforth's numbers."""
+    others = [r for r in records if r.init_from is None and not is_table1_run(r)]
+    if not others:
+        return None
+    settings = {(r.dataset, r.layers, r.k, r.epochs, r.train_limit) for r in others}
+    shown = [
+        r for r in records if r.init_from is None and (r.dataset, r.layers, r.k, r.epochs, r.train_limit) in settings
+    ]
+    rows = []
+    for r in sorted(shown, key=lambda r: (r.dataset, r.layers, r.k, r.variant != "iwae", r.variant, r.estimator)):
+        published = r.dataset == "mnist" and r.layers == 1
+        paper = PUBLISHED_RAINFORTH.get((r.variant, r.estimator, r.k)) if published else None
+        rows.append(
+            [
+                r.label,
+                r.dataset,
+                str(r.layers),
+                r.variant,
+                r.estimator,
+                str(r.k),
+                fmt(r.nll),
+                fmt(paper),
+                fmt(r.nll - paper, signed=True) if paper is not None else "—",
+                fmt_units(r.units),
+                fmt(r.seconds_per_epoch, 3),
+            ]
+        )
+    headers = [
+        "run",
+        "dataset",
+        "layers",
+        "objective",
+        "estimator",
+        "k",
+        "NLL",
+        "paper NLL",
+        "diff",
+        "units",
+        "s/epoch",
+    ]
+    return Table(headers, rows)
 
 
 # -- tables ---------------------------------------------------------------------------------------
@@ -619,6 +693,11 @@ def build_report(records: list[RunRecord], unfinished: list[dict[str, Any]], tit
     for budget, group in groups.items():
         suffix = f" ({budget})" if len(groups) > 1 else ""
         _add_table1(report, table1_cells(group), suffix)
+    estimators = estimators_table(records)
+    if estimators is not None:
+        report.heading("Objectives and estimators")
+        report.text(f"Paper numbers: {RAINFORTH_SOURCE}.")
+        report.table(estimators)
     swap = table2(records)
     if swap is not None:
         report.heading("Table 2: objective swap (continue a finished run under the other objective)")

@@ -143,12 +143,15 @@ def fit(
     progress: bool = True,
     checkpoint_minutes: float = 2.0,
     max_epochs: int | None = None,
+    compile_model: bool = False,
 ) -> FitResult:
     """Train (or resume) a run; see the module docstring.
 
     Args:
         dataset: an already loaded dataset (otherwise ``config.dataset`` is loaded from ``data_dir``).
         max_epochs: stop after this many epochs in this call (the run can be resumed later).
+        compile_model: take training steps through ``torch.compile(model)`` (the noise is still drawn
+            eagerly from the run's generator, so only rounding differs from the eager path).
     """
     run_dir = Path(run_dir)
     torch_device = resolve_device(device)
@@ -161,6 +164,7 @@ def fit(
     if config.init_from is not None:
         load_initial_weights(model, config)
     optimizer = build_optimizer(model, config)
+    step_model = torch.compile(model) if compile_model else model
     generator = torch.Generator(device=torch_device).manual_seed(config.seed)
     epochs_done, elapsed = 0, 0.0
     if resume_from is not None:
@@ -197,7 +201,7 @@ def fit(
             for start in range(0, n_train, config.batch_size):
                 x = binarize(train_split.images[order[start : start + config.batch_size]], data.binarization, generator)
                 optimizer.zero_grad(set_to_none=True)
-                batch_bound = training_step(model, x, config, generator)
+                batch_bound = training_step(step_model, x, config, generator)
                 optimizer.step()
                 bound_sum += batch_bound.detach().sum()
                 bar.update(1)

@@ -125,16 +125,17 @@ def estimate_log_likelihood(
     generator: torch.Generator,
     *,
     batch_size: int = 100,
-    max_rows: int = 25_000,
+    max_rows: int = 5_000,
     unit_masks: list[Tensor] | None = None,
     progress: bool = False,
 ) -> dict[str, Tensor]:
     """Per-example L_k with samples streamed in chunks of ``max_rows // batch`` (float64 log-mean-exp).
 
-    Each example is binarised once. Returns float64 ``[n]`` tensors: ``log_lik`` (L_k),
-    ``recon`` (mean of log p(x | h) over the k samples), ``kl`` (mean of log q - log p(h)) and,
-    if ``unit_masks`` is given, ``log_lik_active`` (L_k of the model with masked units removed,
-    from the same binarised examples).
+    The default chunk of 5,000 rows keeps the largest temporary (``[rows, x_dim]`` float32 logits,
+    16 MB for MNIST) within a CPU's last-level cache. Each example is binarised once. Returns
+    float64 ``[n]`` tensors: ``log_lik`` (L_k), ``recon`` (mean of log p(x | h) over the k samples),
+    ``kl`` (mean of log q - log p(h)) and, if ``unit_masks`` is given, ``log_lik_active`` (L_k of
+    the model with masked units removed, from the same binarised examples).
     """
     chunk = max(1, min(k, max_rows // batch_size))
     out: dict[str, list[Tensor]] = {"log_lik": [], "recon": [], "kl": []}

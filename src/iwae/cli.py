@@ -27,9 +27,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
-    parser.add_argument("--data-dir", default=None, help="directory holding dataset files (else $IWAE_DATA_DIR)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from iwae.commands import add_run_options
+
+    add_run_options(parser)
 
 
 def _train_parser(sub) -> None:

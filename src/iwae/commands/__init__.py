@@ -26,3 +26,14 @@ def positive_int_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected numbers >= 1, got {text!r}")
     return values
+
+
+def add_run_options(parser: argparse.ArgumentParser, *, json_flag: bool = False, data: bool = True) -> None:
+    """The options most commands share: ``--device``/``--data-dir`` (unless ``data=False``), ``--no-progress``
+    and, for commands that print a result object, ``--json``."""
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="no table on stderr; stdout carries the JSON object")
+    if data:
+        parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
+        parser.add_argument("--data-dir", default=None, help="directory holding dataset files (else $IWAE_DATA_DIR)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -8,16 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from iwae.commands import positive_int, positive_int_list
+from iwae.commands import add_run_options, positive_int, positive_int_list
 
 
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
-    p.add_argument("--json", action="store_true", help="print only the JSON result (no table on stderr)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    if data:
-        p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
-        p.add_argument("--data-dir", default=None, help="directory holding dataset files (else $IWAE_DATA_DIR)")
+    add_run_options(p, json_flag=True, data=data)
 
 
 def cmd_posterior(args: argparse.Namespace) -> dict:

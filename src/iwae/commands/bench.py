@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from iwae.commands import positive_int
+from iwae.commands import add_run_options, positive_int
 
 
 def register(subparsers) -> None:
@@ -25,13 +25,10 @@ def register(subparsers) -> None:
     )
     p.add_argument("--quick", action="store_true", help="one layer, k in {5, 50}, batch in {20, 100}, 20 eval images")
     p.add_argument("--threads", type=positive_int, help="torch.set_num_threads(N) for everything (default: torch's)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
     p.add_argument("--repeats", type=positive_int, help="timed repeats per measurement (default 11, quick 7)")
     p.add_argument("--out", help="directory for bench.json and bench.md")
-    p.add_argument("--json", action="store_true", help="no table on stderr; stdout carries the JSON object")
     p.add_argument("--no-pyro", action="store_true", help="leave out the Pyro baseline")
-    p.add_argument("--data-dir", default=None, help="directory holding dataset files (else $IWAE_DATA_DIR)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(p, json_flag=True)
     p.set_defaults(handler=cmd_bench)
 
 

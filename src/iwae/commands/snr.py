@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from iwae.commands import positive_int_list
+from iwae.commands import add_run_options, positive_int_list
 
 DEFAULT_REPEATS = 100
 DEFAULT_BATCH = 1
@@ -41,10 +41,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="examples in the fixed minibatch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="directory for snr.json and snr.png (default RUN/snr or ./snr-out)")
-    p.add_argument("--json", action="store_true", help="no table on stderr; stdout carries the JSON object")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
-    p.add_argument("--data-dir", default=None, help="directory holding dataset files (else $IWAE_DATA_DIR)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(p, json_flag=True)
     p.set_defaults(handler=cmd_snr)
 
 

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from iwae.commands import add_run_options
+
 REPRODUCIBLE = {"table1": ("smoke", "quick", "full"), "table2": (), "ksweep": ()}
 CSV_COLUMNS = [
     "name",
@@ -60,9 +62,7 @@ def _workers(text: str) -> int:
 
 def _add_runner_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=_workers, default=1, help="runs at a time, each with cores/N threads")
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
-    parser.add_argument("--data-dir", default=None, help="directory holding dataset files (else $IWAE_DATA_DIR)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_run_options(parser)
 
 
 def register(subparsers) -> None:

@@ -91,3 +91,18 @@ def test_snr_cli_on_a_fresh_model_and_a_run(tmp_path: Path, capsys, mnist) -> No
 def test_snr_cli_errors(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
     code = main(["snr", "--ks", "1,2", "--out", str(tmp_path), "--no-progress", *argv])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_effective_sample_size_bounds_and_the_study_reports_it() -> None:
+    from iwae.models import LatentVariableModel, ModelConfig
+    from iwae.snr import effective_sample_size, run_study
+
+    torch.manual_seed(0)
+    model = LatentVariableModel(ModelConfig(x_dim=12, latent_dims=(3,), hidden_dims=((8,),)))
+    x = torch.bernoulli(torch.full((4, 12), 0.4), generator=torch.Generator().manual_seed(1))
+    ess = effective_sample_size(model, x, 50, torch.Generator().manual_seed(2))
+    assert ess.shape == (4,) and (ess >= 1 - 1e-9).all() and (ess <= 50 + 1e-9).all()
+    assert torch.equal(effective_sample_size(model, x, 1, torch.Generator()), torch.ones(4, dtype=torch.float64))
+    summary = run_study(model, x, [1, 4, 16], ["standard"], repeats=3, progress=False).to_dict()
+    assert summary["median_ess"][0] == 1.0 and len(summary["median_ess"]) == 3
+    assert summary["ess_slope"] is not None and 0.0 <= summary["ess_slope"] <= 1.0

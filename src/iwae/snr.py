@@ -13,6 +13,11 @@ The target is IWAE_K (``BoundSpec("iwae")``) unless another spec is given. Rainf
 slopes of about +1/2 (decoder) and -1/2 (encoder, standard estimator); DReG's encoder slope is positive.
 A true SNR of 0 is estimated as about ``sqrt(2/pi) / sqrt(R)`` (``snr_floor``): medians near it are
 limited by the number of repeats.
+
+Those slopes are asymptotic: they need the importance weights to be far from degenerate, i.e. an
+effective sample size ``ESS = 1 / sum_i w~_i^2`` that grows like K. The study therefore also reports
+the median ESS over the minibatch per K and its log-log slope; where ESS grows like K^s with s < 1,
+the decoder's SNR grows roughly like sqrt(ESS), K^(s/2), rather than K^(1/2).
 """
 
 from __future__ import annotations
@@ -87,6 +92,13 @@ def gradient_snr(
     return {part: moments[part].snr() for part in PARTS}
 
 
+@torch.no_grad()
+def effective_sample_size(model: nn.Module, x: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    """``1 / sum_i w~_i^2`` of k importance weights per example of ``x``: ``[batch]`` (1 <= ESS <= k)."""
+    normalized_weights = torch.softmax(model(x, k, generator).log_w.double(), dim=0)  # [k, batch]
+    return 1.0 / normalized_weights.square().sum(dim=0)
+
+
 def loglog_slope(ks: list[int], values: list[float]) -> dict[str, float]:
     """OLS slope of log(value) on log(K), its standard error and 95% Student-t interval."""
     from scipy import stats
@@ -114,6 +126,7 @@ class SNRStudy:
     repeats: int
     batch_size: int
     snr: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=dict)  # estimator -> part -> per K
+    ess: list[float] = field(default_factory=list)  # median effective sample size over the minibatch, per K
 
     def medians(self) -> dict[str, dict[str, list[float]]]:
         return {
@@ -138,6 +151,8 @@ class SNRStudy:
             "slopes": {part: {est: fit["slope"] for est, fit in fits[part].items()} for part in PARTS},
             "slope_fits": fits,
             "median_snr": self.medians(),
+            "median_ess": self.ess,
+            "ess_slope": loglog_slope(self.ks, self.ess)["slope"] if len(self.ess) == len(self.ks) > 1 else None,
             "n_parameters": {
                 est: {part: [int(v.size) for v in per_k[part]] for part in PARTS} for est, per_k in self.snr.items()
             },
@@ -161,6 +176,8 @@ def run_study(
     if repeats < 2:
         raise ValueError(f"--repeats must be >= 2 for a standard deviation, got {repeats}")
     study = SNRStudy(list(ks), list(estimators), repeats, x.shape[0])
+    ess_generator = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + 1)
+    study.ess = [float(effective_sample_size(model, x, k, ess_generator).median()) for k in ks]
     jobs = [(est, i, k) for est in estimators for i, k in enumerate(ks)]
     bar = tqdm(total=sum(k for _, _, k in jobs) * repeats, unit="sample", desc="snr", disable=not progress)
     try:

@@ -79,6 +79,10 @@ def _table(summary: dict) -> str:
             ci = f" [{fit['ci95_low']:+.2f}, {fit['ci95_high']:+.2f}]" if "ci95_low" in fit else ""
             cells = "".join(f"{v:>10.4f}" for v in values)
             lines.append(f"{est:<10}{part:<9}{cells}  {fit['slope']:+.3f}{ci}")
+    if summary.get("median_ess"):
+        cells = "".join(f"{v:>10.2f}" for v in summary["median_ess"])
+        lines.append(f"{'ESS':<19}{cells}  {summary['ess_slope']:+.3f}" if summary["ess_slope"] is not None else "")
+        lines.append("(median effective sample size of the weights; slopes of +-1/2 need ESS to grow like K)")
     lines.append(f"plot: {summary['png']}")
     return "\n".join(lines)
 

@@ -272,3 +272,28 @@ def test_a_finished_run_of_another_grid_is_reused_not_retrained(tmp_path: Path) 
     assert (tmp_path / experiments.RUNS_SUBDIR / "iwae-k2" / runs.MODEL_FILE).is_file()  # init_from finds it
     records, _ = load_records([tmp_path])
     assert len(records) == 1  # one run, however many grids name it
+
+
+def test_a_continued_run_of_a_reused_base_runs_once_and_the_sweep_can_be_repeated(tmp_path: Path) -> None:
+    first = {"fixed": {**TINY, "objective": "iwae", "epochs": 1}, "axes": {"k": [2]}}
+    (spec,) = experiments.resolved_specs(first, tmp_path)
+    experiments.execute(spec.to_dict(), tmp_path, device="cpu")
+    phases = {
+        "fixed": TINY,
+        "phase": [
+            {"name": "base", "fixed": {"epochs": 1}, "axes": {"setting": [{"objective": "iwae", "k": 2}]}},
+            {
+                "name": "swap",
+                "fixed": {"epochs": 1},
+                "axes": {"setting": [{"objective": "vae", "k": 2, "init_from": "base-iwae-k2"}]},
+            },
+        ],
+    }
+    summary = experiments.run_sweep(phases, tmp_path, progress=False, device="cpu")
+    assert (summary["ran"], summary["reused"], summary["failed"]) == (1, 1, {})
+    again = experiments.run_sweep(phases, tmp_path, progress=False, device="cpu")  # nothing to do, no complaint
+    assert (again["ran"], again["skipped"]) == (0, 2)
+    from iwae.reports import load_records, table2
+
+    rows = table2(load_records([tmp_path])[0]).rows
+    assert [row[1:3] for row in rows] == [["iwae k=2", "vae k=2"]]  # the continued run finds its (reused) base

@@ -394,8 +394,10 @@ def _resolve_init_from(options: dict[str, Any], runs_dir: Path, names: set[str])
     source = options.get("init_from")
     if source is None:
         return options
-    path = runs_dir / source if source in names else Path(source)
-    return {**options, "init_from": str(path.resolve())}
+    # A grid's own run is named by its path under runs/ (which may be a link to a reused twin: not followed,
+    # so the recorded setting stays the same when the sweep is run again).
+    path = runs_dir.resolve() / source if source in names else Path(source).resolve()
+    return {**options, "init_from": str(path)}
 
 
 def _cost(options: dict[str, Any]) -> float:

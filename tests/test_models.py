@@ -159,3 +159,17 @@ def test_optimised_log_weights_equal_the_reference_with_gradients(layers: int, m
     expected_grads = torch.autograd.grad(torch.logsumexp(expected, 0).sum(), params)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad)
+
+
+def test_fast_tanh_equals_tanh_with_gradients() -> None:
+    from iwae.models import fast_tanh
+
+    for dtype, tolerance in ((torch.float32, 3e-7), (torch.float64, 1e-15)):
+        x = torch.cat([torch.linspace(-30, 30, 2001, dtype=dtype), torch.tensor([0.0, 1e-8, -1e-8, 1e3], dtype=dtype)])
+        x.requires_grad_(True)
+        y = fast_tanh(x)
+        torch.testing.assert_close(y, torch.tanh(x), rtol=0, atol=tolerance)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+        torch.testing.assert_close(grad, 1 - torch.tanh(x.detach()) ** 2, rtol=0, atol=4 * tolerance)
+    assert fast_tanh(torch.tensor([-math.inf, math.inf])).tolist() == [-1.0, 1.0]
+    assert torch.isnan(fast_tanh(torch.tensor([math.nan]))).all()

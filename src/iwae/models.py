@@ -20,7 +20,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 LOG_2PI = math.log(2.0 * math.pi)
-ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "softplus": F.softplus}
+
+
+class _SigmoidTanh(torch.autograd.Function):
+    """tanh(x) computed as 2 sigmoid(2x) - 1: the same function (absolute error ~1e-7 in float32), but
+    PyTorch's CPU sigmoid kernel is several times faster than its tanh kernel. Backward: (1 - y^2) g."""
+
+    @staticmethod
+    def forward(ctx, inputs: Tensor) -> Tensor:
+        outputs = torch.sigmoid(inputs * 2.0).mul_(2.0).sub_(1.0)
+        ctx.save_for_backward(outputs)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> Tensor:
+        (outputs,) = ctx.saved_tensors
+        return torch.ops.aten.tanh_backward(grad_output, outputs)
+
+
+def fast_tanh(inputs: Tensor) -> Tensor:
+    """tanh through :class:`_SigmoidTanh` on the CPU; ``torch.tanh`` elsewhere (fast already on GPUs)."""
+    return _SigmoidTanh.apply(inputs) if inputs.device.type == "cpu" else torch.tanh(inputs)
+
+
+ACTIVATIONS = {"tanh": fast_tanh, "relu": torch.relu, "softplus": F.softplus}
 LIKELIHOODS = ("bernoulli", "gaussian")
 
 

@@ -72,3 +72,14 @@ def test_removing_units_that_equal_the_prior_and_feed_nothing_leaves_log_weights
     pruned = model(x, 16, torch.Generator().manual_seed(0), unit_masks=[mask])
     full = model(x, 16, torch.Generator().manual_seed(0))
     torch.testing.assert_close(pruned.log_w, full.log_w, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_compiled_evaluation_matches_eager(mnist) -> None:
+    """``--compile`` draws the same noise from the same generator: the same NLL up to rounding."""
+    model = _model_with_dead_units(10)
+    split = mnist.test.subset(6)
+    eager = evaluate_model(model, split, "dynamic", k=40, batch_size=3, prune_inactive=False)
+    compiled = evaluate_model(model, split, "dynamic", k=40, batch_size=3, prune_inactive=False, compile_model=True)
+    assert compiled.nll == pytest.approx(eager.nll, abs=1e-3)
+    assert compiled.active_units == eager.active_units and compiled.kl == pytest.approx(eager.kl, abs=1e-3)

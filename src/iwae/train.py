@@ -61,9 +61,13 @@ def load_initial_weights(model: LatentVariableModel, config: TrainConfig) -> Non
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Adam:
+    """Adam with the config's betas and epsilon; the fused kernel (one pass per parameter tensor, several
+    times faster than the multi-tensor loop on the CPU) where the device has one."""
     lr = config.stages[0][1]
+    device = next(model.parameters()).device
+    kernel = {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
     return torch.optim.Adam(
-        model.parameters(), lr=lr, betas=(config.beta1, config.beta2), eps=config.adam_eps, foreach=True
+        model.parameters(), lr=lr, betas=(config.beta1, config.beta2), eps=config.adam_eps, **kernel
     )
 
 

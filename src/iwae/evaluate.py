@@ -131,8 +131,8 @@ def estimate_log_likelihood(
 ) -> dict[str, Tensor]:
     """Per-example L_k with samples streamed in chunks of ``max_rows // batch`` (float64 log-mean-exp).
 
-    The default chunk of 5,000 rows keeps the largest temporary (``[rows, x_dim]`` float32 logits,
-    16 MB for MNIST) within a CPU's last-level cache. Each example is binarised once. Returns
+    With the default 5,000 rows per chunk the largest temporary (``[rows, x_dim]`` float32 logits) is
+    16 MB for MNIST, whatever k is. Each example is binarised once. Returns
     float64 ``[n]`` tensors: ``log_lik`` (L_k), ``recon`` (mean of log p(x | h) over the k samples),
     ``kl`` (mean of log q - log p(h)) and, if ``unit_masks`` is given, ``log_lik_active`` (L_k of
     the model with masked units removed, from the same binarised examples).

@@ -81,7 +81,8 @@ def _table(summary: dict) -> str:
             lines.append(f"{est:<10}{part:<9}{cells}  {fit['slope']:+.3f}{ci}")
     if summary.get("median_ess"):
         cells = "".join(f"{v:>10.2f}" for v in summary["median_ess"])
-        lines.append(f"{'ESS':<19}{cells}  {summary['ess_slope']:+.3f}" if summary["ess_slope"] is not None else "")
+        slope = f"  {summary['ess_slope']:+.3f}" if summary["ess_slope"] is not None else ""
+        lines.append(f"{'ESS':<19}{cells}{slope}")
         lines.append("(median effective sample size of the weights; slopes of +-1/2 need ESS to grow like K)")
     lines.append(f"plot: {summary['png']}")
     return "\n".join(lines)

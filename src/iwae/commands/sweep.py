@@ -21,6 +21,21 @@ from typing import Any
 from iwae.commands import add_run_options
 
 REPRODUCIBLE = {"table1": ("smoke", "quick", "full"), "table2": (), "ksweep": ()}
+# Columns of the store copied into the CSV as they are.
+STORE_COLUMNS = (
+    "train_bound",
+    "valid_bound",
+    "seconds",
+    "seconds_per_epoch",
+    "started",
+    "finished",
+    "device",
+    "package_version",
+    "torch_version",
+    "git_commit",
+    "run_dir",
+    "error",
+)
 CSV_COLUMNS = [
     "name",
     "phase",
@@ -37,18 +52,7 @@ CSV_COLUMNS = [
     "kl",
     "eval_k",
     "eval_examples",
-    "train_bound",
-    "valid_bound",
-    "seconds",
-    "seconds_per_epoch",
-    "started",
-    "finished",
-    "device",
-    "package_version",
-    "torch_version",
-    "git_commit",
-    "run_dir",
-    "error",
+    *STORE_COLUMNS,
     "config",
 ]
 
@@ -159,23 +163,7 @@ def _summaries(directory: str) -> list[dict[str, Any]]:
                 "kl": evaluation.get("kl"),
                 "eval_k": evaluation.get("k"),
                 "eval_examples": evaluation.get("n_examples"),
-                **{
-                    key: row[key]
-                    for key in (
-                        "train_bound",
-                        "valid_bound",
-                        "seconds",
-                        "seconds_per_epoch",
-                        "started",
-                        "finished",
-                        "device",
-                        "package_version",
-                        "torch_version",
-                        "git_commit",
-                        "run_dir",
-                        "error",
-                    )
-                },
+                **{key: row[key] for key in STORE_COLUMNS},
                 "config": json.dumps(row["config"], sort_keys=True),
             }
         )

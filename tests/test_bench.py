@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from iwae import bench, bounds
+from iwae import bench, bounds, native
 from iwae.cli import main
 from iwae.config import TrainConfig
 from iwae.models import LatentVariableModel, ModelConfig
@@ -78,7 +78,7 @@ def tiny_result(mnist) -> dict:
     """The library function on the cells the required keys need, one repeat each, L_5000 on 2 images."""
     settings = bench.BenchSettings(
         mode="test", layers=(1,), ks=(5, 50), batches=(20, 100), repeats=1, warmup=1, threads=1, device="cpu",
-        pyro=False, n_train=100, eval_images=2, eval_batch_size=2, progress=False,
+        pyro=False, n_train=100, eval_images=2, eval_batch_size=2, eval_repeats=3, progress=False,
     )  # fmt: skip
     return bench.run_bench(settings, mnist)
 
@@ -90,6 +90,9 @@ def test_tiny_bench_has_the_required_keys_and_finite_values(tiny_result: dict) -
     assert tiny_result["speedup_vs_pyro_k5_b20"] is None and tiny_result["speedup_vs_pyro_k50_b20"] is None
     assert tiny_result["threads"] == 1 and tiny_result["device"] == "cpu"
     assert tiny_result["eval_images"] == 2 and tiny_result["eval_scaled"]
+    evaluation = tiny_result["rows"][-1]
+    assert len(evaluation["seconds_per_pass"]) == 3 and evaluation["seconds"] in evaluation["seconds_per_pass"]
+    assert tiny_result["native_kernels"] == native.status()
     train = [r for r in tiny_result["rows"] if r["task"] == "train"]
     assert len(train) == 4 * 3  # iwae, plain, pyro per cell
     for row in train:
@@ -102,6 +105,7 @@ def test_tiny_bench_has_the_required_keys_and_finite_values(tiny_result: dict) -
     assert {r["task"] for r in tiny_result["rows"]} == {"train", "matmul-roofline", "eval"}
     assert json.loads(json.dumps(tiny_result)) == tiny_result
     assert bench.PYRO_SKIPPED in bench.markdown(tiny_result)
+    assert native.status() in bench.markdown(tiny_result)
 
 
 def test_cli_json_is_one_object_and_out_has_both_files(tiny_result: dict, monkeypatch, capsys, tmp_path) -> None:

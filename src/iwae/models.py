@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from iwae import native
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -100,10 +102,10 @@ def glorot_uniform_(weight: Tensor) -> None:
         weight.uniform_(-limit, limit)
 
 
-def _linear(layer: nn.Linear, inputs: Tensor, detach_params: bool) -> Tensor:
-    if detach_params:
-        return F.linear(inputs, layer.weight.detach(), layer.bias.detach())
-    return layer(inputs)
+def _linear(layer: nn.Linear, inputs: Tensor, detach_params: bool, activation: str = "none") -> Tensor:
+    """``activation(layer(inputs))`` through :func:`iwae.native.fused_linear` (oneDNN on CPU float32)."""
+    weight, bias = (layer.weight.detach(), layer.bias.detach()) if detach_params else (layer.weight, layer.bias)
+    return native.fused_linear(inputs, weight, bias, activation)
 
 
 def gaussian_log_prob(value: Tensor, mean: Tensor, log_std: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -152,6 +154,7 @@ class MLPHead(nn.Module):
         self.head = nn.Linear(sizes[-1], n_params * out_dim)
         self.out_dim = out_dim
         self.n_params = n_params
+        self.activation_name = activation
         self.activation = ACTIVATIONS[activation]
         for layer in self.hidden:
             glorot_uniform_(layer.weight)
@@ -164,10 +167,18 @@ class MLPHead(nn.Module):
         return self.split_head(_linear(self.head, self.features(inputs, detach_params), detach_params))
 
     def features(self, inputs: Tensor, detach_params: bool = False) -> Tensor:
-        """The last hidden layer's activations, the input of the linear head."""
+        """The last hidden layer's activations, the input of the linear head.
+
+        On CPU float32 each layer is one oneDNN primitive with the activation fused in
+        (:func:`iwae.native.fused_linear`) where oneDNN has the activation.
+        """
         hidden = inputs
+        fused = self.activation_name in native.FUSED_ACTIVATIONS and native.fused_linear_applies(inputs)
         for layer in self.hidden:
-            hidden = self.activation(_linear(layer, hidden, detach_params))
+            if fused:
+                hidden = _linear(layer, hidden, detach_params, self.activation_name)
+            else:
+                hidden = self.activation(_linear(layer, hidden, detach_params))
         return hidden
 
     def split_head(self, outputs: Tensor) -> tuple[Tensor, ...]:
@@ -251,14 +262,17 @@ class LatentVariableModel(nn.Module):
 
         ``sum_d x_d l_d = f . (W^T x) + b . x``: one ``[batch, x_dim] x [x_dim, hidden]`` product per
         example replaces a pass over the ``[k, batch, x_dim]`` logits (and its backward), leaving
-        ``sum_d softplus(l_d)`` as the only element-wise work on them. Same value up to rounding.
+        ``sum_d softplus(l_d)`` as the only element-wise work on them. Same value up to rounding. On CPU
+        float32 tensors that sum is :func:`iwae.native.softplus_row_sums` (one pass, bias added inside).
         """
         decoder = self.decoder[0]
+        weight, bias = decoder.head.weight, decoder.head.bias
         features = decoder.features(h1)  # [k, batch, hidden]
-        logits = decoder.head(features)
         observed_x = x if observed_mask is None else x * observed_mask
-        data_term = (features * (observed_x @ decoder.head.weight)).sum(dim=-1) + observed_x @ decoder.head.bias
-        normaliser = F.softplus(logits)
+        data_term = (features * (observed_x @ weight)).sum(dim=-1) + observed_x @ bias
+        if observed_mask is None and native.applies_to(features):
+            return data_term - native.softplus_row_sums(native.fused_linear(features, weight), bias)
+        normaliser = F.softplus(F.linear(features, weight, bias))
         if observed_mask is not None:
             normaliser = normaliser * observed_mask
         return data_term - normaliser.sum(dim=-1)

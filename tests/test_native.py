@@ -1,0 +1,216 @@
+"""The native softplus row-sum kernel against the float64 formula, and its fallbacks."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from iwae import native
+
+HAVE_COMPILER = shutil.which(os.environ.get("CC", "cc")) is not None
+needs_native = pytest.mark.skipif(not native.available(), reason=native.status())
+
+
+def reference64(pre: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return native.softplus_row_sums_reference(pre.double(), bias.double())
+
+
+@pytest.mark.skipif(not HAVE_COMPILER or os.environ.get(native.SWITCH) == "0", reason="no C compiler, or switched off")
+def test_kernels_build_where_a_compiler_exists() -> None:
+    """With a C compiler on PATH the kernels must build: a silent fallback would hide a broken build."""
+    assert native.available(), native.status()
+    assert native.status().startswith("native kernels")
+
+
+@needs_native
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 12),
+    cols=st.integers(1, 300),
+    scale=st.sampled_from([1e-3, 1.0, 5.0, 30.0]),
+    shift=st.sampled_from([-20.0, -7.0, 0.0, 3.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_row_sums_and_gradients_match_float64(rows: int, cols: int, scale: float, shift: float, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    pre = (torch.randn(rows, 2, cols, generator=generator) * scale + shift).requires_grad_(True)
+    bias = torch.randn(cols, generator=generator).requires_grad_(True)
+    grad = torch.randn(rows, 2, generator=generator)
+
+    sums = native.softplus_row_sums(pre, bias)
+    # The exact functions of the float32 logits pre + bias (rounded as the kernel rounds them).
+    logits = (pre + bias).detach().double()
+    expected = torch.nn.functional.softplus(logits).sum(-1)
+    expected_pre = grad.double()[..., None] * torch.sigmoid(logits)
+    # each term is within a few float32 ulps; the row sum itself is rounded once, from double
+    tolerance = 4e-7 * torch.nn.functional.softplus(logits).sum(-1) + 1e-30
+    assert sums.dtype == torch.float32 and sums.shape == (rows, 2)
+    assert ((sums.double() - expected).abs() <= tolerance).all()
+
+    grad_pre, grad_bias = torch.autograd.grad(sums, (pre, bias), grad)
+    torch.testing.assert_close(grad_pre.double(), expected_pre, rtol=1e-6, atol=1e-37)
+    torch.testing.assert_close(grad_bias.double(), expected_pre.sum((0, 1)), rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+def test_extreme_and_non_finite_logits() -> None:
+    bias = torch.zeros(6)
+    pre = torch.tensor(
+        [
+            [100.0, -100.0, 0.0, 1e-8, -87.5, 88.0],
+            [math.inf, 0.0, 0.0, 0.0, 0.0, 0.0],
+            [-math.inf, 0.0, 0.0, 0.0, 0.0, 0.0],
+            [math.nan, 0.0, 0.0, 0.0, 0.0, 0.0],
+        ]
+    )
+    sums = native.softplus_row_sums(pre, bias)
+    torch.testing.assert_close(sums[0].double(), reference64(pre[:1], bias)[0], rtol=1e-7, atol=0)
+    assert sums[1] == math.inf
+    assert sums[2].item() == pytest.approx(5 * math.log(2.0), rel=1e-7)
+    assert math.isnan(sums[3].item())
+
+
+@needs_native
+def test_tiny_gradients_flush_to_zero_without_error() -> None:
+    """Subnormal products (tiny importance weights times tiny sigmoids) come out as zeros or tiny normals."""
+    pre = torch.full((3, 50), -80.0, requires_grad=True)
+    (grad_pre,) = torch.autograd.grad(native.softplus_row_sums(pre, torch.zeros(50)), pre, torch.full((3,), 1e-30))
+    assert torch.isfinite(grad_pre).all() and (grad_pre.abs() < 1e-38).all()
+
+
+@needs_native
+def test_threads_split_rows_without_changing_results() -> None:
+    """Rows are summed the same way on any thread, so one thread and two give the same bits."""
+    generator = torch.Generator().manual_seed(0)
+    pre = torch.randn(2 * native.PARALLEL_MIN_ELEMENTS // 784 + 7, 784, generator=generator) * 4
+    bias = torch.randn(784, generator=generator)
+    grad = torch.randn(pre.shape[0], generator=generator)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append((native.softplus_row_sums(pre, bias), native._row_sums_backward_kernel(pre, bias, grad)))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+@needs_native
+def test_compiled_calls_take_the_custom_operator() -> None:
+    pre = torch.randn(5, 3, 40, requires_grad=True)
+    bias = torch.randn(40, requires_grad=True)
+    compiled = torch.compile(native.softplus_row_sums, fullgraph=True)
+    sums = compiled(pre, bias)
+    torch.testing.assert_close(sums, native.softplus_row_sums(pre, bias))
+    grads = torch.autograd.grad(sums.sum(), (pre, bias))
+    expected = torch.autograd.grad(native.softplus_row_sums(pre, bias).sum(), (pre, bias))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_other_dtypes_and_devices_use_pytorch() -> None:
+    pre = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(7, dtype=torch.float64)
+    assert not native.applies_to(pre)
+    torch.testing.assert_close(native.softplus_row_sums(pre, bias), native.softplus_row_sums_reference(pre, bias))
+
+
+def test_shape_mismatch_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"pre \[\.\.\., n\] and bias \[n\]"):
+        native.softplus_row_sums(torch.zeros(3, 5), torch.zeros(4))
+
+
+def test_missing_compiler_falls_back_with_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "no-such-compiler-iwae")
+    library = native._build_and_load()
+    assert library.handle is None and "no C compiler 'no-such-compiler-iwae'" in library.description
+
+
+def test_switch_turns_the_native_path_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(native.SWITCH, "0")
+    native._library.cache_clear()
+    try:
+        assert not native.available()
+        assert f"{native.SWITCH}=0" in native.status()
+        pre, bias = torch.randn(3, 8), torch.randn(8)
+        assert torch.equal(native.softplus_row_sums(pre, bias), native.softplus_row_sums_reference(pre, bias))
+    finally:
+        monkeypatch.delenv(native.SWITCH)
+        native._library.cache_clear()
+
+
+def test_builds_are_cached_per_source_compiler_and_cpu(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not HAVE_COMPILER:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = native._build_and_load()
+    built = sorted((tmp_path / "iwae" / "native").glob("softplus_rows-*.so"))
+    assert first.handle is not None and len(built) == 1
+    second = native._build_and_load()  # loads the cached file, builds nothing new
+    assert second.description == first.description
+    assert sorted((tmp_path / "iwae" / "native").iterdir()) == built  # no temporary files left behind
+
+
+@pytest.mark.skipif(not native.fused_linear_works(), reason="PyTorch without oneDNN's linear_pointwise op")
+@pytest.mark.parametrize("activation", native.FUSED_ACTIVATIONS)
+def test_fused_linear_equals_plain_linear_in_inference(activation: str) -> None:
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(7, 3, 50, generator=generator)
+    weight, bias = torch.randn(30, 50, generator=generator) * 0.2, torch.randn(30, generator=generator)
+    expected = native._plain_linear(inputs.double(), weight.double(), bias.double(), activation)
+    with torch.no_grad():
+        assert native.fused_linear_applies(inputs)
+        fused = native.fused_linear(inputs, weight, bias, activation)
+        without_bias = native.fused_linear(inputs, weight, None, activation)
+    torch.testing.assert_close(fused.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(without_bias.double(), native._plain_linear(inputs, weight, None, activation).double())
+
+
+@pytest.mark.parametrize("activation", native.FUSED_ACTIVATIONS)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_linear_gradients_equal_autograd_of_the_plain_layer(activation: str, with_bias: bool) -> None:
+    generator = torch.Generator().manual_seed(2)
+    inputs = torch.randn(5, 4, 6, generator=generator, requires_grad=True)
+    weight = torch.randn(3, 6, generator=generator, requires_grad=True)
+    bias = torch.randn(3, generator=generator, requires_grad=True) if with_bias else None
+    leaves = [t for t in (inputs, weight, bias) if t is not None]
+    grad_out = torch.randn(5, 4, 3, generator=generator)
+    fused = native.fused_linear(inputs, weight, bias, activation)
+    plain = native._plain_linear(inputs, weight, bias, activation)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    for got, want in zip(
+        torch.autograd.grad(fused, leaves, grad_out), torch.autograd.grad(plain, leaves, grad_out), strict=True
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # only the weight requires a gradient (the first layer of an encoder: x is data)
+    data_only = native.fused_linear(inputs.detach(), weight, bias, activation)
+    (grad_weight,) = torch.autograd.grad(data_only, weight, grad_out)
+    (expected,) = torch.autograd.grad(native._plain_linear(inputs, weight, bias, activation), weight, grad_out)
+    torch.testing.assert_close(grad_weight, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_linear_rejects_other_activations() -> None:
+    with pytest.raises(ValueError, match="activation"):
+        native.fused_linear(torch.randn(2, 3), torch.randn(4, 3), None, "softplus")
+
+
+def test_evaluation_paths_agree_with_plain_pytorch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """L_k of a model through the fast inference paths equals the plain PyTorch path's up to rounding."""
+    from iwae.models import LatentVariableModel, ModelConfig
+
+    torch.manual_seed(0)
+    model = LatentVariableModel(ModelConfig.burda(2))
+    x = torch.bernoulli(torch.full((5, 784), 0.3))
+    with torch.no_grad():
+        fast = model.log_weights(x, 7, torch.Generator().manual_seed(2))
+        monkeypatch.setattr(native, "fused_linear_applies", lambda inputs: False)
+        monkeypatch.setattr(native, "applies_to", lambda tensor: False)
+        plain = model.log_weights(x, 7, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(fast, plain, rtol=0, atol=2e-3)

@@ -1,4 +1,4 @@
-"""The native softplus row-sum kernel against the float64 formula, and its fallbacks."""
+"""The native Bernoulli log-likelihood kernel and the fused linear layers against the PyTorch formulas."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,10 +16,6 @@ from iwae import native
 
 HAVE_COMPILER = shutil.which(os.environ.get("CC", "cc")) is not None
 needs_native = pytest.mark.skipif(not native.available(), reason=native.status())
-
-
-def reference64(pre: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return native.softplus_row_sums_reference(pre.double(), bias.double())
 
 
 @pytest.mark.skipif(not HAVE_COMPILER or os.environ.get(native.SWITCH) == "0", reason="no C compiler, or switched off")
@@ -31,36 +28,43 @@ def test_kernels_build_where_a_compiler_exists() -> None:
 @needs_native
 @settings(max_examples=40, deadline=None)
 @given(
-    rows=st.integers(1, 12),
+    samples=st.integers(1, 6),
+    batch=st.integers(1, 4),
     cols=st.integers(1, 300),
     scale=st.sampled_from([1e-3, 1.0, 5.0, 30.0]),
     shift=st.sampled_from([-20.0, -7.0, 0.0, 3.0]),
     seed=st.integers(0, 2**16),
 )
-def test_row_sums_and_gradients_match_float64(rows: int, cols: int, scale: float, shift: float, seed: int) -> None:
+def test_log_probs_and_gradients_match_float64(
+    samples: int, batch: int, cols: int, scale: float, shift: float, seed: int
+) -> None:
     generator = torch.Generator().manual_seed(seed)
-    pre = (torch.randn(rows, 2, cols, generator=generator) * scale + shift).requires_grad_(True)
+    pre = (torch.randn(samples, batch, cols, generator=generator) * scale + shift).requires_grad_(True)
     bias = torch.randn(cols, generator=generator).requires_grad_(True)
-    grad = torch.randn(rows, 2, generator=generator)
+    x = torch.bernoulli(torch.full((batch, cols), 0.4), generator=generator)
+    grad = torch.randn(samples, batch, generator=generator)
 
-    sums = native.softplus_row_sums(pre, bias)
+    log_probs = native.bernoulli_log_prob_rows(pre, bias, x)
     # The exact functions of the float32 logits pre + bias (rounded as the kernel rounds them).
     logits = (pre + bias).detach().double()
-    expected = torch.nn.functional.softplus(logits).sum(-1)
-    expected_pre = grad.double()[..., None] * torch.sigmoid(logits)
-    # each term is within a few float32 ulps; the row sum itself is rounded once, from double
-    tolerance = 4e-7 * torch.nn.functional.softplus(logits).sum(-1) + 1e-30
-    assert sums.dtype == torch.float32 and sums.shape == (rows, 2)
-    assert ((sums.double() - expected).abs() <= tolerance).all()
+    terms = x.double() * logits - F.softplus(logits)
+    expected_pre = grad.double()[..., None] * (x.double() - torch.sigmoid(logits))
+    # each of x l and softplus(l) is within a few float32 ulps (their difference can cancel); the row sum
+    # itself is rounded once, from double
+    tolerance = 4e-7 * (x.double() * logits.abs() + F.softplus(logits)).sum(-1) + 1e-30
+    assert log_probs.dtype == torch.float32 and log_probs.shape == (samples, batch)
+    assert ((log_probs.double() - terms.sum(-1)).abs() <= tolerance).all()
 
-    grad_pre, grad_bias = torch.autograd.grad(sums, (pre, bias), grad)
-    torch.testing.assert_close(grad_pre.double(), expected_pre, rtol=1e-6, atol=1e-37)
+    grad_pre, grad_bias = torch.autograd.grad(log_probs, (pre, bias), grad)
+    # x - sigmoid(l) cancels when both are near 1: sigmoid's float32 error (~1e-7) then sets the scale
+    grad_scale = grad.double().abs()[..., None]
+    assert ((grad_pre.double() - expected_pre).abs() <= 1e-6 * expected_pre.abs() + 2e-7 * grad_scale).all()
     torch.testing.assert_close(grad_bias.double(), expected_pre.sum((0, 1)), rtol=1e-5, atol=1e-6)
 
 
 @needs_native
 def test_extreme_and_non_finite_logits() -> None:
-    bias = torch.zeros(6)
+    bias, x = torch.zeros(6), torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
     pre = torch.tensor(
         [
             [100.0, -100.0, 0.0, 1e-8, -87.5, 88.0],
@@ -69,18 +73,20 @@ def test_extreme_and_non_finite_logits() -> None:
             [math.nan, 0.0, 0.0, 0.0, 0.0, 0.0],
         ]
     )
-    sums = native.softplus_row_sums(pre, bias)
-    torch.testing.assert_close(sums[0].double(), reference64(pre[:1], bias)[0], rtol=1e-7, atol=0)
-    assert sums[1] == math.inf
-    assert sums[2].item() == pytest.approx(5 * math.log(2.0), rel=1e-7)
-    assert math.isnan(sums[3].item())
+    log_probs = native.bernoulli_log_prob_rows(pre, bias, x)
+    expected = native.bernoulli_log_prob_rows_reference(pre[:1].double(), bias.double(), x.double())
+    torch.testing.assert_close(log_probs[0].double(), expected[0], rtol=1e-7, atol=1e-7)
+    assert math.isnan(log_probs[1].item())  # x l - softplus(l) = inf - inf: PyTorch's formula gives nan too
+    assert log_probs[2] == -math.inf  # an 'on' pixel with probability 0
+    assert math.isnan(log_probs[3].item())
 
 
 @needs_native
 def test_tiny_gradients_flush_to_zero_without_error() -> None:
     """Subnormal products (tiny importance weights times tiny sigmoids) come out as zeros or tiny normals."""
     pre = torch.full((3, 50), -80.0, requires_grad=True)
-    (grad_pre,) = torch.autograd.grad(native.softplus_row_sums(pre, torch.zeros(50)), pre, torch.full((3,), 1e-30))
+    log_probs = native.bernoulli_log_prob_rows(pre, torch.zeros(50), torch.zeros(50))
+    (grad_pre,) = torch.autograd.grad(log_probs, pre, torch.full((3,), 1e-30))
     assert torch.isfinite(grad_pre).all() and (grad_pre.abs() < 1e-38).all()
 
 
@@ -88,15 +94,18 @@ def test_tiny_gradients_flush_to_zero_without_error() -> None:
 def test_threads_split_rows_without_changing_results() -> None:
     """Rows are summed the same way on any thread, so one thread and two give the same bits."""
     generator = torch.Generator().manual_seed(0)
-    pre = torch.randn(2 * native.PARALLEL_MIN_ELEMENTS // 784 + 7, 784, generator=generator) * 4
+    pre = torch.randn(2 * native.PARALLEL_MIN_ELEMENTS // 784 + 7, 3, 784, generator=generator) * 4
     bias = torch.randn(784, generator=generator)
-    grad = torch.randn(pre.shape[0], generator=generator)
+    x = torch.bernoulli(torch.full((3, 784), 0.3), generator=generator)
+    grad = torch.randn(pre.shape[:-1], generator=generator)
     before = torch.get_num_threads()
     results = []
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            results.append((native.softplus_row_sums(pre, bias), native._row_sums_backward_kernel(pre, bias, grad)))
+            results.append(
+                (native._log_prob_kernel(pre, bias, x), native._log_prob_backward_kernel(pre, bias, x, grad))
+            )
     finally:
         torch.set_num_threads(before)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
@@ -106,25 +115,30 @@ def test_threads_split_rows_without_changing_results() -> None:
 def test_compiled_calls_take_the_custom_operator() -> None:
     pre = torch.randn(5, 3, 40, requires_grad=True)
     bias = torch.randn(40, requires_grad=True)
-    compiled = torch.compile(native.softplus_row_sums, fullgraph=True)
-    sums = compiled(pre, bias)
-    torch.testing.assert_close(sums, native.softplus_row_sums(pre, bias))
-    grads = torch.autograd.grad(sums.sum(), (pre, bias))
-    expected = torch.autograd.grad(native.softplus_row_sums(pre, bias).sum(), (pre, bias))
+    x = torch.bernoulli(torch.full((3, 40), 0.5))
+    compiled = torch.compile(native.bernoulli_log_prob_rows, fullgraph=True)
+    log_probs = compiled(pre, bias, x)
+    torch.testing.assert_close(log_probs, native.bernoulli_log_prob_rows(pre, bias, x))
+    grads = torch.autograd.grad(log_probs.sum(), (pre, bias))
+    expected = torch.autograd.grad(native.bernoulli_log_prob_rows(pre, bias, x).sum(), (pre, bias))
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want)
 
 
-def test_other_dtypes_and_devices_use_pytorch() -> None:
-    pre = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(7, dtype=torch.float64)
+def test_other_dtypes_and_data_with_gradients_use_pytorch() -> None:
+    pre = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
+    bias, x = torch.randn(7, dtype=torch.float64), torch.rand(4, 7, dtype=torch.float64)
     assert not native.applies_to(pre)
-    torch.testing.assert_close(native.softplus_row_sums(pre, bias), native.softplus_row_sums_reference(pre, bias))
+    reference = native.bernoulli_log_prob_rows_reference(pre, bias, x)
+    torch.testing.assert_close(native.bernoulli_log_prob_rows(pre, bias, x), reference)
+    x32 = torch.rand(4, 7, requires_grad=True)  # a gradient for x: only PyTorch's formula gives one
+    (grad_x,) = torch.autograd.grad(native.bernoulli_log_prob_rows(pre.float(), bias.float(), x32).sum(), x32)
+    torch.testing.assert_close(grad_x, (pre.float() + bias.float()).sum(0).detach())
 
 
 def test_shape_mismatch_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match=r"pre \[\.\.\., n\] and bias \[n\]"):
-        native.softplus_row_sums(torch.zeros(3, 5), torch.zeros(4))
+    with pytest.raises(ValueError, match=r"needs pre \[\.\.\., \*batch, n\], bias \[n\], x \[\*batch, n\]"):
+        native.bernoulli_log_prob_rows(torch.zeros(2, 3, 5), torch.zeros(5), torch.zeros(2, 5))
 
 
 def test_missing_compiler_falls_back_with_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,17 +147,20 @@ def test_missing_compiler_falls_back_with_a_reason(monkeypatch: pytest.MonkeyPat
     assert library.handle is None and "no C compiler 'no-such-compiler-iwae'" in library.description
 
 
-def test_switch_turns_the_native_path_off(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_switch_turns_the_native_paths_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(native.SWITCH, "0")
     native._library.cache_clear()
+    native.fused_linear_works.cache_clear()
     try:
-        assert not native.available()
+        assert not native.available() and not native.fused_linear_works()
         assert f"{native.SWITCH}=0" in native.status()
-        pre, bias = torch.randn(3, 8), torch.randn(8)
-        assert torch.equal(native.softplus_row_sums(pre, bias), native.softplus_row_sums_reference(pre, bias))
+        pre, bias, x = torch.randn(2, 3, 8), torch.randn(8), torch.rand(3, 8)
+        reference = native.bernoulli_log_prob_rows_reference(pre, bias, x)
+        assert torch.equal(native.bernoulli_log_prob_rows(pre, bias, x), reference)
     finally:
         monkeypatch.delenv(native.SWITCH)
         native._library.cache_clear()
+        native.fused_linear_works.cache_clear()
 
 
 def test_builds_are_cached_per_source_compiler_and_cpu(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -151,7 +168,7 @@ def test_builds_are_cached_per_source_compiler_and_cpu(tmp_path, monkeypatch: py
         pytest.skip("no C compiler")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     first = native._build_and_load()
-    built = sorted((tmp_path / "iwae" / "native").glob("softplus_rows-*.so"))
+    built = sorted((tmp_path / "iwae" / "native").glob("bernoulli_rows-*.so"))
     assert first.handle is not None and len(built) == 1
     second = native._build_and_load()  # loads the cached file, builds nothing new
     assert second.description == first.description

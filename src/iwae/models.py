@@ -258,20 +258,21 @@ class LatentVariableModel(nn.Module):
         return gaussian_log_prob(x, params[0], params[1], observed_mask)
 
     def _bernoulli_log_prob(self, x: Tensor, h1: Tensor, observed_mask: Tensor | None) -> Tensor:
-        """:func:`bernoulli_log_prob` on the decoder's logits ``l = W f + b``, with the data term by matmul.
+        """:func:`bernoulli_log_prob` on the decoder's logits ``l = W f + b``, in one pass over them.
 
-        ``sum_d x_d l_d = f . (W^T x) + b . x``: one ``[batch, x_dim] x [x_dim, hidden]`` product per
-        example replaces a pass over the ``[k, batch, x_dim]`` logits (and its backward), leaving
-        ``sum_d softplus(l_d)`` as the only element-wise work on them. Same value up to rounding. On CPU
-        float32 tensors that sum is :func:`iwae.native.softplus_row_sums` (one pass, bias added inside).
+        On CPU float32 tensors (without a mask) that pass is :func:`iwae.native.bernoulli_log_prob_rows`.
+        Elsewhere the data term goes by matmul, ``sum_d x_d l_d = f . (W^T x) + b . x``: one
+        ``[batch, x_dim] x [x_dim, hidden]`` product per example replaces a pass over the
+        ``[k, batch, x_dim]`` logits (and its backward), leaving ``sum_d softplus(l_d)`` as the only
+        element-wise work on them. Same value up to rounding.
         """
         decoder = self.decoder[0]
         weight, bias = decoder.head.weight, decoder.head.bias
         features = decoder.features(h1)  # [k, batch, hidden]
+        if observed_mask is None and native.applies_to(features) and native.applies_to(x):
+            return native.bernoulli_log_prob_rows(native.fused_linear(features, weight), bias, x)
         observed_x = x if observed_mask is None else x * observed_mask
         data_term = (features * (observed_x @ weight)).sum(dim=-1) + observed_x @ bias
-        if observed_mask is None and native.applies_to(features):
-            return data_term - native.softplus_row_sums(native.fused_linear(features, weight), bias)
         normaliser = F.softplus(F.linear(features, weight, bias))
         if observed_mask is not None:
             normaliser = normaliser * observed_mask

@@ -1,31 +1,30 @@
-"""Native CPU kernels, compiled on first use with the machine's C compiler and cached, and oneDNN's fused
-linear layers for inference; plain PyTorch operations otherwise.
+"""Fast CPU paths for the decoder's output: a C kernel compiled on first use, and oneDNN's fused linear layers.
 
-:func:`fused_linear`: ``activation(inputs @ weight.T + bias)`` in one oneDNN primitive (PyTorch's own
-``torch.ops.mkldnn._linear_pointwise``, the op ``torch.compile`` uses for CPU inference) where no gradient
-is recorded: no separate pass for the bias or the activation, and on some CPUs a faster matmul than
-PyTorch's default BLAS (on this project's AMD CPU, 167 against 120 GFLOP/s for ``[5000, 200] x [200, 784]``
-with 2 threads). A probe on first use checks that the op exists and agrees with ``F.linear``.
+Both serve float32 tensors on the CPU and fall back to plain PyTorch operations elsewhere (other devices
+or dtypes), where they cannot run, or with ``IWAE_NATIVE=0`` in the environment; :func:`status` says which
+paths are in use and why. Results equal the PyTorch formulas up to float32 rounding (``tests/test_native.py``).
 
-:func:`softplus_row_sums`, ``sum_j softplus(pre[..., j] + bias[j])``, the normaliser
-of the Bernoulli log-likelihood over the decoder's ``[k, batch, x_dim]`` pre-activations, and its
-gradient ``grad[...] * sigmoid(pre + bias)``. PyTorch computes it in three passes over that tensor
-(broadcast the bias, softplus, sum) with an exp and a log1p that are slow on some CPUs; the kernel
-reads the tensor once, with polynomial exp/log1p that the compiler vectorises (``softplus_rows.c``).
-Values agree with the float64 formula to a few float32 ulps per term (``tests/test_native.py``).
-
-The C file is compiled with ``$CC`` (default ``cc``), ``-O3 -march=native``, into
-``$XDG_CACHE_HOME/iwae/native`` (or ``~/.cache/iwae/native``) under a name hashing the source, the
+:func:`bernoulli_log_prob_rows`: ``sum_j x_j l_j - softplus(l_j)``, the Bernoulli log-likelihood of an
+image under logits ``l = pre + bias``, for the ``[k, batch, x_dim]`` pre-activations of the decoder's
+output layer, and its gradient ``grad * (x - sigmoid(l))``. PyTorch needs several passes over that tensor
+(broadcast the bias, softplus, multiply, sum) and an exp and a log1p that are slow on some CPUs; the kernel
+(``bernoulli_rows.c``) reads it once, with polynomial exp and log1p that the compiler vectorises, and sums
+each row in double. It is compiled with ``$CC`` (default ``cc``), ``-O3 -march=native -fopenmp``, into
+``$XDG_CACHE_HOME/iwae/native`` (or ``~/.cache/iwae/native``), under a name that hashes the source, the
 compiler, the flags and the CPU, so a cached build is never loaded on a machine it was not built for.
-Without a compiler, on other devices or dtypes, or with ``IWAE_NATIVE=0`` in the environment (which also
-turns :func:`fused_linear` off), the same functions run as PyTorch operations; :func:`status` says which
-paths are in use and why. The kernels are
-PyTorch custom operators (``torch.ops.iwae.*``), so ``torch.compile`` calls them without a graph break.
 Large inputs are split by rows over OpenMP threads: PyTorch's own (``torch.set_num_threads``), as the
-library binds to the libgomp that PyTorch has loaded.
+library binds to the libgomp that PyTorch has loaded. Under ``torch.compile`` the kernel is a custom
+operator (``torch.ops.iwae.*``), so it costs no graph break.
 
-Shape convention: ``pre`` is ``[..., n]`` (samples first, e.g. ``[k, batch, x_dim]``), ``bias`` is ``[n]``
-and the row sums are ``[...]``.
+:func:`fused_linear`: ``activation(inputs @ weight.T + bias)`` as one oneDNN primitive (PyTorch's own
+``torch.ops.mkldnn._linear_pointwise``, which ``torch.compile`` uses for CPU inference), with a
+hand-written backward when autograd records: no separate pass for the bias or the activation, and on
+some CPUs a faster matmul than PyTorch's default BLAS (on this project's AMD CPU, 167 against 120
+GFLOP/s for ``[5000, 200] x [200, 784]`` with 2 threads). A probe on first use checks that the op exists
+and agrees with ``F.linear``.
+
+Shape convention: samples first. ``pre`` is ``[k, batch, n]`` (any leading dimensions), ``x`` is
+``[batch, n]``, ``bias`` is ``[n]`` and the per-sample log-likelihoods are ``[k, batch]``.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("softplus_rows.c")
+SOURCE = Path(__file__).with_name("bernoulli_rows.c")
 SWITCH = "IWAE_NATIVE"  # "0" turns the native path off
 _COMMON_FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math")
 FLAG_SETS = (  # tried in turn: the first that builds is used
@@ -63,10 +62,10 @@ class _Library:
         self.description = description
         if handle is not None:
             pointer, size = ctypes.c_void_p, ctypes.c_int64
-            handle.iwae_softplus_row_sums.argtypes = [pointer, pointer, pointer, size, size, size]
-            handle.iwae_softplus_row_sums.restype = None
-            handle.iwae_softplus_row_sums_backward.argtypes = [pointer, pointer, pointer, pointer, size, size, size]
-            handle.iwae_softplus_row_sums_backward.restype = None
+            forward, backward = handle.iwae_bernoulli_log_prob_rows, handle.iwae_bernoulli_log_prob_rows_backward
+            forward.argtypes = [pointer] * 4 + [size] * 4
+            backward.argtypes = [pointer] * 5 + [size] * 4
+            forward.restype = backward.restype = None
 
 
 def build_dir() -> Path:
@@ -114,7 +113,7 @@ def _build_and_load() -> _Library:
     errors = []
     for flags in FLAG_SETS:
         key = hashlib.sha256("\n".join((identity, *flags)).encode()).hexdigest()[:16]
-        target = build_dir() / f"softplus_rows-{key}.so"
+        target = build_dir() / f"bernoulli_rows-{key}.so"
         try:
             if not target.is_file():
                 _compile(compiler, flags, target)
@@ -231,85 +230,84 @@ def fused_linear(inputs: Tensor, weight: Tensor, bias: Tensor | None = None, act
 
 
 # -- the kernels, as an autograd function (eager) and as custom operators (torch.compile) ----------------
-def _row_sums_kernel(pre: Tensor, bias: Tensor) -> Tensor:
-    pre, bias = pre.contiguous(), bias.contiguous()
+def _log_prob_kernel(pre: Tensor, bias: Tensor, x: Tensor) -> Tensor:
+    pre, bias, x = pre.contiguous(), bias.contiguous(), x.contiguous()
     out = pre.new_empty(pre.shape[:-1])
-    _library().handle.iwae_softplus_row_sums(
-        pre.data_ptr(), bias.data_ptr(), out.data_ptr(), out.numel(), pre.shape[-1], PARALLEL_MIN_ELEMENTS
-    )
+    cols = pre.shape[-1]
+    _library().handle.iwae_bernoulli_log_prob_rows(
+        pre.data_ptr(), bias.data_ptr(), x.data_ptr(), out.data_ptr(), out.numel(), cols, x.numel() // cols,
+        PARALLEL_MIN_ELEMENTS,
+    )  # fmt: skip
     return out
 
 
-def _row_sums_backward_kernel(pre: Tensor, bias: Tensor, grad: Tensor) -> Tensor:
-    pre, bias, grad = pre.contiguous(), bias.contiguous(), grad.contiguous()
+def _log_prob_backward_kernel(pre: Tensor, bias: Tensor, x: Tensor, grad: Tensor) -> Tensor:
+    pre, bias, x, grad = pre.contiguous(), bias.contiguous(), x.contiguous(), grad.contiguous()
     grad_pre = torch.empty_like(pre, memory_format=torch.contiguous_format)
-    _library().handle.iwae_softplus_row_sums_backward(
-        pre.data_ptr(),
-        bias.data_ptr(),
-        grad.data_ptr(),
-        grad_pre.data_ptr(),
-        grad.numel(),
-        pre.shape[-1],
-        PARALLEL_MIN_ELEMENTS,
-    )
+    cols = pre.shape[-1]
+    _library().handle.iwae_bernoulli_log_prob_rows_backward(
+        pre.data_ptr(), bias.data_ptr(), x.data_ptr(), grad.data_ptr(), grad_pre.data_ptr(), grad.numel(), cols,
+        x.numel() // cols, PARALLEL_MIN_ELEMENTS,
+    )  # fmt: skip
     return grad_pre
 
 
-def _input_gradients(needs_input_grad, pre: Tensor, grad_pre: Tensor) -> tuple[Tensor | None, Tensor | None]:
+def _input_gradients(needs_input_grad, pre: Tensor, grad_pre: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
     grad_bias = grad_pre.reshape(-1, pre.shape[-1]).sum(dim=0) if needs_input_grad[1] else None
-    return (grad_pre if needs_input_grad[0] else None), grad_bias
+    return (grad_pre if needs_input_grad[0] else None), grad_bias, None
 
 
-class _SoftplusRowSums(torch.autograd.Function):
+class _BernoulliLogProbRows(torch.autograd.Function):
     """The eager path: an autograd function costs less per call than a custom operator."""
 
     @staticmethod
-    def forward(ctx, pre: Tensor, bias: Tensor) -> Tensor:
-        ctx.save_for_backward(pre, bias)
-        return _row_sums_kernel(pre, bias)
+    def forward(ctx, pre: Tensor, bias: Tensor, x: Tensor) -> Tensor:
+        ctx.save_for_backward(pre, bias, x)
+        return _log_prob_kernel(pre, bias, x)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        pre, bias = ctx.saved_tensors
-        return _input_gradients(ctx.needs_input_grad, pre, _row_sums_backward_kernel(pre, bias, grad))
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        pre, bias, x = ctx.saved_tensors
+        return _input_gradients(ctx.needs_input_grad, pre, _log_prob_backward_kernel(pre, bias, x, grad))
 
 
-@torch.library.custom_op("iwae::softplus_row_sums", mutates_args=())
-def _softplus_row_sums_op(pre: Tensor, bias: Tensor) -> Tensor:
-    return _row_sums_kernel(pre, bias)
+@torch.library.custom_op("iwae::bernoulli_log_prob_rows", mutates_args=())
+def _log_prob_op(pre: Tensor, bias: Tensor, x: Tensor) -> Tensor:
+    return _log_prob_kernel(pre, bias, x)
 
 
-@_softplus_row_sums_op.register_fake
-def _(pre: Tensor, bias: Tensor) -> Tensor:
+@_log_prob_op.register_fake
+def _(pre: Tensor, bias: Tensor, x: Tensor) -> Tensor:
     return pre.new_empty(pre.shape[:-1])
 
 
-@torch.library.custom_op("iwae::softplus_row_sums_backward", mutates_args=())
-def _softplus_row_sums_backward_op(pre: Tensor, bias: Tensor, grad: Tensor) -> Tensor:
-    return _row_sums_backward_kernel(pre, bias, grad)
+@torch.library.custom_op("iwae::bernoulli_log_prob_rows_backward", mutates_args=())
+def _log_prob_backward_op(pre: Tensor, bias: Tensor, x: Tensor, grad: Tensor) -> Tensor:
+    return _log_prob_backward_kernel(pre, bias, x, grad)
 
 
-@_softplus_row_sums_backward_op.register_fake
-def _(pre: Tensor, bias: Tensor, grad: Tensor) -> Tensor:
+@_log_prob_backward_op.register_fake
+def _(pre: Tensor, bias: Tensor, x: Tensor, grad: Tensor) -> Tensor:
     return torch.empty_like(pre, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+def _setup_context(ctx, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
     ctx.save_for_backward(*inputs)
 
 
-def _op_backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
-    pre, bias = ctx.saved_tensors
-    return _input_gradients(ctx.needs_input_grad, pre, _softplus_row_sums_backward_op(pre, bias, grad))
+def _op_backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    pre, bias, x = ctx.saved_tensors
+    return _input_gradients(ctx.needs_input_grad, pre, _log_prob_backward_op(pre, bias, x, grad))
 
 
-_softplus_row_sums_op.register_autograd(_op_backward, setup_context=_setup_context)
+_log_prob_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
-def softplus_row_sums_reference(pre: Tensor, bias: Tensor) -> Tensor:
-    """The PyTorch formula: ``softplus(pre + bias).sum(-1)``."""
-    return F.softplus(pre + bias).sum(dim=-1)
+def bernoulli_log_prob_rows_reference(pre: Tensor, bias: Tensor, x: Tensor) -> Tensor:
+    """The PyTorch formula: ``(x * l - softplus(l)).sum(-1)`` with ``l = pre + bias``."""
+    logits = pre + bias
+    return (x * logits - F.softplus(logits)).sum(dim=-1)
 
 
 def applies_to(tensor: Tensor) -> bool:
@@ -317,16 +315,18 @@ def applies_to(tensor: Tensor) -> bool:
     return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and available()
 
 
-def softplus_row_sums(pre: Tensor, bias: Tensor) -> Tensor:
-    """``sum_j softplus(pre[..., j] + bias[j])``: ``[..., n], [n] -> [...]``, differentiable in both.
+def bernoulli_log_prob_rows(pre: Tensor, bias: Tensor, x: Tensor) -> Tensor:
+    """``sum_j x_j l_j - softplus(l_j)`` with logits ``l = pre + bias``: ``log p(x | l)`` of independent
+    Bernoulli pixels. ``pre`` is ``[*samples, *batch, n]``, ``bias`` ``[n]``, ``x`` ``[*batch, n]`` (shared by
+    the samples); returns ``[*samples, *batch]``, differentiable in ``pre`` and ``bias`` (``x`` is data).
 
-    The native kernel where :func:`applies_to` both tensors; :func:`softplus_row_sums_reference` otherwise.
+    The native kernel where :func:`applies_to` all three; :func:`bernoulli_log_prob_rows_reference` otherwise.
     """
-    if bias.dim() != 1 or pre.dim() < 1 or pre.shape[-1] != bias.shape[0]:
-        shapes = f"{tuple(pre.shape)} and {tuple(bias.shape)}"
-        raise ValueError(f"softplus_row_sums needs pre [..., n] and bias [n], got {shapes}")
-    if not (applies_to(pre) and applies_to(bias)):
-        return softplus_row_sums_reference(pre, bias)
+    if bias.dim() != 1 or x.dim() < 1 or pre.shape[-1] != bias.shape[0] or pre.shape[pre.dim() - x.dim() :] != x.shape:
+        shapes = f"{tuple(pre.shape)}, {tuple(bias.shape)} and {tuple(x.shape)}"
+        raise ValueError(f"bernoulli_log_prob_rows needs pre [..., *batch, n], bias [n], x [*batch, n]; got {shapes}")
+    if x.requires_grad or not all(applies_to(t) for t in (pre, bias, x)):
+        return bernoulli_log_prob_rows_reference(pre, bias, x)
     if torch.compiler.is_compiling():
-        return _softplus_row_sums_op(pre, bias)
-    return _SoftplusRowSums.apply(pre, bias)
+        return _log_prob_op(pre, bias, x)
+    return _BernoulliLogProbRows.apply(pre, bias, x)

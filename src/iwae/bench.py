@@ -22,6 +22,9 @@ pre-binarised minibatches, so binarisation is outside the timer):
   encoder MLP, k * batch for everything that sees samples); roofline GFLOP/s = summed FLOPs / summed
   median times.
 
+``native_kernels`` in the result says which of :mod:`iwae.native`'s CPU paths the iwae steps took
+(``IWAE_NATIVE=0`` measures without them).
+
 Each timing is the median over ``repeats`` after ``warmup`` untimed calls; within a cell the three
 training steps and the roofline's matmuls are timed round-robin (one repeat of each, then the next), so
 a change in the machine's load hits them alike. FLOPs count the
@@ -788,7 +791,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"## iwae bench ({result['mode']}): {result['device_name']}, {result['threads']} threads, "
         f"torch {result['torch_version']}, pyro {pyro}",
         "",
-        f"Softplus row sums of the Bernoulli likelihood: {result['native_kernels']}.",
+        f"Native CPU paths (iwae.native): {result['native_kernels']}.",
         "",
         f"Training steps (IWAE objective, standard estimator), median of {result['repeats']} after "
         f"{result['warmup']} warm-up steps, first {result['n_train']} MNIST training images binarised dynamically. "

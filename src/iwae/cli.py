@@ -64,7 +64,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--max-epochs", type=positive_int, help="stop after N epochs of this call (resume later)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument(
-        "--compile", action="store_true", help="torch.compile the model (about 1.2x faster steps after ~30 s compiling)"
+        "--compile", action="store_true", help="torch.compile the model (for GPUs; slower than eager on a CPU)"
     )
     p.add_argument("--init-from", metavar="RUN", help="start from a finished run's final weights (Burda's Table 2)")
     p.add_argument("--out", required=True, help="run directory")
@@ -80,7 +80,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=100)
     p.add_argument("--no-prune", action="store_true", help="skip the NLL with inactive units removed")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for L_k (~1.2x faster after ~30 s)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for L_k (for GPUs; slower on a CPU)")
     _add_common(p)
 
 

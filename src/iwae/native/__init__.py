@@ -139,7 +139,7 @@ def available() -> bool:
 
 
 def status() -> str:
-    """One line: which paths :func:`softplus_row_sums` and :func:`fused_linear` take on CPU float32 tensors."""
+    """One line: which paths :func:`bernoulli_log_prob_rows` and :func:`fused_linear` take on CPU float32 tensors."""
     linear = "oneDNN fused linear for inference" if fused_linear_works() else "no oneDNN fused linear"
     return f"{_library().description}; {linear}"
 

@@ -154,7 +154,9 @@ def _fused_linear_op(inputs: Tensor, weight: Tensor, bias: Tensor | None, activa
 
 def _plain_linear(inputs: Tensor, weight: Tensor, bias: Tensor | None, activation: str) -> Tensor:
     outputs = F.linear(inputs, weight, bias)
-    return {"none": outputs, "tanh": torch.tanh(outputs), "relu": torch.relu(outputs)}[activation]
+    if activation == "tanh":
+        return torch.tanh(outputs)
+    return torch.relu(outputs) if activation == "relu" else outputs
 
 
 @functools.cache

@@ -122,7 +122,10 @@ def test_cli_json_is_one_object_and_out_has_both_files(tiny_result: dict, monkey
     assert json.loads(out) == tiny_result
     settings = seen["settings"]
     assert settings.mode == "quick" and not settings.pyro and settings.threads == 1 and settings.ks == (5, 50)
+    assert not settings.compile and not tiny_result["compile"]
     assert json.loads((tmp_path / "bench.json").read_text()) == tiny_result
+    main(["bench", "--quick", "--json", "--compile", "--no-progress"])
+    assert seen["settings"].compile
     assert "| layers | k | batch |" in (tmp_path / "bench.md").read_text()
 
 
@@ -155,3 +158,14 @@ def test_a_pyro_step_runs_and_changes_the_parameters(layers: int) -> None:
     losses = [pyro_iwae.step(x) for _ in range(2)]
     assert all(math.isfinite(loss) for loss in losses)
     assert all(not torch.equal(a, b) for a, b in zip(before, plain.parameters(), strict=True))
+
+
+@pytest.mark.slow
+def test_compiled_iwae_step_trains() -> None:
+    """``iwae bench --compile`` times the step of ``iwae train --compile``: it runs and moves the parameters."""
+    config = TrainConfig(objective="iwae", k=3, batch_size=4, model=ModelConfig.burda(1))
+    model = bench.build_model(config, torch.full((2, 784), 0.3), torch.device("cpu"))
+    before = [p.detach().clone() for p in model.parameters()]
+    step = bench.iwae_step(model, config, compile_model=True)
+    step(torch.bernoulli(torch.full((4, 784), 0.3), generator=torch.Generator().manual_seed(0)))
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))

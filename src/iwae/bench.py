@@ -9,7 +9,8 @@ pre-binarised minibatches, so binarisation is outside the timer):
 
 - ``iwae``: one training step of this library exactly as :func:`iwae.train.fit` takes it:
   ``optimizer.zero_grad``, :func:`iwae.train.training_step` (IWAE objective, standard estimator)
-  and ``optimizer.step`` with the optimiser of :func:`iwae.train.build_optimizer`.
+  and ``optimizer.step`` with the optimiser of :func:`iwae.train.build_optimizer`; with ``--compile``,
+  as ``iwae train --compile`` takes it (:func:`iwae.train.compile_estimate`).
 - ``plain``: the same model written the obvious way (``nn.Sequential`` tanh MLPs, ``torch.distributions``
   Normal/Bernoulli with k as a leading dimension, ``logsumexp - log k``, ``torch.optim.Adam``), started
   from the same parameters; :class:`PlainIWAE`.
@@ -68,7 +69,7 @@ from iwae.config import TrainConfig
 from iwae.data import Dataset, Split, binarize, load_dataset
 from iwae.models import LatentVariableModel, ModelConfig
 from iwae.runs import resolve_device
-from iwae.train import build_model, build_optimizer, training_step
+from iwae.train import build_model, build_optimizer, compile_estimate, training_step
 
 EVAL_K = 5000
 PYRO_MISSING = "pyro-ppl not installed (pip install 'iwae[bench]')"
@@ -96,6 +97,7 @@ class BenchSettings:
     eval_images: int = 1000
     eval_batch_size: int = 100
     eval_repeats: int = 1  # L_5000 passes over the eval images; the median is reported
+    compile: bool = False  # iwae's steps as `iwae train --compile` takes them
     seed: int = 0
     progress: bool = True
 
@@ -459,15 +461,17 @@ def _cycling(step: Callable[[Tensor], Any], pool: Sequence[Tensor]) -> Callable[
     return lambda: step(next(batches))
 
 
-def iwae_step(model: LatentVariableModel, config: TrainConfig) -> Callable[[Tensor], None]:
-    """This library's training step, as :func:`iwae.train.fit` takes it."""
+def iwae_step(model: LatentVariableModel, config: TrainConfig, compile_model: bool = False) -> Callable[[Tensor], None]:
+    """This library's training step, as :func:`iwae.train.fit` takes it (with ``compile_model``, as
+    ``iwae train --compile`` does: the first warm-up call compiles)."""
     optimizer = build_optimizer(model, config)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(config.seed)
+    compiled_estimate = compile_estimate() if compile_model else None
 
     def step(x: Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        training_step(model, x, config, generator)
+        training_step(model, x, config, generator, compiled_estimate)
         optimizer.step()
 
     return step
@@ -515,7 +519,7 @@ def measure_cell(
     steps = {"plain": plain_step(PlainIWAE(config.model).to(device).copy_from(model), config)}
     if pyro_status is None:
         steps["pyro"] = PyroIWAE(PlainIWAE(config.model).to(device).copy_from(model), k, config).step
-    steps["iwae"] = iwae_step(model, config)  # all three start from model's initial parameters
+    steps["iwae"] = iwae_step(model, config, settings.compile)  # all three start from model's initial parameters
     pool = binarised_pool(images, batch, torch.Generator(device=device).manual_seed(settings.seed))
     calls = {name: Timed(_cycling(step, pool)) for name, step in steps.items()}
     matmuls, per_layer = roofline_calls(config.model, k, batch, device)
@@ -755,6 +759,7 @@ def _summary(
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_version": torch.__version__,
         "native_kernels": native.status() if device.type == "cpu" else "not used on this device",
+        "compile": settings.compile,
         "pyro_version": version,
         "pyro_status": pyro_status or "ok",
         "mode": settings.mode,
@@ -787,13 +792,14 @@ def _cell(row: dict[str, Any]) -> str:
 def markdown(result: dict[str, Any]) -> str:
     """The result as a Markdown table with a few lines around it."""
     pyro = result["pyro_version"] or "not installed"
+    compiled = "; iwae through --compile" if result.get("compile") else ""
     lines = [
         f"## iwae bench ({result['mode']}): {result['device_name']}, {result['threads']} threads, "
         f"torch {result['torch_version']}, pyro {pyro}",
         "",
         f"Native CPU paths (iwae.native): {result['native_kernels']}.",
         "",
-        f"Training steps (IWAE objective, standard estimator), median of {result['repeats']} after "
+        f"Training steps (IWAE objective, standard estimator{compiled}), median of {result['repeats']} after "
         f"{result['warmup']} warm-up steps, first {result['n_train']} MNIST training images binarised dynamically. "
         "Cells: ms/step · examples/s · GFLOP/s.",
         "",

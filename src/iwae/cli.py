@@ -64,7 +64,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--max-epochs", type=positive_int, help="stop after N epochs of this call (resume later)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument(
-        "--compile", action="store_true", help="torch.compile the model (for GPUs; slower than eager on a CPU)"
+        "--compile",
+        action="store_true",
+        help="compile model, bound and surrogates as one graph (~1.25x at k=5, batch 20)",
     )
     p.add_argument("--init-from", metavar="RUN", help="start from a finished run's final weights (Burda's Table 2)")
     p.add_argument("--out", required=True, help="run directory")

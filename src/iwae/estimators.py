@@ -167,27 +167,22 @@ class EstimatorTerms:
     bound: Tensor  # the value to report (detached)
     encoder_surrogate: Tensor  # differentiate w.r.t. the encoder's parameters only
     decoder_surrogate: Tensor  # differentiate w.r.t. the decoder's parameters only
-
-    @property
-    def shared(self) -> bool:
-        """True when one surrogate serves both parts (a single backward pass suffices)."""
-        return self.encoder_surrogate is self.decoder_surrogate
+    shared: bool = False  # one surrogate serves both parts (a single backward pass suffices)
 
 
 def terms_from_sample(sample: ImportanceSample, spec: BoundSpec, estimator: str) -> EstimatorTerms:
     """Estimator terms from a sample drawn with ``stop_q_params = (estimator != "standard")``."""
+    shared = spec.objective != "piwae"  # one target for both parts
     if estimator == "standard":
         log_w = sample.log_w
         encoder_surrogate = encoder_target(spec, log_w)
-        decoder_surrogate = encoder_surrogate if spec.objective != "piwae" else decoder_target(spec, log_w)
-        return EstimatorTerms(decoder_surrogate.detach(), encoder_surrogate, decoder_surrogate)
+        decoder_surrogate = encoder_surrogate if shared else decoder_target(spec, log_w)
+        return EstimatorTerms(decoder_surrogate.detach(), encoder_surrogate, decoder_surrogate, shared)
     log_w_with_q_stopped = sample.log_w  # same value as log_w; phi enters only through the samples' path
     decoder_surrogate = decoder_target(spec, log_w_with_q_stopped)
     if estimator == "stl":
-        encoder_surrogate = (
-            decoder_surrogate if spec.objective != "piwae" else encoder_target(spec, log_w_with_q_stopped)
-        )
-        return EstimatorTerms(decoder_surrogate.detach(), encoder_surrogate, decoder_surrogate)
+        encoder_surrogate = decoder_surrogate if shared else encoder_target(spec, log_w_with_q_stopped)
+        return EstimatorTerms(decoder_surrogate.detach(), encoder_surrogate, decoder_surrogate, shared)
     if estimator == "dreg":
         stopped_coefficients = dreg_coefficients(spec, log_w_with_q_stopped)
         encoder_surrogate = (stopped_coefficients * log_w_with_q_stopped).sum(dim=0)
@@ -204,6 +199,15 @@ def estimate(
     # The standard estimator makes exactly the call of the plain training step.
     stop = estimator != "standard"
     sample = model(x, k, generator, stop_q_params=True) if stop else model(x, k, generator)
+    return terms_from_sample(sample, spec, estimator)
+
+
+def estimate_from_noise(
+    model: nn.Module, x: Tensor, noise: list[Tensor], spec: BoundSpec, estimator: str
+) -> EstimatorTerms:
+    """:func:`estimate` for the noise ``model.draw_noise`` drew: deterministic, so ``iwae train --compile``
+    compiles it (model, bound and surrogates) as one graph forward and one backward."""
+    sample = model.sample_with_noise(x, noise, stop_q_params=estimator != "standard")
     return terms_from_sample(sample, spec, estimator)
 
 

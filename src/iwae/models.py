@@ -290,7 +290,8 @@ class LatentVariableModel(nn.Module):
         unit_masks: list[Tensor] | None = None,
         observed_mask: Tensor | None = None,
     ) -> ImportanceSample:
-        """Draw k reparameterised samples h ~ q(h | x) and evaluate their log-densities.
+        """Draw k reparameterised samples h ~ q(h | x) and evaluate their log-densities: the noise of
+        :meth:`draw_noise` through :meth:`sample_with_noise`.
 
         Args:
             x: ``[batch, x_dim]``.
@@ -302,16 +303,39 @@ class LatentVariableModel(nn.Module):
                 (the prior mean) and left out of every density, i.e. the model with those units removed.
             observed_mask: ``[batch, x_dim]`` 0/1; only observed entries enter ``log p(x | h)``.
         """
+        noise = self.draw_noise(x.shape[0], k, generator, x.device)
+        return self.sample_with_noise(
+            x, noise, stop_q_params=stop_q_params, unit_masks=unit_masks, observed_mask=observed_mask
+        )
+
+    def draw_noise(
+        self, batch: int, k: int, generator: torch.Generator | None = None, device: torch.device | None = None
+    ) -> list[Tensor]:
+        """The standard-normal noise of :meth:`forward`: ``[k, batch, d_j]`` per stochastic layer, in layer order."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        dtype = self.encoder[0].head.weight.dtype
+        return [
+            torch.randn((k, batch, d), generator=generator, device=device, dtype=dtype) for d in self.config.latent_dims
+        ]
+
+    def sample_with_noise(
+        self,
+        x: Tensor,
+        noise: list[Tensor],
+        *,
+        stop_q_params: bool = False,
+        unit_masks: list[Tensor] | None = None,
+        observed_mask: Tensor | None = None,
+    ) -> ImportanceSample:
+        """:meth:`forward` for given noise (``h_j = mean_j + std_j * noise[j]``): deterministic, so it can be
+        compiled as one graph (``iwae train --compile``)."""
         inputs = x
         latents: list[Tensor] = []
         q_params: list[tuple[Tensor, Tensor]] = []
         log_q = x.new_zeros(())
-        for j, layer in enumerate(self.encoder):
+        for j, (layer, eps) in enumerate(zip(self.encoder, noise, strict=True)):
             mean, log_std = layer(inputs)
-            noise_shape = (k, *mean.shape) if j == 0 else mean.shape
-            eps = torch.randn(noise_shape, generator=generator, device=x.device, dtype=mean.dtype)
             h = mean + torch.exp(log_std) * eps
             mask = None if unit_masks is None else unit_masks[j].to(h.dtype)
             if mask is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,23 +73,38 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
 
 
 def training_step(
-    model: LatentVariableModel, x: torch.Tensor, config: TrainConfig, generator: torch.Generator
+    model: LatentVariableModel,
+    x: torch.Tensor,
+    config: TrainConfig,
+    generator: torch.Generator,
+    compiled_estimate: Callable[..., estimators.EstimatorTerms] | None = None,
 ) -> torch.Tensor:
     """Draw k samples for minibatch ``x`` ``[batch, x_dim]``, set ``.grad`` to the estimator's loss gradient.
 
     Returns the reported bound ``[batch]``; the caller zeroes gradients before and steps the optimiser after.
     Objectives of :mod:`iwae.estimators` go through :func:`iwae.estimators.estimate` (vae/iwae with the
-    standard estimator are exactly ``-surrogate.mean()`` backpropagated once); other registered objectives
-    use :func:`iwae.objectives.get_objective`.
+    standard estimator are exactly ``-surrogate.mean()`` backpropagated once), or with ``compiled_estimate``
+    (:func:`compile_estimate`) through a compiled :func:`iwae.estimators.estimate_from_noise` on the same
+    noise; other registered objectives use :func:`iwae.objectives.get_objective`.
     """
     if config.objective not in estimators.OBJECTIVE_NAMES:
         terms = get_objective(config.objective)(model(x, config.k, generator))
         (-terms.surrogate.mean()).backward()
         return terms.bound.detach()
     spec = estimators.BoundSpec.from_config(config)
-    terms = estimators.estimate(model, x, config.k, generator, spec, config.estimator)
+    if compiled_estimate is None:
+        terms = estimators.estimate(model, x, config.k, generator, spec, config.estimator)
+    else:
+        noise = model.draw_noise(x.shape[0], config.k, generator, x.device)
+        terms = compiled_estimate(model, x, noise, spec, config.estimator)
     estimators.backward(model, terms)
     return terms.bound
+
+
+def compile_estimate() -> Callable[..., estimators.EstimatorTerms]:
+    """:func:`iwae.estimators.estimate_from_noise` through ``torch.compile``: the model, bound and surrogates
+    as one graph forward and one backward (``iwae train --compile``)."""
+    return torch.compile(estimators.estimate_from_noise)
 
 
 @torch.no_grad()
@@ -154,7 +170,7 @@ def fit(
     Args:
         dataset: an already loaded dataset (otherwise ``config.dataset`` is loaded from ``data_dir``).
         max_epochs: stop after this many epochs in this call (the run can be resumed later).
-        compile_model: take training steps through ``torch.compile(model)`` (the noise is still drawn
+        compile_model: take training steps through :func:`compile_estimate` (the noise is still drawn
             eagerly from the run's generator, so only rounding differs from the eager path).
     """
     run_dir = Path(run_dir)
@@ -168,7 +184,7 @@ def fit(
     if config.init_from is not None:
         load_initial_weights(model, config)
     optimizer = build_optimizer(model, config)
-    step_model = torch.compile(model) if compile_model else model
+    compiled_estimate = compile_estimate() if compile_model else None
     generator = torch.Generator(device=torch_device).manual_seed(config.seed)
     epochs_done, elapsed = 0, 0.0
     if resume_from is not None:
@@ -205,7 +221,7 @@ def fit(
             for start in range(0, n_train, config.batch_size):
                 x = binarize(train_split.images[order[start : start + config.batch_size]], data.binarization, generator)
                 optimizer.zero_grad(set_to_none=True)
-                batch_bound = training_step(step_model, x, config, generator)
+                batch_bound = training_step(model, x, config, generator, compiled_estimate)
                 optimizer.step()
                 bound_sum += batch_bound.detach().sum()
                 bar.update(1)

@@ -21,13 +21,14 @@ def register(subparsers) -> None:
         "implementation and Pyro's RenyiELBO(alpha=0) side by side, the matmul roofline of the same shapes, and "
         "L_5000 evaluation (seconds per 1,000 test images, peak memory). The full grid (layers 1 and 2, "
         "k in {1, 5, 50}, batch in {20, 100, 1000}, L_5000 on 1,000 images) takes tens of minutes on 2 cores; "
-        "--quick takes about two.",
+        "--quick takes under a minute (a few more with --compile).",
     )
     p.add_argument("--quick", action="store_true", help="one layer, k in {5, 50}, batch in {20, 100}, 20 eval images")
     p.add_argument("--threads", type=positive_int, help="torch.set_num_threads(N) for everything (default: torch's)")
     p.add_argument("--repeats", type=positive_int, help="timed repeats per measurement (default 11, quick 7)")
     p.add_argument("--out", help="directory for bench.json and bench.md")
     p.add_argument("--no-pyro", action="store_true", help="leave out the Pyro baseline")
+    p.add_argument("--compile", action="store_true", help="time iwae's steps as 'iwae train --compile' takes them")
     add_run_options(p, json_flag=True)
     p.set_defaults(handler=cmd_bench)
 
@@ -37,7 +38,7 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     from iwae.data import load_dataset
     from iwae.runs import resolve_device
 
-    changes = {"threads": args.threads, "device": args.device, "pyro": not args.no_pyro}
+    changes = {"threads": args.threads, "device": args.device, "pyro": not args.no_pyro, "compile": args.compile}
     changes["progress"] = not args.no_progress
     if args.repeats is not None:
         changes["repeats"] = args.repeats

@@ -122,7 +122,8 @@ def _build_and_load() -> _Library:
             errors.append(error.stderr.strip().splitlines()[-1] if error.stderr.strip() else str(error))
         except (OSError, subprocess.SubprocessError) as error:
             errors.append(str(error))
-    return _Library(None, f"PyTorch fallback: the native kernels did not build ({'; '.join(errors)})")
+    reasons = "; ".join(dict.fromkeys(errors))  # the same reason for every flag set is said once
+    return _Library(None, f"PyTorch fallback: the native kernels did not build ({reasons})")
 
 
 @functools.cache
@@ -140,11 +141,11 @@ def available() -> bool:
 
 def status() -> str:
     """One line: which paths :func:`bernoulli_log_prob_rows` and :func:`fused_linear` take on CPU float32 tensors."""
-    linear = "oneDNN fused linear for inference" if fused_linear_works() else "no oneDNN fused linear"
+    linear = "oneDNN fused linear layers" if fused_linear_works() else "no oneDNN fused linear layers"
     return f"{_library().description}; {linear}"
 
 
-# -- oneDNN's fused linear + activation, for inference ----------------------------------------------------
+# -- oneDNN's fused linear + activation ----------------------------------------------------
 FUSED_ACTIVATIONS = ("none", "tanh", "relu")  # oneDNN post-ops that equal the model's activations
 
 

@@ -736,7 +736,7 @@ def _summary(
 ) -> dict[str, Any]:
     n_eval = evaluation["images"]
     scaled = n_eval != 1000
-    passes = len(evaluation.get("seconds_per_pass", [None]))
+    passes = len(evaluation["seconds_per_pass"])
     eval_note = (
         f"L_{EVAL_K} measured on {n_eval} test images (minibatches of {evaluation['batch_size']}) and scaled to 1,000"
         if scaled

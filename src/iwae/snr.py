@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from iwae import bounds
 from iwae.estimators import ESTIMATOR_NAMES, BoundSpec, estimate, surrogate_gradients
 
 PARTS = ("encoder", "decoder")
@@ -95,7 +96,7 @@ def gradient_snr(
 @torch.no_grad()
 def effective_sample_size(model: nn.Module, x: Tensor, k: int, generator: torch.Generator) -> Tensor:
     """``1 / sum_i w~_i^2`` of k importance weights per example of ``x``: ``[batch]`` (1 <= ESS <= k)."""
-    normalized_weights = torch.softmax(model(x, k, generator).log_w.double(), dim=0)  # [k, batch]
+    normalized_weights = bounds.normalized_weights(model(x, k, generator).log_w.double())  # [k, batch]
     return 1.0 / normalized_weights.square().sum(dim=0)
 
 

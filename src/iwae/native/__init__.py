@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from iwae.data import cache_dir
+
 SOURCE = Path(__file__).with_name("bernoulli_rows.c")
 SWITCH = "IWAE_NATIVE"  # "0" turns the native path off
 _COMMON_FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math")
@@ -69,8 +71,7 @@ class _Library:
 
 
 def build_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "iwae" / "native"
+    return cache_dir() / "native"
 
 
 def _compiler_identity(compiler: str) -> str:

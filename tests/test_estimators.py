@@ -218,7 +218,9 @@ def test_two_layer_dreg_is_unbiased() -> None:
 # -- training and configuration -------------------------------------------------------------------
 
 
-def test_default_training_step_is_the_plain_step_bit_for_bit(mnist) -> None:
+def test_autograd_training_step_is_the_plain_step_bit_for_bit(mnist, monkeypatch) -> None:
+    """With IWAE_NATIVE=0 (no explicit backpropagation, tests/test_backprop.py) the default step is the plain one."""
+    monkeypatch.setenv("IWAE_NATIVE", "0")
     config = TrainConfig(objective="iwae", k=3, model=ModelConfig(784, (5,), ((16,),)))
     x = (mnist.train.images[:8] > 0.5).float()
     for objective in ("iwae", "vae"):

@@ -94,6 +94,21 @@ def test_unit_masks_remove_units() -> None:
     torch.testing.assert_close(all_on.log_w, model(x, 5, torch.Generator().manual_seed(0)).log_w)
 
 
+@pytest.mark.parametrize("layers", [1, 2])
+def test_precomputed_first_q_gives_the_same_sample_bit_for_bit(layers: int) -> None:
+    """Evaluation computes q(h_1 | x) once per minibatch and passes it to every chunk of samples."""
+    model = LatentVariableModel(ModelConfig.burda(layers))
+    x = torch.bernoulli(torch.full((3, 784), 0.3), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        first_q = model.encoder[0](x)
+        masks = [torch.ones(d) for d in model.config.latent_dims]
+        for kwargs in ({}, {"unit_masks": masks}):
+            given = model(x, 4, torch.Generator().manual_seed(1), first_q=first_q, **kwargs)
+            computed = model(x, 4, torch.Generator().manual_seed(1), **kwargs)
+            assert torch.equal(given.log_w, computed.log_w)
+            assert all(torch.equal(a, b) for a, b in zip(given.latents, computed.latents, strict=True))
+
+
 def test_observed_mask_restricts_likelihood() -> None:
     model = LatentVariableModel(ModelConfig(x_dim=8, latent_dims=(3,), hidden_dims=((4,),)))
     x = torch.bernoulli(torch.full((2, 8), 0.5))

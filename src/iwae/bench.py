@@ -23,8 +23,10 @@ pre-binarised minibatches, so binarisation is outside the timer):
   encoder MLP, k * batch for everything that sees samples); roofline GFLOP/s = summed FLOPs / summed
   median times.
 
-``native_kernels`` in the result says which of :mod:`iwae.native`'s CPU paths the iwae steps took
-(``IWAE_NATIVE=0`` measures without them).
+``native_kernels`` in the result says which of :mod:`iwae.native`'s CPU paths the iwae steps took, and
+``gradients`` how they got their gradients (:mod:`iwae.backprop`'s explicit backpropagation, autograd, or
+``torch.compile`` with ``--compile``); ``IWAE_NATIVE=0`` measures without the native paths and explicit
+backpropagation.
 
 Each timing is the median over ``repeats`` after ``warmup`` untimed calls; within a cell the three
 training steps and the roofline's matmuls are timed round-robin (one repeat of each, then the next), so
@@ -63,10 +65,11 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from iwae import native
+from iwae import backprop, native
 from iwae.checkpoint import atomic_write_text
 from iwae.config import TrainConfig
 from iwae.data import Dataset, Split, binarize, load_dataset
+from iwae.estimators import BoundSpec
 from iwae.models import LatentVariableModel, ModelConfig
 from iwae.runs import resolve_device
 from iwae.train import build_model, build_optimizer, compile_estimate, training_step
@@ -760,6 +763,7 @@ def _summary(
         "torch_version": torch.__version__,
         "native_kernels": native.status() if device.type == "cpu" else "not used on this device",
         "compile": settings.compile,
+        "gradients": _gradient_path(settings),
         "pyro_version": version,
         "pyro_status": pyro_status or "ok",
         "mode": settings.mode,
@@ -789,6 +793,16 @@ def _cell(row: dict[str, Any]) -> str:
     return f"{row['ms_per_step']:.2f} ms · {row['examples_per_s']:,.0f}/s · {row['gflops']:.1f}"
 
 
+def _gradient_path(settings: BenchSettings) -> str:
+    """How the iwae training steps get their gradients (:func:`iwae.train.training_step`'s choice)."""
+    if settings.compile:
+        return "torch.compile (iwae train --compile)"
+    model = LatentVariableModel(ModelConfig.burda(1))
+    if backprop.applies(model, BoundSpec("iwae"), "standard"):
+        return "explicit backpropagation (iwae.backprop)"
+    return "autograd"
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The result as a Markdown table with a few lines around it."""
     pyro = result["pyro_version"] or "not installed"
@@ -797,7 +811,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"## iwae bench ({result['mode']}): {result['device_name']}, {result['threads']} threads, "
         f"torch {result['torch_version']}, pyro {pyro}",
         "",
-        f"Native CPU paths (iwae.native): {result['native_kernels']}.",
+        f"Native CPU paths (iwae.native): {result['native_kernels']}. Gradients: {result['gradients']}.",
         "",
         f"Training steps (IWAE objective, standard estimator{compiled}), median of {result['repeats']} after "
         f"{result['warmup']} warm-up steps, first {result['n_train']} MNIST training images binarised dynamically. "

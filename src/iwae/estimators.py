@@ -102,6 +102,11 @@ class BoundSpec:
             raise ValueError(f"VR-IWAE is below IWAE only for alpha >= 0, got alpha = {self.alpha}")
 
     @property
+    def shared(self) -> bool:
+        """Whether encoder and decoder ascend the same target (all but piwae)."""
+        return self.objective != "piwae"
+
+    @property
     def power(self) -> float | None:
         """The power p of a power-mean objective (iwae: 1, vae: 0, vr: 1 - alpha), else None."""
         return {"iwae": 1.0, "vae": 0.0, "power": self.p, "vr": None if self.alpha is None else 1.0 - self.alpha}.get(
@@ -172,7 +177,7 @@ class EstimatorTerms:
 
 def terms_from_sample(sample: ImportanceSample, spec: BoundSpec, estimator: str) -> EstimatorTerms:
     """Estimator terms from a sample drawn with ``stop_q_params = (estimator != "standard")``."""
-    shared = spec.objective != "piwae"  # one target for both parts
+    shared = spec.shared
     if estimator == "standard":
         log_w = sample.log_w
         encoder_surrogate = encoder_target(spec, log_w)

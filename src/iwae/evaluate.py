@@ -132,7 +132,8 @@ def estimate_log_likelihood(
     """Per-example L_k with samples streamed in chunks of ``max_rows // batch`` (float64 log-mean-exp).
 
     With the default 5,000 rows per chunk the largest temporary (``[rows, x_dim]`` float32 logits) is
-    16 MB for MNIST, whatever k is. Each example is binarised once. Returns
+    16 MB for MNIST, whatever k is. q(h_1 | x) is computed once per minibatch, not per chunk (the same
+    numbers: the chunks get it as ``first_q``). Each example is binarised once. Returns
     float64 ``[n]`` tensors: ``log_lik`` (L_k), ``recon`` (mean of log p(x | h) over the k samples),
     ``kl`` (mean of log q - log p(h)) and, if ``unit_masks`` is given, ``log_lik_active`` (L_k of
     the model with masked units removed, from the same binarised examples).
@@ -147,14 +148,15 @@ def estimate_log_likelihood(
         full, pruned = LogMeanExpAccumulator(), LogMeanExpAccumulator()
         recon = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         kl = torch.zeros_like(recon)
+        first_q = model.encoder[0](x)  # q(h_1 | x), the same for every chunk of samples
         for done in range(0, k, chunk):
             size = min(chunk, k - done)
-            sample = model(x, size, generator)
+            sample = model(x, size, generator, first_q=first_q)
             full.add(sample.log_w)
             recon += sample.log_px_given_h.double().sum(dim=0)
             kl += (sample.log_q - sample.log_prior).double().sum(dim=0)
             if unit_masks is not None:
-                pruned.add(model(x, size, generator, unit_masks=unit_masks).log_w)
+                pruned.add(model(x, size, generator, unit_masks=unit_masks, first_q=first_q).log_w)
         out["log_lik"].append(full.result())
         out["recon"].append(recon / k)
         out["kl"].append(kl / k)

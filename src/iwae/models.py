@@ -289,6 +289,7 @@ class LatentVariableModel(nn.Module):
         stop_q_params: bool = False,
         unit_masks: list[Tensor] | None = None,
         observed_mask: Tensor | None = None,
+        first_q: tuple[Tensor, Tensor] | None = None,
     ) -> ImportanceSample:
         """Draw k reparameterised samples h ~ q(h | x) and evaluate their log-densities: the noise of
         :meth:`draw_noise` through :meth:`sample_with_noise`.
@@ -302,10 +303,12 @@ class LatentVariableModel(nn.Module):
             unit_masks: per stochastic layer, a ``[d_j]`` 0/1 mask; masked-out units are clamped to 0
                 (the prior mean) and left out of every density, i.e. the model with those units removed.
             observed_mask: ``[batch, x_dim]`` 0/1; only observed entries enter ``log p(x | h)``.
+            first_q: ``self.encoder[0](x)``, q(h_1 | x)'s (mean, log_std) ``[batch, d_1]`` each, where the caller
+                has them already: evaluation draws many chunks of samples for the same x.
         """
         noise = self.draw_noise(x.shape[0], k, generator, x.device)
         return self.sample_with_noise(
-            x, noise, stop_q_params=stop_q_params, unit_masks=unit_masks, observed_mask=observed_mask
+            x, noise, stop_q_params=stop_q_params, unit_masks=unit_masks, observed_mask=observed_mask, first_q=first_q
         )
 
     def draw_noise(
@@ -327,6 +330,7 @@ class LatentVariableModel(nn.Module):
         stop_q_params: bool = False,
         unit_masks: list[Tensor] | None = None,
         observed_mask: Tensor | None = None,
+        first_q: tuple[Tensor, Tensor] | None = None,
     ) -> ImportanceSample:
         """:meth:`forward` for given noise (``h_j = mean_j + std_j * noise[j]``): deterministic, so it can be
         compiled as one graph (``iwae train --compile``)."""
@@ -335,7 +339,7 @@ class LatentVariableModel(nn.Module):
         q_params: list[tuple[Tensor, Tensor]] = []
         log_q = x.new_zeros(())
         for j, (layer, eps) in enumerate(zip(self.encoder, noise, strict=True)):
-            mean, log_std = layer(inputs)
+            mean, log_std = first_q if j == 0 and first_q is not None else layer(inputs)
             h = mean + torch.exp(log_std) * eps
             mask = None if unit_masks is None else unit_masks[j].to(h.dtype)
             if mask is not None:

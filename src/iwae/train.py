@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from iwae import bounds, estimators
+from iwae import backprop, bounds, estimators
 from iwae.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint, save_model
 from iwae.config import TrainConfig, config_differences
 from iwae.data import Dataset, Split, binarize, load_dataset
@@ -82,16 +82,26 @@ def training_step(
     """Draw k samples for minibatch ``x`` ``[batch, x_dim]``, set ``.grad`` to the estimator's loss gradient.
 
     Returns the reported bound ``[batch]``; the caller zeroes gradients before and steps the optimiser after.
-    Objectives of :mod:`iwae.estimators` go through :func:`iwae.estimators.estimate` (vae/iwae with the
-    standard estimator are exactly ``-surrogate.mean()`` backpropagated once), or with ``compiled_estimate``
-    (:func:`compile_estimate`) through a compiled :func:`iwae.estimators.estimate_from_noise` on the same
-    noise; other registered objectives use :func:`iwae.objectives.get_objective`.
+    Objectives of :mod:`iwae.estimators` go, in this order of preference:
+
+    - with ``compiled_estimate`` (:func:`compile_estimate`), through a compiled
+      :func:`iwae.estimators.estimate_from_noise` on the same noise;
+    - where :func:`iwae.backprop.applies` (the standard estimator of a one-target objective on a Bernoulli model
+      with tanh or relu layers), through :func:`iwae.backprop.accumulate_gradients`: the same gradient without
+      autograd's graph;
+    - otherwise through :func:`iwae.estimators.estimate` and autograd (vae/iwae with the standard estimator are
+      then exactly ``-surrogate.mean()`` backpropagated once).
+
+    Other registered objectives use :func:`iwae.objectives.get_objective`. All paths draw the same noise.
     """
     if config.objective not in estimators.OBJECTIVE_NAMES:
         terms = get_objective(config.objective)(model(x, config.k, generator))
         (-terms.surrogate.mean()).backward()
         return terms.bound.detach()
     spec = estimators.BoundSpec.from_config(config)
+    if compiled_estimate is None and backprop.applies(model, spec, config.estimator):
+        noise = model.draw_noise(x.shape[0], config.k, generator, x.device)
+        return backprop.accumulate_gradients(model, x, noise, spec)
     if compiled_estimate is None:
         terms = estimators.estimate(model, x, config.k, generator, spec, config.estimator)
     else:

@@ -46,7 +46,7 @@ from torch import Tensor
 from iwae.data import cache_dir
 
 SOURCE = Path(__file__).with_name("bernoulli_rows.c")
-SWITCH = "IWAE_NATIVE"  # "0" turns the native path off
+SWITCH = "IWAE_NATIVE"  # "0" turns the native paths off (and iwae.backprop's explicit backpropagation)
 _COMMON_FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math")
 FLAG_SETS = (  # tried in turn: the first that builds is used
     (*_COMMON_FLAGS, "-march=native", "-fopenmp"),
@@ -317,6 +317,15 @@ def bernoulli_log_prob_rows_reference(pre: Tensor, bias: Tensor, x: Tensor) -> T
 def applies_to(tensor: Tensor) -> bool:
     """Whether the native kernels serve this tensor: float32 on the CPU, with the library available."""
     return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and available()
+
+
+def bernoulli_log_prob_rows_grad(pre: Tensor, bias: Tensor, x: Tensor, grad: Tensor) -> Tensor:
+    """The gradient with respect to ``pre`` of ``sum(grad * bernoulli_log_prob_rows(pre, bias, x))``:
+    ``grad[..., None] * (x - sigmoid(pre + bias))``, ``[*samples, *batch, n]`` (the native kernel where
+    :func:`applies_to` all four tensors; the bias's gradient is this summed over the rows)."""
+    if all(applies_to(t) for t in (pre, bias, x, grad)):
+        return _log_prob_backward_kernel(pre, bias, x, grad)
+    return grad.unsqueeze(-1) * (x - torch.sigmoid(pre + bias))
 
 
 def bernoulli_log_prob_rows(pre: Tensor, bias: Tensor, x: Tensor) -> Tensor:

@@ -1,0 +1,130 @@
+"""Explicit backpropagation (iwae.backprop) against autograd through the estimators."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from iwae import backprop, estimators, native
+from iwae.config import TrainConfig
+from iwae.models import LatentVariableModel, ModelConfig
+from iwae.train import training_step
+
+SPECS = {
+    "vae": estimators.BoundSpec("vae"),
+    "iwae": estimators.BoundSpec("iwae"),
+    "miwae": estimators.BoundSpec("miwae", M=2),
+    "ciwae": estimators.BoundSpec("ciwae", beta=0.3),
+    "power": estimators.BoundSpec("power", p=0.5),
+    "vr": estimators.BoundSpec("vr", alpha=0.4),
+}
+SMALL = {
+    1: ModelConfig(x_dim=12, latent_dims=(3,), hidden_dims=((6, 5),)),
+    2: ModelConfig(x_dim=12, latent_dims=(4, 3), hidden_dims=((6, 5), (5,))),
+}
+
+
+def _model(config: ModelConfig, activation: str, dtype: torch.dtype, seed: int) -> LatentVariableModel:
+    torch.manual_seed(seed)
+    config = ModelConfig(config.x_dim, config.latent_dims, config.hidden_dims, activation)
+    model = LatentVariableModel(config).to(dtype)
+    with torch.no_grad():  # biases away from zero, so that every term of the gradient is exercised
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.uniform_(-0.5, 0.5)
+    return model
+
+
+def _autograd(model, x, noise, spec) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    terms = estimators.estimate_from_noise(model, x, noise, spec, "standard")
+    estimators.backward(model, terms)
+    return terms.bound, [p.grad.clone() for p in model.parameters()]
+
+
+def _explicit(model, x, noise, spec) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    bound = backprop.accumulate_gradients(model, x, noise, spec)
+    return bound, [p.grad.clone() for p in model.parameters()]
+
+
+def _assert_same(explicit, reference, rtol: float) -> None:
+    (explicit_bound, explicit_grads), (reference_bound, reference_grads) = explicit, reference
+    torch.testing.assert_close(explicit_bound, reference_bound, rtol=rtol, atol=rtol)
+    for got, want in zip(explicit_grads, reference_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    layers=st.sampled_from([1, 2]),
+    activation=st.sampled_from(backprop.ACTIVATIONS),
+    objective=st.sampled_from(sorted(SPECS)),
+    k=st.sampled_from([1, 2, 4, 6]),
+    batch=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_gradients_equal_autograd_in_float64(
+    layers: int, activation: str, objective: str, k: int, batch: int, seed: int
+) -> None:
+    spec = SPECS[objective]
+    if objective == "miwae" and k % spec.M:
+        k = spec.M
+    model = _model(SMALL[layers], activation, torch.float64, seed)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.bernoulli(torch.full((batch, 12), 0.4, dtype=torch.float64), generator=generator)
+    noise = model.draw_noise(batch, k, generator)
+    _assert_same(_explicit(model, x, noise, spec), _autograd(model, x, noise, spec), rtol=1e-9)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_gradients_match_autograd_on_burda_models_in_float32(layers: int) -> None:
+    """Burda's architectures in float32, where the native kernels and oneDNN's layers serve both paths."""
+    model = _model(ModelConfig.burda(layers), "tanh", torch.float32, seed=3)
+    generator = torch.Generator().manual_seed(5)
+    x = torch.bernoulli(torch.full((6, 784), 0.2), generator=generator)
+    noise = model.draw_noise(6, 5, generator)
+    _assert_same(_explicit(model, x, noise, SPECS["iwae"]), _autograd(model, x, noise, SPECS["iwae"]), rtol=1e-4)
+
+
+def test_gradients_accumulate_into_existing_grads() -> None:
+    model = _model(SMALL[2], "tanh", torch.float64, seed=0)
+    x = torch.bernoulli(torch.full((3, 12), 0.5, dtype=torch.float64), generator=torch.Generator().manual_seed(1))
+    noise = model.draw_noise(3, 4, torch.Generator().manual_seed(2))
+    _, once = _explicit(model, x, noise, SPECS["iwae"])
+    backprop.accumulate_gradients(model, x, noise, SPECS["iwae"])
+    for param, single in zip(model.parameters(), once, strict=True):
+        torch.testing.assert_close(param.grad, 2 * single)
+
+
+def test_applies_only_where_the_explicit_gradient_is_written(monkeypatch) -> None:
+    model = _model(SMALL[1], "tanh", torch.float32, seed=0)
+    assert backprop.applies(model, SPECS["iwae"], "standard")
+    assert not backprop.applies(model, SPECS["iwae"], "stl")
+    assert not backprop.applies(model, SPECS["iwae"], "dreg")
+    assert not backprop.applies(model, estimators.BoundSpec("piwae", M=2), "standard")  # two targets
+    assert not backprop.applies(_model(SMALL[1], "softplus", torch.float32, seed=0), SPECS["iwae"], "standard")
+    gaussian = LatentVariableModel(ModelConfig(x_dim=12, latent_dims=(3,), hidden_dims=((6,),), likelihood="gaussian"))
+    assert not backprop.applies(gaussian, SPECS["iwae"], "standard")
+    monkeypatch.setenv(native.SWITCH, "0")
+    assert not backprop.applies(model, SPECS["iwae"], "standard")
+
+
+@pytest.mark.parametrize("objective", ["iwae", "vae"])
+def test_training_step_takes_the_explicit_path_and_matches_autograd(objective: str, monkeypatch) -> None:
+    """The default step goes through iwae.backprop; with IWAE_NATIVE=0 through autograd; same gradients."""
+    config = TrainConfig(objective=objective, k=3, model=SMALL[2])
+    x = torch.bernoulli(torch.full((4, 12), 0.4), generator=torch.Generator().manual_seed(0))
+    calls = []
+    original = backprop.accumulate_gradients
+    monkeypatch.setattr(backprop, "accumulate_gradients", lambda *args: calls.append(1) or original(*args))
+    results = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv(native.SWITCH, switch)
+        model = _model(SMALL[2], "tanh", torch.float32, seed=0)
+        bound = training_step(model, x, config, torch.Generator().manual_seed(4))
+        results.append((bound, [p.grad for p in model.parameters()]))
+    assert calls == [1]  # the first step only
+    _assert_same(results[0], results[1], rtol=1e-5)

@@ -16,6 +16,7 @@ SPECS = {
     "vae": estimators.BoundSpec("vae"),
     "iwae": estimators.BoundSpec("iwae"),
     "miwae": estimators.BoundSpec("miwae", M=2),
+    "piwae": estimators.BoundSpec("piwae", M=2),
     "ciwae": estimators.BoundSpec("ciwae", beta=0.3),
     "power": estimators.BoundSpec("power", p=0.5),
     "vr": estimators.BoundSpec("vr", alpha=0.4),
@@ -37,16 +38,16 @@ def _model(config: ModelConfig, activation: str, dtype: torch.dtype, seed: int) 
     return model
 
 
-def _autograd(model, x, noise, spec) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _autograd(model, x, noise, spec, estimator="standard") -> tuple[torch.Tensor, list[torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    terms = estimators.estimate_from_noise(model, x, noise, spec, "standard")
+    terms = estimators.estimate_from_noise(model, x, noise, spec, estimator)
     estimators.backward(model, terms)
     return terms.bound, [p.grad.clone() for p in model.parameters()]
 
 
-def _explicit(model, x, noise, spec) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _explicit(model, x, noise, spec, estimator="standard") -> tuple[torch.Tensor, list[torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    bound = backprop.accumulate_gradients(model, x, noise, spec)
+    bound = backprop.accumulate_gradients(model, x, noise, spec, estimator)
     return bound, [p.grad.clone() for p in model.parameters()]
 
 
@@ -57,36 +58,41 @@ def _assert_same(explicit, reference, rtol: float) -> None:
         torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     layers=st.sampled_from([1, 2]),
     activation=st.sampled_from(backprop.ACTIVATIONS),
     objective=st.sampled_from(sorted(SPECS)),
+    estimator=st.sampled_from(estimators.ESTIMATOR_NAMES),
     k=st.sampled_from([1, 2, 4, 6]),
     batch=st.integers(1, 4),
     seed=st.integers(0, 2**16),
 )
 def test_gradients_equal_autograd_in_float64(
-    layers: int, activation: str, objective: str, k: int, batch: int, seed: int
+    layers: int, activation: str, objective: str, estimator: str, k: int, batch: int, seed: int
 ) -> None:
     spec = SPECS[objective]
-    if objective == "miwae" and k % spec.M:
+    if k % spec.M:
         k = spec.M
     model = _model(SMALL[layers], activation, torch.float64, seed)
     generator = torch.Generator().manual_seed(seed)
     x = torch.bernoulli(torch.full((batch, 12), 0.4, dtype=torch.float64), generator=generator)
     noise = model.draw_noise(batch, k, generator)
-    _assert_same(_explicit(model, x, noise, spec), _autograd(model, x, noise, spec), rtol=1e-9)
+    explicit = _explicit(model, x, noise, spec, estimator)
+    _assert_same(explicit, _autograd(model, x, noise, spec, estimator), rtol=1e-9)
 
 
+@pytest.mark.parametrize("estimator", estimators.ESTIMATOR_NAMES)
+@pytest.mark.parametrize("objective", ["iwae", "vae", "piwae"])
 @pytest.mark.parametrize("layers", [1, 2])
-def test_gradients_match_autograd_on_burda_models_in_float32(layers: int) -> None:
+def test_gradients_match_autograd_on_burda_models_in_float32(layers: int, objective: str, estimator: str) -> None:
     """Burda's architectures in float32, where the native kernels and oneDNN's layers serve both paths."""
     model = _model(ModelConfig.burda(layers), "tanh", torch.float32, seed=3)
     generator = torch.Generator().manual_seed(5)
     x = torch.bernoulli(torch.full((6, 784), 0.2), generator=generator)
-    noise = model.draw_noise(6, 5, generator)
-    _assert_same(_explicit(model, x, noise, SPECS["iwae"]), _autograd(model, x, noise, SPECS["iwae"]), rtol=1e-4)
+    noise = model.draw_noise(6, 4, generator)
+    spec = SPECS[objective]
+    _assert_same(_explicit(model, x, noise, spec, estimator), _autograd(model, x, noise, spec, estimator), rtol=1e-4)
 
 
 def test_gradients_accumulate_into_existing_grads() -> None:
@@ -101,10 +107,9 @@ def test_gradients_accumulate_into_existing_grads() -> None:
 
 def test_applies_only_where_the_explicit_gradient_is_written(monkeypatch) -> None:
     model = _model(SMALL[1], "tanh", torch.float32, seed=0)
-    assert backprop.applies(model, SPECS["iwae"], "standard")
-    assert not backprop.applies(model, SPECS["iwae"], "stl")
-    assert not backprop.applies(model, SPECS["iwae"], "dreg")
-    assert not backprop.applies(model, estimators.BoundSpec("piwae", M=2), "standard")  # two targets
+    for estimator in estimators.ESTIMATOR_NAMES:
+        assert all(backprop.applies(model, spec, estimator) for spec in SPECS.values())
+    assert not backprop.applies(model, SPECS["iwae"], "reinforce")
     assert not backprop.applies(_model(SMALL[1], "softplus", torch.float32, seed=0), SPECS["iwae"], "standard")
     gaussian = LatentVariableModel(ModelConfig(x_dim=12, latent_dims=(3,), hidden_dims=((6,),), likelihood="gaussian"))
     assert not backprop.applies(gaussian, SPECS["iwae"], "standard")

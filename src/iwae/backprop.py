@@ -1,19 +1,23 @@
-"""Explicit backpropagation: the standard estimator's gradient written out layer by layer, without autograd's graph.
+"""Explicit backpropagation: the estimators' gradients written out layer by layer, without autograd's graph.
 
 Shape convention: samples first. ``x`` is ``[batch, x_dim]``; the noise and latents of stochastic layer j are
 ``[k, batch, d_j]``; log-weights and their gradient are ``[k, batch]``.
 
 :func:`accumulate_gradients` computes what :func:`iwae.estimators.estimate` followed by
-:func:`iwae.estimators.backward` computes for the standard estimator of an objective with one target for encoder
-and decoder (every objective but piwae), on a :class:`~iwae.models.LatentVariableModel` with Bernoulli
-observations and tanh or relu hidden layers (:func:`applies`):
+:func:`iwae.estimators.backward` computes, for every objective and estimator of :mod:`iwae.estimators`, on a
+:class:`~iwae.models.LatentVariableModel` with Bernoulli observations and tanh or relu hidden layers
+(:func:`applies`):
 
 1. the forward pass of :meth:`~iwae.models.LatentVariableModel.sample_with_noise`, keeping each layer's output;
-2. the target's gradient with respect to the log-weights: in closed form for IWAE and the ELBO, otherwise by autograd
-   on the small ``[k, batch]`` tensor alone, so that every other bound is still written once, in :mod:`iwae.bounds`;
+2. the surrogates' gradients with respect to the log-weights ``[k, batch]``: the decoder's, and the encoder's
+   where it differs (piwae's two targets; DReG's ``-c / batch``). In closed form for IWAE and the ELBO, otherwise
+   by autograd on that small tensor alone, so that every other bound is still written once, in :mod:`iwae.bounds`;
 3. the chain rule through the network by hand: a matmul for each weight gradient and each input gradient, a row sum
    for each bias, the activation's derivative from the saved outputs, and closed forms for the Gaussian densities
-   (``h = mean + exp(log_std) * eps``; ``log q`` written with ``eps``, so it depends on ``log_std`` alone).
+   (``h = mean + exp(log_std) * eps``; ``log q`` written with ``eps``, so it depends on ``log_std`` alone, or with
+   q's parameters stopped for STL and DReG, so that it depends on ``h`` and, above the first layer, on the layer
+   below through q's network). The decoder's parameters take the decoder's gradient; the latents, and through
+   them the encoder, take the encoder's.
 
 The arithmetic is the same as autograd's (the tests compare them in float64 and float32); what goes is autograd's
 bookkeeping. At Burda's minibatch 20 a step is small enough for that to matter: about 390 operator calls through
@@ -25,12 +29,13 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from iwae import bounds, native
-from iwae.estimators import BoundSpec, encoder_target
+from iwae.estimators import ESTIMATOR_NAMES, BoundSpec, decoder_target, dreg_coefficients, encoder_target
 from iwae.models import (
     LatentVariableModel,
     MLPHead,
@@ -43,11 +48,10 @@ ACTIVATIONS = ("tanh", "relu")  # hidden activations whose derivative is written
 
 
 def applies(model: torch.nn.Module, spec: BoundSpec, estimator: str) -> bool:
-    """Whether :func:`accumulate_gradients` serves this model, objective and estimator."""
+    """Whether :func:`accumulate_gradients` serves this model with this estimator (any objective)."""
     return (
         os.environ.get(native.SWITCH, "1") != "0"
-        and estimator == "standard"
-        and spec.shared
+        and estimator in ESTIMATOR_NAMES
         and isinstance(model, LatentVariableModel)
         and model.config.likelihood == "bernoulli"
         and model.config.activation in ACTIVATIONS
@@ -76,22 +80,42 @@ def _activation_backward(activation: str, grad: Tensor, outputs: Tensor) -> Tens
     return torch.ops.aten.threshold_backward(grad, outputs, 0)
 
 
-def _mlp_backward(head: MLPHead, outputs: list[Tensor], grad_head: Tensor, input_grad: bool) -> Tensor | None:
-    """Accumulate the gradients of ``head``'s weights and biases from ``grad_head``, the loss's gradient with
-    respect to the linear head's outputs; return the gradient with respect to the inputs (if ``input_grad``)."""
+def _mlp_backward(
+    head: MLPHead, outputs: list[Tensor], grad_head: Tensor, *, params: bool, input_grad: bool
+) -> Tensor | None:
+    """Backpropagate ``grad_head``, the loss's gradient with respect to the linear head's outputs, through ``head``:
+    accumulate its weights' and biases' gradients (if ``params``) and return the gradient with respect to its
+    inputs (if ``input_grad``)."""
     layers = [*head.hidden, head.head]
     grad = grad_head
     for index in reversed(range(len(layers))):
         layer = layers[index]
         if index < len(layers) - 1:
             grad = _activation_backward(head.activation_name, grad, outputs[index + 1])
-        rows = grad.reshape(-1, grad.shape[-1])
-        inputs = outputs[index]
-        _accumulate(layer.weight, rows.T @ inputs.reshape(-1, inputs.shape[-1]))
-        _accumulate(layer.bias, rows.sum(dim=0))
+        if params:
+            rows = grad.reshape(-1, grad.shape[-1])
+            inputs = outputs[index]
+            _accumulate(layer.weight, rows.T @ inputs.reshape(-1, inputs.shape[-1]))
+            _accumulate(layer.bias, rows.sum(dim=0))
         if index > 0 or input_grad:
             grad = grad @ layer.weight
     return grad if input_grad else None
+
+
+def _decoder_backward(
+    head: MLPHead,
+    outputs: list[Tensor],
+    head_grad_of: Callable[[Tensor], Tensor],
+    decoder_grad: Tensor,
+    encoder_grad: Tensor,
+) -> Tensor:
+    """Backpropagate a term of log w through one of the decoder's networks: its parameters take the gradient that
+    ``decoder_grad`` ``[k, batch]`` (the log-weights' gradient) gives, its input the one that ``encoder_grad`` gives
+    (one pass when they are the same tensor). ``head_grad_of`` maps the log-weights' gradient to the head's."""
+    if encoder_grad is decoder_grad:
+        return _mlp_backward(head, outputs, head_grad_of(decoder_grad), params=True, input_grad=True)
+    _mlp_backward(head, outputs, head_grad_of(decoder_grad), params=True, input_grad=False)
+    return _mlp_backward(head, outputs, head_grad_of(encoder_grad), params=False, input_grad=True)
 
 
 class _Tape:
@@ -138,63 +162,109 @@ def _forward(model: LatentVariableModel, x: Tensor, noise: list[Tensor], tape: _
     return log_px + log_prior - log_q
 
 
-def _log_weight_gradient(spec: BoundSpec, log_w: Tensor) -> tuple[Tensor, Tensor]:
-    """The loss ``-mean(target(log_w))``'s gradient ``[k, batch]`` and the target ``[batch]`` (detached).
+def _loss_gradient(objective: str, target: Callable[[Tensor], Tensor], log_w: Tensor) -> tuple[Tensor, Tensor]:
+    """The loss ``-mean(target(log_w))``'s gradient ``[k, batch]`` and the target ``[batch]`` (detached);
+    ``objective`` names the target.
 
     IWAE and the ELBO in closed form (``-w~ / batch`` with the normalised weights, and ``-1 / (k batch)``):
     autograd through ``logsumexp`` costs a dozen small operator calls, as much as a layer at minibatch 20.
     The weights are ``exp(log_w - logsumexp(log_w))``, as autograd computes them (a softmax rounds differently).
     """
     k, batch = log_w.shape
-    if spec.objective == "iwae":
+    if objective == "iwae":
         log_sum = torch.logsumexp(log_w, dim=0)
         return (log_w - log_sum).exp_().div_(-batch), log_sum - math.log(k)
-    if spec.objective == "vae":
+    if objective == "vae":
         return torch.full_like(log_w, -1.0 / (k * batch)), bounds.elbo(log_w)
     with torch.enable_grad():
         leaf = log_w.detach().requires_grad_()
-        target = encoder_target(spec, leaf)
-        (grad,) = torch.autograd.grad(-target.mean(), leaf)
-    return grad, target.detach()
+        value = target(leaf)
+        (grad,) = torch.autograd.grad(-value.mean(), leaf)
+    return grad, value.detach()
+
+
+def _log_weight_gradients(spec: BoundSpec, estimator: str, log_w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The decoder's and the encoder's loss gradients in the log-weights (the same tensor when one surrogate
+    serves both) and the bound to report, as :func:`iwae.estimators.terms_from_sample` defines them."""
+    decoder_objective = "iwae" if spec.objective == "piwae" else spec.objective  # decoder_target's
+    decoder_grad, bound = _loss_gradient(decoder_objective, lambda value: decoder_target(spec, value), log_w)
+    if estimator == "dreg":  # the encoder's surrogate is sum_i stop(c_i) log w_i
+        return decoder_grad, dreg_coefficients(spec, log_w).div_(-log_w.shape[1]), bound
+    if spec.shared:
+        return decoder_grad, decoder_grad, bound
+    encoder_grad, _ = _loss_gradient(spec.objective, lambda value: encoder_target(spec, value), log_w)
+    return decoder_grad, encoder_grad, bound
 
 
 @torch.no_grad()
-def _backward(model: LatentVariableModel, x: Tensor, noise: list[Tensor], tape: _Tape, grad_log_w: Tensor) -> None:
-    """Accumulate every parameter's gradient of the loss, given its gradient ``grad_log_w`` in the log-weights."""
-    grad = grad_log_w.unsqueeze(-1)  # [k, batch, 1], broadcast over each layer's units
+def _backward(
+    model: LatentVariableModel,
+    x: Tensor,
+    noise: list[Tensor],
+    tape: _Tape,
+    gradients: tuple[Tensor, Tensor],
+    stop_q_params: bool,
+) -> None:
+    """Accumulate every parameter's gradient of the loss, given the decoder's and the encoder's gradients in the
+    log-weights; ``stop_q_params``: log q with q's parameters stopped (STL, DReG)."""
+    decoder_grad, encoder_grad = gradients
+    grad = encoder_grad.unsqueeze(-1)  # [k, batch, 1], broadcast over each layer's units
     latents = tape.latents
     observation = model.decoder[0]
-    grad_pre = native.bernoulli_log_prob_rows_grad(tape.observation_pre, observation.head.bias, x, grad_log_w)
-    latent_grads = [_mlp_backward(observation, tape.observation_outputs, grad_pre, input_grad=True)]
+
+    def observation_head_grad(log_w_grad: Tensor) -> Tensor:
+        return native.bernoulli_log_prob_rows_grad(tape.observation_pre, observation.head.bias, x, log_w_grad)
+
+    latent_grads = [
+        _decoder_backward(observation, tape.observation_outputs, observation_head_grad, decoder_grad, encoder_grad)
+    ]
     latent_grads.extend(torch.zeros_like(h) for h in latents[1:])
     for j, (mean, log_std) in enumerate(tape.prior_params):  # log N(h_j; mean, exp(log_std)), (mean, log_std) of h_j+1
         inv_std = torch.exp(-log_std)
         standardised = (latents[j] - mean) * inv_std
-        grad_mean = grad * standardised * inv_std
-        latent_grads[j] -= grad_mean
-        grad_log_std = grad * (standardised * standardised - 1.0)
-        head_grad = torch.cat([grad_mean, grad_log_std], dim=-1)
-        latent_grads[j + 1] += _mlp_backward(model.decoder[j + 1], tape.prior_outputs[j], head_grad, input_grad=True)
+
+        def prior_head_grad(log_w_grad: Tensor, standardised=standardised, inv_std=inv_std) -> Tensor:
+            unit_grad = log_w_grad.unsqueeze(-1)
+            return torch.cat([unit_grad * standardised * inv_std, unit_grad * (standardised * standardised - 1.0)], -1)
+
+        latent_grads[j] -= grad * standardised * inv_std
+        latent_grads[j + 1] += _decoder_backward(
+            model.decoder[j + 1], tape.prior_outputs[j], prior_head_grad, decoder_grad, encoder_grad
+        )
     latent_grads[-1] -= grad * latents[-1]  # log N(h_L; 0, I)
-    for j in reversed(range(len(latents))):  # h_j = mean + std * eps; -log q adds sum(log_std)
+    for j in reversed(range(len(latents))):  # h_j = mean + std * eps
+        eps, std, head, outputs = noise[j], tape.stds[j], model.encoder[j], tape.encoder_outputs[j]
+        if stop_q_params:  # -log q(h_j) with q's parameters stopped, through h_j: (h_j - mean) / std^2 = eps / std
+            latent_grads[j] += grad * eps / std
+            grad_log_std = latent_grads[j] * eps * std
+        else:  # -log q = sum(log_std) + a function of eps
+            grad_log_std = latent_grads[j] * eps * std + grad
         grad_mean = latent_grads[j]
-        grad_log_std = latent_grads[j] * noise[j] * tape.stds[j] + grad
         if tape.means[j].dim() < grad_mean.dim():  # the first layer's q is shared by the k samples
             grad_mean, grad_log_std = grad_mean.sum(dim=0), grad_log_std.sum(dim=0)
         head_grad = torch.cat([grad_mean, grad_log_std], dim=-1)
-        input_grad = _mlp_backward(model.encoder[j], tape.encoder_outputs[j], head_grad, input_grad=j > 0)
-        if input_grad is not None:
-            latent_grads[j - 1] += input_grad
+        if j == 0:
+            _mlp_backward(head, outputs, head_grad, params=True, input_grad=False)
+            continue
+        if stop_q_params:  # the stopped parameters of q(h_j | h_j-1) still depend on h_j-1, through q's network
+            _mlp_backward(head, outputs, head_grad, params=True, input_grad=False)
+            head_grad = head_grad + torch.cat([-grad * eps / std, grad * (1.0 - eps * eps)], dim=-1)
+            latent_grads[j - 1] += _mlp_backward(head, outputs, head_grad, params=False, input_grad=True)
+        else:
+            latent_grads[j - 1] += _mlp_backward(head, outputs, head_grad, params=True, input_grad=True)
 
 
-def accumulate_gradients(model: LatentVariableModel, x: Tensor, noise: list[Tensor], spec: BoundSpec) -> Tensor:
-    """Add the loss gradient ``-mean(target)`` of the standard estimator to every parameter's ``.grad``.
+def accumulate_gradients(
+    model: LatentVariableModel, x: Tensor, noise: list[Tensor], spec: BoundSpec, estimator: str = "standard"
+) -> Tensor:
+    """Add the estimator's loss gradients (``-mean`` of each surrogate, for its own part of the model) to every
+    parameter's ``.grad``.
 
     ``noise`` is :meth:`~iwae.models.LatentVariableModel.draw_noise`'s; the model must be one that :func:`applies`
-    to. Returns the target (the bound to report), ``[batch]``, as :func:`iwae.estimators.estimate` would.
+    to. Returns the bound to report, ``[batch]``, as :func:`iwae.estimators.estimate` would.
     """
     tape = _Tape()
     log_w = _forward(model, x, noise, tape)
-    grad_log_w, target = _log_weight_gradient(spec, log_w)
-    _backward(model, x, noise, tape, grad_log_w)
-    return target
+    decoder_grad, encoder_grad, bound = _log_weight_gradients(spec, estimator, log_w)
+    _backward(model, x, noise, tape, (decoder_grad, encoder_grad), stop_q_params=estimator != "standard")
+    return bound

@@ -86,9 +86,8 @@ def training_step(
 
     - with ``compiled_estimate`` (:func:`compile_estimate`), through a compiled
       :func:`iwae.estimators.estimate_from_noise` on the same noise;
-    - where :func:`iwae.backprop.applies` (the standard estimator of a one-target objective on a Bernoulli model
-      with tanh or relu layers), through :func:`iwae.backprop.accumulate_gradients`: the same gradient without
-      autograd's graph;
+    - where :func:`iwae.backprop.applies` (every estimator, on a Bernoulli model with tanh or relu layers), through
+      :func:`iwae.backprop.accumulate_gradients`: the same gradients without autograd's graph;
     - otherwise through :func:`iwae.estimators.estimate` and autograd (vae/iwae with the standard estimator are
       then exactly ``-surrogate.mean()`` backpropagated once).
 
@@ -101,7 +100,7 @@ def training_step(
     spec = estimators.BoundSpec.from_config(config)
     if compiled_estimate is None and backprop.applies(model, spec, config.estimator):
         noise = model.draw_noise(x.shape[0], config.k, generator, x.device)
-        return backprop.accumulate_gradients(model, x, noise, spec)
+        return backprop.accumulate_gradients(model, x, noise, spec, config.estimator)
     if compiled_estimate is None:
         terms = estimators.estimate(model, x, config.k, generator, spec, config.estimator)
     else:

@@ -213,6 +213,15 @@ def test_fused_linear_gradients_equal_autograd_of_the_plain_layer(activation: st
     torch.testing.assert_close(grad_weight, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [3, 400])  # 400 x 784 x 200 multiply-adds take oneDNN, 3 x 784 x 200 the matmul
+def test_linear_input_grad_equals_the_matmul(rows: int) -> None:
+    generator = torch.Generator().manual_seed(3)
+    grad, weight = torch.randn(rows // 2 + 1, 2, 784, generator=generator), torch.randn(784, 200, generator=generator)
+    expected = grad.double() @ weight.double()
+    torch.testing.assert_close(native.linear_input_grad(grad, weight).double(), expected, rtol=1e-5, atol=1e-4)
+    assert (grad.numel() * 200 >= native.ONEDNN_INPUT_GRAD_MIN_MACS) == (rows == 400)
+
+
 def test_fused_linear_rejects_other_activations() -> None:
     with pytest.raises(ValueError, match="activation"):
         native.fused_linear(torch.randn(2, 3), torch.randn(4, 3), None, "softplus")

@@ -98,7 +98,7 @@ def _mlp_backward(
             _accumulate(layer.weight, rows.T @ inputs.reshape(-1, inputs.shape[-1]))
             _accumulate(layer.bias, rows.sum(dim=0))
         if index > 0 or input_grad:
-            grad = grad @ layer.weight
+            grad = native.linear_input_grad(grad, layer.weight)
     return grad if input_grad else None
 
 

@@ -203,7 +203,7 @@ class _FusedLinear(torch.autograd.Function):
             grad = torch.ops.aten.threshold_backward(grad, outputs, 0)
         flat_grad = grad.reshape(-1, grad.shape[-1])
         needs_inputs, needs_weight, needs_bias, _ = ctx.needs_input_grad
-        grad_inputs = grad @ weight if needs_inputs else None
+        grad_inputs = linear_input_grad(grad, weight) if needs_inputs else None
         grad_weight = flat_grad.T @ inputs.reshape(-1, inputs.shape[-1]) if needs_weight else None
         grad_bias = flat_grad.sum(dim=0) if needs_bias and ctx.has_bias else None
         return grad_inputs, grad_weight, grad_bias, None
@@ -231,6 +231,20 @@ def fused_linear(inputs: Tensor, weight: Tensor, bias: Tensor | None = None, act
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (inputs, weight, bias)):
         return _FusedLinear.apply(inputs, weight, bias, activation)
     return _fused_linear_op(inputs, weight, bias, activation)
+
+
+ONEDNN_INPUT_GRAD_MIN_MACS = 1 << 25  # smaller products go to PyTorch's matmul, faster there on this project's CPU
+
+
+def linear_input_grad(grad: Tensor, weight: Tensor) -> Tensor:
+    """``grad @ weight``, a linear layer's gradient with respect to its inputs (``[..., out] -> [..., in]``).
+
+    Large products on CPU float32 go through oneDNN as a linear layer with the transposed weight (a view, no
+    copy): on this project's CPU 1.74 against 2.29 ms for ``[1000, 784] x [784, 200]``, while below about
+    ``2^25`` multiply-adds PyTorch's matmul is as fast or faster."""
+    if grad.numel() * weight.shape[1] >= ONEDNN_INPUT_GRAD_MIN_MACS and fused_linear_applies(grad):
+        return _fused_linear_op(grad, weight.T, None, "none")
+    return grad @ weight
 
 
 # -- the kernels, as an autograd function (eager) and as custom operators (torch.compile) ----------------

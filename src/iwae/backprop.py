@@ -20,8 +20,9 @@ Shape convention: samples first. ``x`` is ``[batch, x_dim]``; the noise and late
    them the encoder, take the encoder's.
 
 The arithmetic is the same as autograd's (the tests compare them in float64 and float32); what goes is autograd's
-bookkeeping. At Burda's minibatch 20 a step is small enough for that to matter: about 390 operator calls through
-the autograd engine against about 60 here. Where it does not apply, training goes through autograd as before;
+bookkeeping (recording the graph, saving tensors, the engine's traversal, the composite ``logsumexp`` backward).
+At Burda's minibatch 20 a step is small enough for that to matter: on this project's CPU a k = 5, batch 20 step was
+1.2x faster, a DReG step 1.3x. Where it does not apply, training goes through autograd as before;
 ``IWAE_NATIVE=0`` turns this path off with the native kernels.
 """
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from iwae import backprop, estimators, native
@@ -27,9 +27,11 @@ SMALL = {
 }
 
 
-def _model(config: ModelConfig, activation: str, dtype: torch.dtype, seed: int) -> LatentVariableModel:
+def _model(
+    config: ModelConfig, activation: str, dtype: torch.dtype, seed: int, likelihood: str = "bernoulli"
+) -> LatentVariableModel:
     torch.manual_seed(seed)
-    config = ModelConfig(config.x_dim, config.latent_dims, config.hidden_dims, activation)
+    config = ModelConfig(config.x_dim, config.latent_dims, config.hidden_dims, activation, likelihood)
     model = LatentVariableModel(config).to(dtype)
     with torch.no_grad():  # biases away from zero, so that every term of the gradient is exercised
         for param in model.parameters():
@@ -58,10 +60,11 @@ def _assert_same(explicit, reference, rtol: float) -> None:
         torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     layers=st.sampled_from([1, 2]),
     activation=st.sampled_from(backprop.ACTIVATIONS),
+    likelihood=st.sampled_from(backprop.LIKELIHOODS),
     objective=st.sampled_from(sorted(SPECS)),
     estimator=st.sampled_from(estimators.ESTIMATOR_NAMES),
     k=st.sampled_from([1, 2, 4, 6]),
@@ -69,17 +72,20 @@ def _assert_same(explicit, reference, rtol: float) -> None:
     seed=st.integers(0, 2**16),
 )
 def test_gradients_equal_autograd_in_float64(
-    layers: int, activation: str, objective: str, estimator: str, k: int, batch: int, seed: int
+    layers: int, activation: str, likelihood: str, objective: str, estimator: str, k: int, batch: int, seed: int
 ) -> None:
     spec = SPECS[objective]
     if k % spec.M:
         k = spec.M
-    model = _model(SMALL[layers], activation, torch.float64, seed)
+    model = _model(SMALL[layers], activation, torch.float64, seed, likelihood)
     generator = torch.Generator().manual_seed(seed)
-    x = torch.bernoulli(torch.full((batch, 12), 0.4, dtype=torch.float64), generator=generator)
+    x = torch.rand((batch, 12), dtype=torch.float64, generator=generator)
+    x = x.bernoulli(generator=generator) if likelihood == "bernoulli" else x
     noise = model.draw_noise(batch, k, generator)
-    explicit = _explicit(model, x, noise, spec, estimator)
-    _assert_same(explicit, _autograd(model, x, noise, spec, estimator), rtol=1e-9)
+    reference = _autograd(model, x, noise, spec, estimator)
+    # A random relu model with two stochastic layers can overflow exp(log_std): log w = -inf, NaN gradients.
+    assume(all(torch.isfinite(t).all() for t in (reference[0], *reference[1])))
+    _assert_same(_explicit(model, x, noise, spec, estimator), reference, rtol=1e-9)
 
 
 @pytest.mark.parametrize("estimator", estimators.ESTIMATOR_NAMES)
@@ -105,14 +111,13 @@ def test_gradients_accumulate_into_existing_grads() -> None:
         torch.testing.assert_close(param.grad, 2 * single)
 
 
-def test_applies_only_where_the_explicit_gradient_is_written(monkeypatch) -> None:
+def test_applies_to_the_library_models_unless_switched_off(monkeypatch) -> None:
     model = _model(SMALL[1], "tanh", torch.float32, seed=0)
     for estimator in estimators.ESTIMATOR_NAMES:
         assert all(backprop.applies(model, spec, estimator) for spec in SPECS.values())
     assert not backprop.applies(model, SPECS["iwae"], "reinforce")
-    assert not backprop.applies(_model(SMALL[1], "softplus", torch.float32, seed=0), SPECS["iwae"], "standard")
-    gaussian = LatentVariableModel(ModelConfig(x_dim=12, latent_dims=(3,), hidden_dims=((6,),), likelihood="gaussian"))
-    assert not backprop.applies(gaussian, SPECS["iwae"], "standard")
+    assert backprop.applies(_model(SMALL[1], "softplus", torch.float32, 0, "gaussian"), SPECS["iwae"], "standard")
+    assert not backprop.applies(torch.nn.Linear(2, 2), SPECS["iwae"], "standard")
     monkeypatch.setenv(native.SWITCH, "0")
     assert not backprop.applies(model, SPECS["iwae"], "standard")
 

@@ -5,15 +5,14 @@ Shape convention: samples first. ``x`` is ``[batch, x_dim]``; the noise and late
 
 :func:`accumulate_gradients` computes what :func:`iwae.estimators.estimate` followed by
 :func:`iwae.estimators.backward` computes, for every objective and estimator of :mod:`iwae.estimators`, on a
-:class:`~iwae.models.LatentVariableModel` with Bernoulli observations and tanh or relu hidden layers
-(:func:`applies`):
+:class:`~iwae.models.LatentVariableModel` (Bernoulli or Gaussian observations; tanh, relu or softplus layers):
 
 1. the forward pass of :meth:`~iwae.models.LatentVariableModel.sample_with_noise`, keeping each layer's output;
 2. the surrogates' gradients with respect to the log-weights ``[k, batch]``: the decoder's, and the encoder's
    where it differs (piwae's two targets; DReG's ``-c / batch``). In closed form for IWAE and the ELBO, otherwise
    by autograd on that small tensor alone, so that every other bound is still written once, in :mod:`iwae.bounds`;
 3. the chain rule through the network by hand: a matmul for each weight gradient and each input gradient, a row sum
-   for each bias, the activation's derivative from the saved outputs, and closed forms for the Gaussian densities
+   for each bias, the activation's derivative from its saved outputs, and closed forms for the Gaussian densities
    (``h = mean + exp(log_std) * eps``; ``log q`` written with ``eps``, so it depends on ``log_std`` alone, or with
    q's parameters stopped for STL and DReG, so that it depends on ``h`` and, above the first layer, on the layer
    below through q's network). The decoder's parameters take the decoder's gradient; the latents, and through
@@ -45,7 +44,8 @@ from iwae.models import (
     standard_normal_log_prob,
 )
 
-ACTIVATIONS = ("tanh", "relu")  # hidden activations whose derivative is written below (from the outputs)
+ACTIVATIONS = ("tanh", "relu", "softplus")  # hidden activations whose derivative is written below (from the outputs)
+LIKELIHOODS = ("bernoulli", "gaussian")
 
 
 def applies(model: torch.nn.Module, spec: BoundSpec, estimator: str) -> bool:
@@ -54,7 +54,7 @@ def applies(model: torch.nn.Module, spec: BoundSpec, estimator: str) -> bool:
         os.environ.get(native.SWITCH, "1") != "0"
         and estimator in ESTIMATOR_NAMES
         and isinstance(model, LatentVariableModel)
-        and model.config.likelihood == "bernoulli"
+        and model.config.likelihood in LIKELIHOODS
         and model.config.activation in ACTIVATIONS
     )
 
@@ -67,7 +67,10 @@ def _hidden_outputs(head: MLPHead, inputs: Tensor) -> list[Tensor]:
     """``[inputs, hidden_1, ..., hidden_n]``: each hidden layer's activations (the head's input is the last)."""
     outputs = [inputs]
     for layer in head.hidden:
-        outputs.append(native.fused_linear(outputs[-1], layer.weight, layer.bias, head.activation_name))
+        if head.activation_name in native.FUSED_ACTIVATIONS:
+            outputs.append(native.fused_linear(outputs[-1], layer.weight, layer.bias, head.activation_name))
+        else:
+            outputs.append(head.activation(native.fused_linear(outputs[-1], layer.weight, layer.bias)))
     return outputs
 
 
@@ -78,7 +81,9 @@ def _head_outputs(head: MLPHead, outputs: list[Tensor]) -> tuple[Tensor, ...]:
 def _activation_backward(activation: str, grad: Tensor, outputs: Tensor) -> Tensor:
     if activation == "tanh":
         return torch.ops.aten.tanh_backward(grad, outputs)
-    return torch.ops.aten.threshold_backward(grad, outputs, 0)
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad, outputs, 0)
+    return grad * -torch.expm1(-outputs)  # softplus: sigmoid(a) = 1 - exp(-softplus(a))
 
 
 def _mlp_backward(
@@ -130,7 +135,8 @@ class _Tape:
         self.prior_outputs: list[list[Tensor]] = []  # per j < L-1: _hidden_outputs of p(h_j | h_{j+1})
         self.prior_params: list[tuple[Tensor, Tensor]] = []  # per j < L-1: (mean, log_std) of p(h_j | h_{j+1})
         self.observation_outputs: list[Tensor] = []  # _hidden_outputs of p(x | h_1)
-        self.observation_pre: Tensor | None = None  # W f of the output layer, before its bias, [k, batch, x_dim]
+        self.observation_pre: Tensor | None = None  # Bernoulli: W f of the output layer, before its bias
+        self.observation_params: tuple[Tensor, Tensor] | None = None  # Gaussian: (mean, log_std), [k, batch, x_dim]
 
 
 @torch.no_grad()
@@ -158,8 +164,12 @@ def _forward(model: LatentVariableModel, x: Tensor, noise: list[Tensor], tape: _
         tape.prior_params.append((mean, log_std))
     observation = model.decoder[0]
     tape.observation_outputs = _hidden_outputs(observation, latents[0])
-    tape.observation_pre = native.fused_linear(tape.observation_outputs[-1], observation.head.weight)
-    log_px = native.bernoulli_log_prob_rows(tape.observation_pre, observation.head.bias, x)
+    if model.config.likelihood == "bernoulli":
+        tape.observation_pre = native.fused_linear(tape.observation_outputs[-1], observation.head.weight)
+        log_px = native.bernoulli_log_prob_rows(tape.observation_pre, observation.head.bias, x)
+    else:
+        tape.observation_params = _head_outputs(observation, tape.observation_outputs)
+        log_px = gaussian_log_prob(x, *tape.observation_params)
     return log_px + log_prior - log_q
 
 
@@ -197,6 +207,19 @@ def _log_weight_gradients(spec: BoundSpec, estimator: str, log_w: Tensor) -> tup
     return decoder_grad, encoder_grad, bound
 
 
+def _gaussian_head_grad(log_w_grad: Tensor, standardised: Tensor, inv_std: Tensor) -> Tensor:
+    """The gradient of a term ``log N(value; mean, exp(log_std))`` of log w with respect to ``(mean, log_std)``,
+    concatenated as the head outputs them, given the log-weights' gradient ``[k, batch]``;
+    ``standardised = (value - mean) * inv_std``."""
+    unit_grad = log_w_grad.unsqueeze(-1)
+    return torch.cat([unit_grad * standardised * inv_std, unit_grad * (standardised * standardised - 1.0)], dim=-1)
+
+
+def _standardise(value: Tensor, mean: Tensor, log_std: Tensor) -> tuple[Tensor, Tensor]:
+    inv_std = torch.exp(-log_std)
+    return (value - mean) * inv_std, inv_std
+
+
 @torch.no_grad()
 def _backward(
     model: LatentVariableModel,
@@ -214,6 +237,8 @@ def _backward(
     observation = model.decoder[0]
 
     def observation_head_grad(log_w_grad: Tensor) -> Tensor:
+        if tape.observation_params is not None:  # Gaussian observations
+            return _gaussian_head_grad(log_w_grad, *_standardise(x, *tape.observation_params))
         return native.bernoulli_log_prob_rows_grad(tape.observation_pre, observation.head.bias, x, log_w_grad)
 
     latent_grads = [
@@ -221,12 +246,10 @@ def _backward(
     ]
     latent_grads.extend(torch.zeros_like(h) for h in latents[1:])
     for j, (mean, log_std) in enumerate(tape.prior_params):  # log N(h_j; mean, exp(log_std)), (mean, log_std) of h_j+1
-        inv_std = torch.exp(-log_std)
-        standardised = (latents[j] - mean) * inv_std
+        standardised, inv_std = _standardise(latents[j], mean, log_std)
 
         def prior_head_grad(log_w_grad: Tensor, standardised=standardised, inv_std=inv_std) -> Tensor:
-            unit_grad = log_w_grad.unsqueeze(-1)
-            return torch.cat([unit_grad * standardised * inv_std, unit_grad * (standardised * standardised - 1.0)], -1)
+            return _gaussian_head_grad(log_w_grad, standardised, inv_std)
 
         latent_grads[j] -= grad * standardised * inv_std
         latent_grads[j + 1] += _decoder_backward(

@@ -66,8 +66,8 @@ def _train_parser(sub) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="compile model, bound and surrogates as one graph: faster than autograd, for the models that "
-        "explicit backpropagation does not serve (Gaussian observations, softplus); slower than it otherwise",
+        help="autograd through torch.compile (model, bound and surrogates as one graph) instead of the default "
+        "explicit backpropagation, which was faster on a 2-core CPU",
     )
     p.add_argument("--init-from", metavar="RUN", help="start from a finished run's final weights (Burda's Table 2)")
     p.add_argument("--out", required=True, help="run directory")

@@ -86,8 +86,8 @@ def training_step(
 
     - with ``compiled_estimate`` (:func:`compile_estimate`), through a compiled
       :func:`iwae.estimators.estimate_from_noise` on the same noise;
-    - where :func:`iwae.backprop.applies` (every estimator, on a Bernoulli model with tanh or relu layers), through
-      :func:`iwae.backprop.accumulate_gradients`: the same gradients without autograd's graph;
+    - where :func:`iwae.backprop.applies` (every estimator on this library's models, unless ``IWAE_NATIVE=0``),
+      through :func:`iwae.backprop.accumulate_gradients`: the same gradients without autograd's graph;
     - otherwise through :func:`iwae.estimators.estimate` and autograd (vae/iwae with the standard estimator are
       then exactly ``-surrogate.mean()`` backpropagated once).
 

@@ -108,6 +108,11 @@ def test_tiny_bench_has_the_required_keys_and_finite_values(tiny_result: dict) -
     assert {r["task"] for r in tiny_result["rows"]} == {"train", "matmul-roofline", "eval"}
     assert json.loads(json.dumps(tiny_result)) == tiny_result
     assert bench.PYRO_SKIPPED in bench.markdown(tiny_result)
+    for cell in tiny_result["comparisons"]:  # 2,980 steps a pass, 3,280 passes
+        iwae_row = next(r for r in train if r["impl"] == "iwae" and (r["k"], r["batch"]) == (cell["k"], cell["batch"]))
+        expected = iwae_row["ms_per_step"] * 2980 * 3280 / 3.6e6 if cell["batch"] == 20 else None
+        assert cell["burda_schedule_hours"] == pytest.approx(expected)
+    assert "Burda's schedule (3,280 passes over 59,600 images" in bench.markdown(tiny_result)
     assert native.status() in bench.markdown(tiny_result)
 
 

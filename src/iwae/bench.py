@@ -23,6 +23,9 @@ pre-binarised minibatches, so binarisation is outside the timer):
   encoder MLP, k * batch for everything that sees samples); roofline GFLOP/s = summed FLOPs / summed
   median times.
 
+Each minibatch-20 cell also gives ``burda_schedule_hours``: the wall time of Burda's 3,280 passes over
+59,600 images at iwae's step time (validation and data preparation not counted).
+
 ``native_kernels`` in the result says which of :mod:`iwae.native`'s CPU paths the iwae steps took, and
 ``gradients`` how they got their gradients (:mod:`iwae.backprop`'s explicit backpropagation, autograd, or
 ``torch.compile`` with ``--compile``); ``IWAE_NATIVE=0`` measures without the native paths and explicit
@@ -67,7 +70,7 @@ from tqdm import tqdm
 
 from iwae import backprop, native
 from iwae.checkpoint import atomic_write_text
-from iwae.config import TrainConfig
+from iwae.config import BURDA_STAGES, TrainConfig
 from iwae.data import Dataset, Split, binarize, load_dataset
 from iwae.estimators import BoundSpec
 from iwae.models import LatentVariableModel, ModelConfig
@@ -79,6 +82,9 @@ PYRO_MISSING = "pyro-ppl not installed (pip install 'iwae[bench]')"
 PYRO_SKIPPED = "skipped (--no-pyro)"
 TRAIN_IMPLS = ("iwae", "plain", "pyro")
 POOL_BATCHES = 4  # distinct pre-binarised minibatches cycled through by every training benchmark
+BURDA_PASSES = sum(epochs for epochs, _ in BURDA_STAGES)  # 3,280 passes over the training set
+BURDA_TRAIN_IMAGES = 59_600  # MNIST training images in Burda's split (the last 400 of 60,000 validate)
+BURDA_BATCH = 20
 MIN_TIMED_SECONDS = 2e-3  # matmul timings loop a call until one repeat takes at least this long
 
 
@@ -535,8 +541,17 @@ def measure_cell(
     return rows
 
 
+def burda_schedule_hours(ms_per_step: float | None, batch: int) -> float | None:
+    """Hours that Burda's schedule (3,280 passes over 59,600 images at minibatch 20) takes at this step time,
+    validation and data preparation not counted; None for other minibatch sizes or without a time."""
+    if ms_per_step is None or batch != BURDA_BATCH:
+        return None
+    return ms_per_step / 1e3 * math.ceil(BURDA_TRAIN_IMAGES / batch) * BURDA_PASSES / 3600
+
+
 def compare(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Ratios for one cell: iwae's GFLOP/s over the roofline's, iwae's examples/s over each baseline's."""
+    """Ratios for one cell: iwae's GFLOP/s over the roofline's, iwae's examples/s over each baseline's; at
+    minibatch 20 also the hours of Burda's schedule at iwae's step time."""
     by_impl = {row["impl"]: row for row in rows}
     ours = by_impl["iwae"]
 
@@ -550,6 +565,7 @@ def compare(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "roofline_fraction": ratio(ours["gflops"], by_impl["roofline"]["gflops"]),
         "speedup_vs_plain": ratio(ours["examples_per_s"], by_impl["plain"]["examples_per_s"]),
         "speedup_vs_pyro": ratio(ours["examples_per_s"], by_impl["pyro"]["examples_per_s"]),
+        "burda_schedule_hours": burda_schedule_hours(ours["ms_per_step"], ours["batch"]),
     }
 
 
@@ -830,6 +846,14 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {_fmt(c['roofline_fraction'], '.2f')} | {_fmt(c['speedup_vs_plain'], '.2f', 'x')} "
             f"| {_fmt(c['speedup_vs_pyro'], '.2f', 'x')} |"
         )
+    schedule = [c for c in result["comparisons"] if c.get("burda_schedule_hours") is not None]
+    if schedule:
+        cells = ", ".join(
+            f"{c['layers']} layer{'s' if c['layers'] > 1 else ''} k = {c['k']}: {c['burda_schedule_hours']:.1f} h"
+            for c in schedule
+        )
+        setting = f"{BURDA_PASSES:,} passes over {BURDA_TRAIN_IMAGES:,} images at minibatch {BURDA_BATCH}"
+        lines += ["", f"Burda's schedule ({setting}, validation not counted) at iwae's step times: {cells}."]
     rss = result["eval_peak_rss_mb"]
     cuda = result["eval_cuda_peak_mb"]
     lines += [

@@ -18,7 +18,7 @@ HAVE_COMPILER = shutil.which(os.environ.get("CC", "cc")) is not None
 needs_native = pytest.mark.skipif(not native.available(), reason=native.status())
 
 
-@pytest.mark.skipif(not HAVE_COMPILER or os.environ.get(native.SWITCH) == "0", reason="no C compiler, or switched off")
+@pytest.mark.skipif(not HAVE_COMPILER or native.switched_off(), reason="no C compiler, or switched off")
 def test_kernels_build_where_a_compiler_exists() -> None:
     """With a C compiler on PATH the kernels must build: a silent fallback would hide a broken build."""
     assert native.available(), native.status()

@@ -28,7 +28,6 @@ At Burda's minibatch 20 a step is small enough for that to matter: on this proje
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 
 import torch
@@ -51,7 +50,7 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 def applies(model: torch.nn.Module, spec: BoundSpec, estimator: str) -> bool:
     """Whether :func:`accumulate_gradients` serves this model with this estimator (any objective)."""
     return (
-        os.environ.get(native.SWITCH, "1") != "0"
+        not native.switched_off()
         and estimator in ESTIMATOR_NAMES
         and isinstance(model, LatentVariableModel)
         and model.config.likelihood in LIKELIHOODS
@@ -61,17 +60,6 @@ def applies(model: torch.nn.Module, spec: BoundSpec, estimator: str) -> bool:
 
 def _accumulate(param: torch.nn.Parameter, grad: Tensor) -> None:
     param.grad = grad if param.grad is None else param.grad.add_(grad)
-
-
-def _hidden_outputs(head: MLPHead, inputs: Tensor) -> list[Tensor]:
-    """``[inputs, hidden_1, ..., hidden_n]``: each hidden layer's activations (the head's input is the last)."""
-    outputs = [inputs]
-    for layer in head.hidden:
-        if head.activation_name in native.FUSED_ACTIVATIONS:
-            outputs.append(native.fused_linear(outputs[-1], layer.weight, layer.bias, head.activation_name))
-        else:
-            outputs.append(head.activation(native.fused_linear(outputs[-1], layer.weight, layer.bias)))
-    return outputs
 
 
 def _head_outputs(head: MLPHead, outputs: list[Tensor]) -> tuple[Tensor, ...]:
@@ -128,13 +116,12 @@ class _Tape:
     """What the forward pass keeps for the backward pass (for the model's L stochastic layers)."""
 
     def __init__(self) -> None:
-        self.encoder_outputs: list[list[Tensor]] = []  # per layer j: _hidden_outputs of q(h_j | h_{j-1})
-        self.means: list[Tensor] = []  # q's means, [batch, d] for the first layer, [k, batch, d] above
-        self.stds: list[Tensor] = []  # exp(log_std), shaped like the means
+        self.encoder_outputs: list[list[Tensor]] = []  # per layer j: hidden_outputs of q(h_j | h_{j-1})
+        self.stds: list[Tensor] = []  # q's exp(log_std): [batch, d] for the first layer, [k, batch, d] above
         self.latents: list[Tensor] = []  # h_j, [k, batch, d_j]
-        self.prior_outputs: list[list[Tensor]] = []  # per j < L-1: _hidden_outputs of p(h_j | h_{j+1})
+        self.prior_outputs: list[list[Tensor]] = []  # per j < L-1: hidden_outputs of p(h_j | h_{j+1})
         self.prior_params: list[tuple[Tensor, Tensor]] = []  # per j < L-1: (mean, log_std) of p(h_j | h_{j+1})
-        self.observation_outputs: list[Tensor] = []  # _hidden_outputs of p(x | h_1)
+        self.observation_outputs: list[Tensor] = []  # hidden_outputs of p(x | h_1)
         self.observation_pre: Tensor | None = None  # Bernoulli: W f of the output layer, before its bias
         self.observation_params: tuple[Tensor, Tensor] | None = None  # Gaussian: (mean, log_std), [k, batch, x_dim]
 
@@ -145,25 +132,24 @@ def _forward(model: LatentVariableModel, x: Tensor, noise: list[Tensor], tape: _
     fills ``tape``."""
     inputs, log_q = x, x.new_zeros(())
     for head, eps in zip(model.encoder, noise, strict=True):
-        outputs = _hidden_outputs(head, inputs)
+        outputs = head.hidden_outputs(inputs)
         mean, log_std = _head_outputs(head, outputs)
         std = torch.exp(log_std)
         inputs = mean + std * eps
         log_q = log_q + gaussian_log_prob_of_noise(eps, log_std)
         tape.encoder_outputs.append(outputs)
-        tape.means.append(mean)
         tape.stds.append(std)
         tape.latents.append(inputs)
     latents = tape.latents
     log_prior = standard_normal_log_prob(latents[-1])
     for j in range(len(latents) - 1):
-        outputs = _hidden_outputs(model.decoder[j + 1], latents[j + 1])
+        outputs = model.decoder[j + 1].hidden_outputs(latents[j + 1])
         mean, log_std = _head_outputs(model.decoder[j + 1], outputs)
         log_prior = log_prior + gaussian_log_prob(latents[j], mean, log_std)
         tape.prior_outputs.append(outputs)
         tape.prior_params.append((mean, log_std))
     observation = model.decoder[0]
-    tape.observation_outputs = _hidden_outputs(observation, latents[0])
+    tape.observation_outputs = observation.hidden_outputs(latents[0])
     if model.config.likelihood == "bernoulli":
         tape.observation_pre = native.fused_linear(tape.observation_outputs[-1], observation.head.weight)
         log_px = native.bernoulli_log_prob_rows(tape.observation_pre, observation.head.bias, x)
@@ -263,13 +249,11 @@ def _backward(
             grad_log_std = latent_grads[j] * eps * std
         else:  # -log q = sum(log_std) + a function of eps
             grad_log_std = latent_grads[j] * eps * std + grad
-        grad_mean = latent_grads[j]
-        if tape.means[j].dim() < grad_mean.dim():  # the first layer's q is shared by the k samples
-            grad_mean, grad_log_std = grad_mean.sum(dim=0), grad_log_std.sum(dim=0)
-        head_grad = torch.cat([grad_mean, grad_log_std], dim=-1)
-        if j == 0:
+        if j == 0:  # the first layer's q (of x alone) is shared by the k samples, and x is data
+            head_grad = torch.cat([latent_grads[0].sum(dim=0), grad_log_std.sum(dim=0)], dim=-1)
             _mlp_backward(head, outputs, head_grad, params=True, input_grad=False)
             continue
+        head_grad = torch.cat([latent_grads[j], grad_log_std], dim=-1)
         if stop_q_params:  # the stopped parameters of q(h_j | h_j-1) still depend on h_j-1, through q's network
             _mlp_backward(head, outputs, head_grad, params=True, input_grad=False)
             head_grad = head_grad + torch.cat([-grad * eps / std, grad * (1.0 - eps * eps)], dim=-1)

@@ -169,19 +169,24 @@ class MLPHead(nn.Module):
         return self.split_head(_linear(self.head, self.features(inputs, detach_params), detach_params))
 
     def features(self, inputs: Tensor, detach_params: bool = False) -> Tensor:
-        """The last hidden layer's activations, the input of the linear head.
+        """The last hidden layer's activations, the input of the linear head."""
+        return self.hidden_outputs(inputs, detach_params)[-1]
+
+    def hidden_outputs(self, inputs: Tensor, detach_params: bool = False) -> list[Tensor]:
+        """``[inputs, hidden_1, ..., hidden_n]``: each hidden layer's activations (the head's input is the last;
+        :mod:`iwae.backprop` keeps them all).
 
         On CPU float32 each layer is one oneDNN primitive with the activation fused in
         (:func:`iwae.native.fused_linear`) where oneDNN has the activation.
         """
-        hidden = inputs
+        outputs = [inputs]
         fused = self.activation_name in native.FUSED_ACTIVATIONS and native.fused_linear_applies(inputs)
         for layer in self.hidden:
             if fused:
-                hidden = _linear(layer, hidden, detach_params, self.activation_name)
+                outputs.append(_linear(layer, outputs[-1], detach_params, self.activation_name))
             else:
-                hidden = self.activation(_linear(layer, hidden, detach_params))
-        return hidden
+                outputs.append(self.activation(_linear(layer, outputs[-1], detach_params)))
+        return outputs
 
     def split_head(self, outputs: Tensor) -> tuple[Tensor, ...]:
         # A one-parameter head is returned whole: split() would cost a copy in the backward pass.

@@ -86,23 +86,32 @@ def gradient_snr(
         "decoder": GradientMoments.zeros(sum(p.numel() for p in decoder_params)),
     }
     for _ in range(repeats):
-        encoder_grads, decoder_grads = _gradients(model, x, k, generator, spec, estimator)
+        encoder_grads, decoder_grads = _gradients(
+            model, x, k, generator, spec, estimator, encoder_params, decoder_params
+        )
         moments["encoder"].add(encoder_grads)
         moments["decoder"].add(decoder_grads)
     return {part: moments[part].snr() for part in PARTS}
 
 
 def _gradients(
-    model: nn.Module, x: Tensor, k: int, generator: torch.Generator, spec: BoundSpec, estimator: str
+    model: nn.Module,
+    x: Tensor,
+    k: int,
+    generator: torch.Generator,
+    spec: BoundSpec,
+    estimator: str,
+    encoder_params: list[nn.Parameter],
+    decoder_params: list[nn.Parameter],
 ) -> tuple[list[Tensor], list[Tensor]]:
     """One estimate's encoder and decoder gradients: through :mod:`iwae.backprop` where it applies (the same
     noise and values up to rounding; the model's ``.grad`` is used and cleared), else through autograd."""
     if not backprop.applies(model, spec, estimator):
         terms = estimate(model, x, k, generator, spec, estimator)
-        return surrogate_gradients(terms, model.encoder_parameters(), model.decoder_parameters())
+        return surrogate_gradients(terms, encoder_params, decoder_params)
     model.zero_grad(set_to_none=True)
     backprop.accumulate_gradients(model, x, model.draw_noise(x.shape[0], k, generator, x.device), spec, estimator)
-    grads = tuple([p.grad for p in params] for params in (model.encoder_parameters(), model.decoder_parameters()))
+    grads = [p.grad for p in encoder_params], [p.grad for p in decoder_params]
     model.zero_grad(set_to_none=True)
     return grads
 

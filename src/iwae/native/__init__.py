@@ -56,6 +56,11 @@ FLAG_SETS = (  # tried in turn: the first that builds is used
 PARALLEL_MIN_ELEMENTS = 1 << 15  # smaller inputs run on the calling thread alone
 
 
+def switched_off() -> bool:
+    """Whether ``IWAE_NATIVE=0`` is in the environment: the native paths (and :mod:`iwae.backprop`) are off."""
+    return os.environ.get(SWITCH, "1") == "0"
+
+
 class _Library:
     """The loaded shared library (or why there is none)."""
 
@@ -129,7 +134,7 @@ def _build_and_load() -> _Library:
 
 @functools.cache
 def _library() -> _Library:
-    if os.environ.get(SWITCH, "1") == "0":
+    if switched_off():
         return _Library(None, f"PyTorch fallback: {SWITCH}=0 in the environment")
     return _build_and_load()
 
@@ -164,7 +169,7 @@ def _plain_linear(inputs: Tensor, weight: Tensor, bias: Tensor | None, activatio
 @functools.cache
 def fused_linear_works() -> bool:
     """Whether PyTorch has the oneDNN op and it agrees with ``F.linear`` (checked once, on a small input)."""
-    if os.environ.get(SWITCH, "1") == "0" or not torch.backends.mkldnn.is_available():
+    if switched_off() or not torch.backends.mkldnn.is_available():
         return False
     generator = torch.Generator().manual_seed(0)
     inputs, weight, bias = (torch.randn(shape, generator=generator) for shape in ((2, 3, 5), (4, 5), (4,)))

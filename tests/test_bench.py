@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from iwae import bench, bounds, native
+from iwae import allocator, bench, bounds, native
 from iwae.cli import main
 from iwae.config import TrainConfig
 from iwae.models import LatentVariableModel, ModelConfig
@@ -93,6 +93,8 @@ def test_tiny_bench_has_the_required_keys_and_finite_values(tiny_result: dict) -
     evaluation = tiny_result["rows"][-1]
     assert len(evaluation["seconds_per_pass"]) == 3 and evaluation["seconds"] in evaluation["seconds_per_pass"]
     assert tiny_result["native_kernels"] == native.status()
+    assert tiny_result["allocator"] == allocator.configure()
+    assert tiny_result["allocator"] in bench.markdown(tiny_result)
     explicit = not native.switched_off()  # the default for Burda's model
     assert tiny_result["gradients"] == ("explicit backpropagation (iwae.backprop)" if explicit else "autograd")
     train = [r for r in tiny_result["rows"] if r["task"] == "train"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from iwae import allocator
 from iwae.cli import main
 
 EVAL_KEYS = {"nll", "k", "split", "n_examples", "active_units"}
@@ -20,7 +21,9 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_train_eval_sample_smoke(tmp_path: Path, capsys) -> None:
+def test_train_eval_sample_smoke(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    configured = []  # every command sets up malloc first (iwae.allocator)
+    monkeypatch.setattr(allocator, "configure", lambda: configured.append(True) or "recorded")
     run = str(tmp_path / "run")
     code, out, _ = _run(
         capsys, "train", "--objective", "iwae", "--k", "2", "--layers", "2", "--epochs", "1",
@@ -41,6 +44,7 @@ def test_train_eval_sample_smoke(tmp_path: Path, capsys) -> None:
     assert code == 0
     png = Path(json.loads(out)["png"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(configured) == 3
 
 
 @pytest.mark.parametrize(

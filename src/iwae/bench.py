@@ -29,7 +29,8 @@ Each minibatch-20 cell also gives ``burda_schedule_hours``: the wall time of Bur
 ``native_kernels`` in the result says which of :mod:`iwae.native`'s CPU paths the iwae steps took, and
 ``gradients`` how they got their gradients (:mod:`iwae.backprop`'s explicit backpropagation, autograd, or
 ``torch.compile`` with ``--compile``); ``IWAE_NATIVE=0`` measures without the native paths and explicit
-backpropagation.
+backpropagation. ``allocator`` says how malloc was set up (:func:`iwae.allocator.configure`, applied
+before anything is measured, so the same for every implementation and for the evaluation subprocess).
 
 Each timing is the median over ``repeats`` after ``warmup`` untimed calls; within a cell the three
 training steps and the roofline's matmuls are timed round-robin (one repeat of each, then the next), so
@@ -68,7 +69,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from iwae import backprop, native
+from iwae import allocator, backprop, native
 from iwae.checkpoint import atomic_write_text
 from iwae.config import BURDA_STAGES, TrainConfig
 from iwae.data import Dataset, Split, binarize, load_dataset
@@ -699,6 +700,7 @@ def load_average() -> float | None:
 
 def _run(settings: BenchSettings, dataset: Dataset | None) -> dict[str, Any]:
     started = time.perf_counter()
+    allocator_setting = allocator.configure()  # every implementation measured under the same malloc settings
     load_before = load_average()
     device = resolve_device(settings.device)
     threads = torch.get_num_threads()
@@ -724,7 +726,12 @@ def _run(settings: BenchSettings, dataset: Dataset | None) -> dict[str, Any]:
         bar.close()
     rows.append({"task": "eval", "impl": "iwae", "layers": 1, **evaluation})
     result = _summary(settings, device, threads, version, pyro_status, rows, comparisons, evaluation, started)
-    result.update(load_average_before=load_before, load_average_after=load_average(), cpu_count=os.cpu_count())
+    result.update(
+        allocator=allocator_setting,
+        load_average_before=load_before,
+        load_average_after=load_average(),
+        cpu_count=os.cpu_count(),
+    )
     cpus = os.cpu_count() or 1
     if load_before is not None and load_before > 0.5 * cpus:
         result["notes"].append(
@@ -827,7 +834,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"## iwae bench ({result['mode']}): {result['device_name']}, {result['threads']} threads, "
         f"torch {result['torch_version']}, pyro {pyro}",
         "",
-        f"Native CPU paths (iwae.native): {result['native_kernels']}. Gradients: {result['gradients']}.",
+        f"Native CPU paths (iwae.native): {result['native_kernels']}. Gradients: {result['gradients']}. "
+        f"Memory: {result.get('allocator', 'not recorded')}.",
         "",
         f"Training steps (IWAE objective, standard estimator{compiled}), median of {result['repeats']} after "
         f"{result['warmup']} warm-up steps, first {result['n_train']} MNIST training images binarised dynamically. "
@@ -890,6 +898,7 @@ def _worker_main(argv: Sequence[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args(argv)
+    allocator.configure()  # as in the parent, so the evaluation runs as `iwae eval` does
     result = eval_worker(args.eval_worker, args.k, args.threads, args.device, args.batch_size, args.seed, args.repeats)
     print(json.dumps(result))
     return 0

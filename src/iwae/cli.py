@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from iwae import allocator
 from iwae.commands import positive_int
 
 EXIT_USAGE = 2
@@ -228,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "run", None) is not None and not Path(args.run).is_dir():
             raise UsageError(f"iwae {args.command}: no run directory {args.run!r}; train one with 'iwae train'")
         handler = getattr(args, "handler", None) or COMMANDS[args.command]
+        allocator.configure()
         payload = handler(args)
     except (UsageError, DataError, RunError, FileNotFoundError) as error:
         print(f"error: {error}" if not isinstance(error, UsageError) else str(error), file=sys.stderr)

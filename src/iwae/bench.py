@@ -29,8 +29,10 @@ Each minibatch-20 cell also gives ``burda_schedule_hours``: the wall time of Bur
 ``native_kernels`` in the result says which of :mod:`iwae.native`'s CPU paths the iwae steps took, and
 ``gradients`` how they got their gradients (:mod:`iwae.backprop`'s explicit backpropagation, autograd, or
 ``torch.compile`` with ``--compile``); ``IWAE_NATIVE=0`` measures without the native paths and explicit
-backpropagation. ``allocator`` says how malloc was set up (:func:`iwae.allocator.configure`, applied
-before anything is measured, so the same for every implementation and for the evaluation subprocess).
+backpropagation. ``allocator`` says how malloc was set up for the training steps
+(:func:`iwae.allocator.configure`, applied before anything is measured, so the same for every
+implementation, as ``iwae train`` sets it); the evaluation subprocess leaves malloc alone, as ``iwae eval``
+does.
 
 Each timing is the median over ``repeats`` after ``warmup`` untimed calls; within a cell the three
 training steps and the roofline's matmuls are timed round-robin (one repeat of each, then the next), so
@@ -835,7 +837,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"torch {result['torch_version']}, pyro {pyro}",
         "",
         f"Native CPU paths (iwae.native): {result['native_kernels']}. Gradients: {result['gradients']}. "
-        f"Memory: {result.get('allocator', 'not recorded')}.",
+        f"Training steps' malloc: {result.get('allocator', 'not recorded')}.",
         "",
         f"Training steps (IWAE objective, standard estimator{compiled}), median of {result['repeats']} after "
         f"{result['warmup']} warm-up steps, first {result['n_train']} MNIST training images binarised dynamically. "
@@ -898,7 +900,6 @@ def _worker_main(argv: Sequence[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args(argv)
-    allocator.configure()  # as in the parent, so the evaluation runs as `iwae eval` does
     result = eval_worker(args.eval_worker, args.k, args.threads, args.device, args.batch_size, args.seed, args.repeats)
     print(json.dumps(result))
     return 0

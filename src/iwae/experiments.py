@@ -59,7 +59,6 @@ from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Any
 
-from iwae import allocator
 from iwae.store import ResultStore, now
 
 RUNS_SUBDIR = "runs"
@@ -357,10 +356,8 @@ def execute(
     """Run one spec (``RunSpec.to_dict()``) in ``out_dir`` and record it in the database there.
 
     Returns ``(name, status, error)``; errors are recorded, not raised, so one bad run does not
-    stop a sweep. Sets up malloc (:func:`iwae.allocator.configure`): a sweep's worker processes do not
-    inherit it from the command line's process.
+    stop a sweep.
     """
-    allocator.configure()
     out_dir = Path(out_dir)
     store = ResultStore.in_dir(out_dir)
     name = spec["name"]

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from iwae import allocator
+from iwae import allocator, native
 
 resource = pytest.importorskip("resource")
 
 GLIBC = allocator._glibc_version() is not None
-APPLIES = GLIBC and os.environ.get(allocator.SWITCH, "1") != "0"
+APPLIES = GLIBC and not native.switched_off()
 
 
 def _faults_per_allocation(numel: int, repeats: int) -> float:

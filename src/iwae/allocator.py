@@ -18,8 +18,9 @@ memory rose from 1.13 to 1.32 GB in that minibatch-1,000 training run, and from 
 ``iwae eval`` of the test set, which gained no speed. So the command line calls it only for the commands
 that train, ``iwae train`` and ``iwae bench`` (so that every implementation the bench compares trains
 under the same settings); library users can call it themselves.
-``IWAE_NATIVE=0`` in the environment, or a C library other than glibc, leaves the allocator as it is. This
-module does not import torch.
+``IWAE_NATIVE=0`` in the environment (:func:`iwae.native.switched_off`), or a C library other than glibc, leaves
+the allocator as it is. Importing this module does not import torch; :func:`configure` does (through
+:mod:`iwae.native`), as the commands that call it need torch anyway.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import os
 MMAP_THRESHOLD = 512 * 2**20  # bytes: larger blocks are still mmap'ed (and unmapped when freed)
 TRIM_THRESHOLD = 1024 * 2**20  # bytes of free memory at the top of the heap kept before trimming
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glibc's malloc.h)
-SWITCH = "IWAE_NATIVE"  # "0" leaves the allocator alone (as it turns off iwae.native's paths)
 
 
 def _glibc_version() -> str | None:
@@ -45,8 +45,10 @@ def _glibc_version() -> str | None:
 @functools.cache
 def configure() -> str:
     """Fix glibc's mmap and trim thresholds for this process (once); one line saying what was done."""
-    if os.environ.get(SWITCH, "1") == "0":
-        return f"the platform's default allocator settings ({SWITCH}=0)"
+    from iwae import native  # the switch that turns the native paths off turns this off too
+
+    if native.switched_off():
+        return f"the platform's default allocator settings ({native.SWITCH}=0)"
     version = _glibc_version()
     if version is None:
         return "the platform's default allocator settings (not glibc)"

@@ -43,7 +43,7 @@ from iwae.models import (
     standard_normal_log_prob,
 )
 
-ACTIVATIONS = ("tanh", "relu", "softplus")  # hidden activations whose derivative is written below (from the outputs)
+ACTIVATIONS = ("tanh", "relu", "softplus")  # hidden activations whose derivative native.activation_backward has
 LIKELIHOODS = ("bernoulli", "gaussian")
 
 
@@ -66,14 +66,6 @@ def _head_outputs(head: MLPHead, outputs: list[Tensor]) -> tuple[Tensor, ...]:
     return head.split_head(native.fused_linear(outputs[-1], head.head.weight, head.head.bias))
 
 
-def _activation_backward(activation: str, grad: Tensor, outputs: Tensor) -> Tensor:
-    if activation == "tanh":
-        return torch.ops.aten.tanh_backward(grad, outputs)
-    if activation == "relu":
-        return torch.ops.aten.threshold_backward(grad, outputs, 0)
-    return grad * -torch.expm1(-outputs)  # softplus: sigmoid(a) = 1 - exp(-softplus(a))
-
-
 def _mlp_backward(
     head: MLPHead, outputs: list[Tensor], grad_head: Tensor, *, params: bool, input_grad: bool
 ) -> Tensor | None:
@@ -85,7 +77,7 @@ def _mlp_backward(
     for index in reversed(range(len(layers))):
         layer = layers[index]
         if index < len(layers) - 1:
-            grad = _activation_backward(head.activation_name, grad, outputs[index + 1])
+            grad = native.activation_backward(head.activation_name, grad, outputs[index + 1])
         if params:
             rows = grad.reshape(-1, grad.shape[-1])
             inputs = outputs[index]

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 PACKAGE_DATA = Path(__file__).parent / "_data"
+IDX_VALIDATION_IMAGES = 400  # MNIST and Fashion-MNIST: the last 400 of the 60,000 training images validate (Burda)
 
 
 class DataError(RuntimeError):
@@ -332,7 +333,7 @@ def _load_idx_dataset(name: str, root, download: bool, progress: bool) -> Datase
 
     train_x = read("train_images").reshape(-1, 784).astype(np.float32) / 255.0
     test_x = read("test_images").reshape(-1, 784).astype(np.float32) / 255.0
-    train, valid = _split_tail(train_x, read("train_labels"), n_valid=400)  # Burda: 59,600 / 400
+    train, valid = _split_tail(train_x, read("train_labels"), n_valid=IDX_VALIDATION_IMAGES)  # Burda: 59,600 / 400
     test = Split(torch.from_numpy(test_x), torch.from_numpy(read("test_labels").astype(np.int64)))
     return Dataset(name, train, valid, test, "dynamic")
 

@@ -98,14 +98,14 @@ def training_step(
         (-terms.surrogate.mean()).backward()
         return terms.bound.detach()
     spec = estimators.BoundSpec.from_config(config)
-    if compiled_estimate is None and backprop.applies(model, spec, config.estimator):
-        noise = model.draw_noise(x.shape[0], config.k, generator, x.device)
-        return backprop.accumulate_gradients(model, x, noise, spec, config.estimator)
-    if compiled_estimate is None:
-        terms = estimators.estimate(model, x, config.k, generator, spec, config.estimator)
-    else:
+    if compiled_estimate is not None:
         noise = model.draw_noise(x.shape[0], config.k, generator, x.device)
         terms = compiled_estimate(model, x, noise, spec, config.estimator)
+    elif backprop.applies(model, spec, config.estimator):
+        noise = model.draw_noise(x.shape[0], config.k, generator, x.device)
+        return backprop.accumulate_gradients(model, x, noise, spec, config.estimator)
+    else:
+        terms = estimators.estimate(model, x, config.k, generator, spec, config.estimator)
     estimators.backward(model, terms)
     return terms.bound
 

@@ -202,16 +202,27 @@ class _FusedLinear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         inputs, weight, outputs = ctx.saved_tensors
-        if ctx.activation == "tanh":
-            grad = torch.ops.aten.tanh_backward(grad, outputs)
-        elif ctx.activation == "relu":
-            grad = torch.ops.aten.threshold_backward(grad, outputs, 0)
+        grad = activation_backward(ctx.activation, grad, outputs)
         flat_grad = grad.reshape(-1, grad.shape[-1])
         needs_inputs, needs_weight, needs_bias, _ = ctx.needs_input_grad
         grad_inputs = linear_input_grad(grad, weight) if needs_inputs else None
         grad_weight = flat_grad.T @ inputs.reshape(-1, inputs.shape[-1]) if needs_weight else None
         grad_bias = flat_grad.sum(dim=0) if needs_bias and ctx.has_bias else None
         return grad_inputs, grad_weight, grad_bias, None
+
+
+def activation_backward(activation: str, grad: Tensor, outputs: Tensor) -> Tensor:
+    """The gradient with respect to an activation's inputs, from the one with respect to its ``outputs`` and those
+    outputs: ``activation`` is one of :data:`FUSED_ACTIVATIONS` or ``"softplus"``."""
+    if activation == "tanh":
+        return torch.ops.aten.tanh_backward(grad, outputs)
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad, outputs, 0)
+    if activation == "softplus":
+        return grad * -torch.expm1(-outputs)  # sigmoid(a) = 1 - exp(-softplus(a))
+    if activation == "none":
+        return grad
+    raise ValueError(f"no derivative from the outputs for activation {activation!r}")
 
 
 def fused_linear_applies(inputs: Tensor) -> bool:

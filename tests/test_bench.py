@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,44 @@ def test_benchmark_script_help() -> None:
         [sys.executable, str(REPO / "benchmarks" / "bench.py"), "--help"], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0 and "iwae bench" in done.stdout
+
+
+def test_a_repeat_runs_calls_back_to_back_for_the_minimum_time() -> None:
+    """A training step's repeat is a run of consecutive steps (as a training loop takes them), not one step."""
+    counts = {"step": 0, "matmul": 0}
+
+    def call(name: str, seconds: float):
+        def fn() -> None:
+            counts[name] += 1
+            started = time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                pass
+
+        return fn
+
+    calls = {
+        "step": bench.Timed(call("step", 0.001), min_seconds=0.05),
+        "matmul": bench.Timed(call("matmul", 0.001)),
+    }
+    seconds = bench.time_round_robin(calls, repeats=3, warmup=1, sync=lambda: None)
+    assert counts["matmul"] == 1 + 1 + 3  # warm-up, the probe for calls per repeat, one call a repeat
+    assert counts["step"] >= 1 + 1 + 3 * 2  # 0.05 s of 1 ms calls: 50 a repeat, at least 2 on a crowded machine
+    assert all(0.001 <= value < 0.05 for value in seconds.values())  # seconds per call, not per repeat
+
+
+def test_the_training_steps_are_timed_in_runs_of_consecutive_steps(monkeypatch) -> None:
+    timed: dict[str, bench.Timed] = {}
+
+    def capture(calls, repeats, warmup, sync):
+        timed.update(calls)
+        return {name: 1e-3 for name in calls}
+
+    monkeypatch.setattr(bench, "time_round_robin", capture)
+    settings = bench.BenchSettings(mode="test", layers=(1,), ks=(2,), batches=(3,), pyro=False, progress=False)
+    bench.measure_cell(1, 2, 3, torch.full((4, 784), 0.3), settings, bench.PYRO_SKIPPED)
+    assert timed["iwae"].min_seconds == timed["plain"].min_seconds == bench.TRAINING_MIN_SECONDS > 0
+    matmuls = [value for name, value in timed.items() if name not in ("iwae", "plain")]
+    assert matmuls and all(value.min_seconds == bench.MIN_TIMED_SECONDS for value in matmuls)
 
 
 @pytest.mark.parametrize("layers", [1, 2])

@@ -36,7 +36,12 @@ does.
 
 Each timing is the median over ``repeats`` after ``warmup`` untimed calls; within a cell the three
 training steps and the roofline's matmuls are timed round-robin (one repeat of each, then the next), so
-a change in the machine's load hits them alike. FLOPs count the
+a change in the machine's load hits them alike. A repeat of a training step runs consecutive steps for at
+least ``TRAINING_MIN_SECONDS``, as a training loop does: one step timed alone, after the other
+implementations' work, also measures the refill of its caches (the model, its gradients, Adam's moments),
+which costs the shortest steps most: at k = 5, batch 20, Pyro's time per step over iwae's was 2.33-2.42 in
+back-to-back loops (``train.fit``'s and an SVI loop), 1.98-2.21 timed a step at a time and 2.27-2.64 timed
+as here, in three interleaved rounds. FLOPs count the
 matmuls only: ``2 * in * out`` per row per linear layer, a training step = 3x the forward pass
 (:func:`model_flops`; element-wise work such as tanh and the log-densities is not counted).
 
@@ -89,6 +94,7 @@ BURDA_PASSES = sum(epochs for epochs, _ in BURDA_STAGES)  # 3,280 passes over th
 BURDA_TRAIN_IMAGES = 60_000 - IDX_VALIDATION_IMAGES  # MNIST training images in Burda's split: 59,600
 BURDA_BATCH = 20
 MIN_TIMED_SECONDS = 2e-3  # matmul timings loop a call until one repeat takes at least this long
+TRAINING_MIN_SECONDS = 0.1  # a repeat of a training step runs consecutive steps for at least this long
 
 
 # -- settings -----------------------------------------------------------------------------------
@@ -523,7 +529,8 @@ def measure_cell(
 ) -> list[dict[str, Any]]:
     """Rows for one (layers, k, batch): iwae, plain, pyro (or its reason for being skipped), roofline.
 
-    The three training steps and the roofline's matmuls are timed round-robin in one loop.
+    The three training steps (consecutive steps for :data:`TRAINING_MIN_SECONDS` a repeat) and the roofline's
+    matmuls are timed round-robin in one loop.
     """
     device = images.device
     config = TrainConfig(objective="iwae", k=k, batch_size=batch, model=ModelConfig.burda(layers), seed=settings.seed)
@@ -533,7 +540,7 @@ def measure_cell(
         steps["pyro"] = PyroIWAE(PlainIWAE(config.model).to(device).copy_from(model), k, config).step
     steps["iwae"] = iwae_step(model, config, settings.compile)  # all three start from model's initial parameters
     pool = binarised_pool(images, batch, torch.Generator(device=device).manual_seed(settings.seed))
-    calls = {name: Timed(_cycling(step, pool)) for name, step in steps.items()}
+    calls = {name: Timed(_cycling(step, pool), TRAINING_MIN_SECONDS) for name, step in steps.items()}
     matmuls, per_layer = roofline_calls(config.model, k, batch, device)
     seconds = time_round_robin({**calls, **matmuls}, settings.repeats, settings.warmup, synchronizer(device))
     flops = model_flops(config.model).training_step(k, batch)
@@ -798,6 +805,8 @@ def _summary(
         "seconds": time.perf_counter() - started,
         "notes": [
             eval_note,
+            f"each repeat of a training step runs consecutive steps for at least {TRAINING_MIN_SECONDS:g} s, "
+            "as a training loop does; ms per step is the median repeat's time over its steps",
             "GFLOP/s count matmul FLOPs only: 2*in*out per row per linear layer, a training step = 3x forward",
             "Pyro's RenyiELBO sums log-weights over the data plate before the log-mean-exp over particles "
             "(not the per-example IWAE bound for batch > 1); the cost per step is the same",

@@ -79,10 +79,8 @@ def _mlp_backward(
         if index < len(layers) - 1:
             grad = native.activation_backward(head.activation_name, grad, outputs[index + 1])
         if params:
-            rows = grad.reshape(-1, grad.shape[-1])
-            inputs = outputs[index]
-            _accumulate(layer.weight, rows.T @ inputs.reshape(-1, inputs.shape[-1]))
-            _accumulate(layer.bias, rows.sum(dim=0))
+            _accumulate(layer.weight, native.linear_weight_grad(grad, outputs[index]))
+            _accumulate(layer.bias, grad.reshape(-1, grad.shape[-1]).sum(dim=0))
         if index > 0 or input_grad:
             grad = native.linear_input_grad(grad, layer.weight)
     return grad if input_grad else None
@@ -237,7 +235,8 @@ def _backward(
     for j in reversed(range(len(latents))):  # h_j = mean + std * eps
         eps, std, head, outputs = noise[j], tape.stds[j], model.encoder[j], tape.encoder_outputs[j]
         if stop_q_params:  # -log q(h_j) with q's parameters stopped, through h_j: (h_j - mean) / std^2 = eps / std
-            latent_grads[j] += grad * eps / std
+            stopped_score = grad * eps / std
+            latent_grads[j] += stopped_score
             grad_log_std = latent_grads[j] * eps * std
         else:  # -log q = sum(log_std) + a function of eps
             grad_log_std = latent_grads[j] * eps * std + grad
@@ -248,7 +247,7 @@ def _backward(
         head_grad = torch.cat([latent_grads[j], grad_log_std], dim=-1)
         if stop_q_params:  # the stopped parameters of q(h_j | h_j-1) still depend on h_j-1, through q's network
             _mlp_backward(head, outputs, head_grad, params=True, input_grad=False)
-            head_grad = head_grad + torch.cat([-grad * eps / std, grad * (1.0 - eps * eps)], dim=-1)
+            head_grad = head_grad + torch.cat([-stopped_score, grad * (1.0 - eps * eps)], dim=-1)
             latent_grads[j - 1] += _mlp_backward(head, outputs, head_grad, params=False, input_grad=True)
         else:
             latent_grads[j - 1] += _mlp_backward(head, outputs, head_grad, params=True, input_grad=True)

@@ -203,11 +203,10 @@ class _FusedLinear(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         inputs, weight, outputs = ctx.saved_tensors
         grad = activation_backward(ctx.activation, grad, outputs)
-        flat_grad = grad.reshape(-1, grad.shape[-1])
         needs_inputs, needs_weight, needs_bias, _ = ctx.needs_input_grad
         grad_inputs = linear_input_grad(grad, weight) if needs_inputs else None
-        grad_weight = flat_grad.T @ inputs.reshape(-1, inputs.shape[-1]) if needs_weight else None
-        grad_bias = flat_grad.sum(dim=0) if needs_bias and ctx.has_bias else None
+        grad_weight = linear_weight_grad(grad, inputs) if needs_weight else None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(dim=0) if needs_bias and ctx.has_bias else None
         return grad_inputs, grad_weight, grad_bias, None
 
 
@@ -261,6 +260,12 @@ def linear_input_grad(grad: Tensor, weight: Tensor) -> Tensor:
     if grad.numel() * weight.shape[1] >= ONEDNN_INPUT_GRAD_MIN_MACS and fused_linear_applies(grad):
         return _fused_linear_op(grad, weight.T, None, "none")
     return grad @ weight
+
+
+def linear_weight_grad(grad: Tensor, inputs: Tensor) -> Tensor:
+    """``grad^T @ inputs`` over all leading dimensions, a linear layer's gradient with respect to its weight
+    (``[out, in]``) from the gradient of its outputs ``[..., out]`` and its inputs ``[..., in]``."""
+    return grad.reshape(-1, grad.shape[-1]).T @ inputs.reshape(-1, inputs.shape[-1])
 
 
 # -- the kernels, as an autograd function (eager) and as custom operators (torch.compile) ----------------

@@ -16,6 +16,7 @@ from iwae import allocator, bench, bounds, native
 from iwae.cli import main
 from iwae.config import TrainConfig
 from iwae.models import LatentVariableModel, ModelConfig
+from iwae.native import step as native_step
 
 REQUIRED_KEYS = {
     "roofline_fraction_k50",
@@ -97,7 +98,8 @@ def test_tiny_bench_has_the_required_keys_and_finite_values(tiny_result: dict) -
     assert tiny_result["allocator"] == allocator.configure()
     assert tiny_result["allocator"] in bench.markdown(tiny_result)
     explicit = not native.switched_off()  # the default for Burda's model
-    assert tiny_result["gradients"] == ("explicit backpropagation (iwae.backprop)" if explicit else "autograd")
+    assert tiny_result["gradients"].startswith("explicit backpropagation (iwae.backprop)" if explicit else "autograd")
+    assert ("in C++" in tiny_result["gradients"]) == native_step.available()
     train = [r for r in tiny_result["rows"] if r["task"] == "train"]
     assert len(train) == 4 * 3  # iwae, plain, pyro per cell
     for row in train:

@@ -23,6 +23,10 @@ bookkeeping (recording the graph, saving tensors, the engine's traversal, the co
 At Burda's minibatch 20 a step is small enough for that to matter: on this project's CPU a k = 5, batch 20 step was
 1.2x faster, a DReG step 1.3x. Where it does not apply, training goes through autograd as before;
 ``IWAE_NATIVE=0`` turns this path off with the native kernels.
+
+For the VAE and IWAE bounds with the standard estimator on Burda's models in float32 on the CPU, the same steps run
+in C++ (:mod:`iwae.native.step`, which this module's Python is the reference for): one Python call per step instead
+of about 80, 1.2-1.4x faster again at minibatch 20 on this project's CPU.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from iwae.models import (
     gaussian_log_prob_of_noise,
     standard_normal_log_prob,
 )
+from iwae.native import step as native_step
 
 ACTIVATIONS = ("tanh", "relu", "softplus")  # hidden activations whose derivative native.activation_backward has
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -261,7 +266,12 @@ def accumulate_gradients(
 
     ``noise`` is :meth:`~iwae.models.LatentVariableModel.draw_noise`'s; the model must be one that :func:`applies`
     to. Returns the bound to report, ``[batch]``, as :func:`iwae.estimators.estimate` would.
+
+    Where :func:`iwae.native.step.applies` (the VAE and IWAE bounds with the standard estimator on Burda's models,
+    float32 on the CPU), the same computation runs in C++, from one Python call.
     """
+    if native_step.applies(model, spec.objective, estimator, x):
+        return native_step.accumulate_gradients(model, x, noise, spec.objective)
     tape = _Tape()
     log_w = _forward(model, x, noise, tape)
     decoder_grad, encoder_grad, bound = _log_weight_gradients(spec, estimator, log_w)

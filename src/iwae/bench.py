@@ -27,12 +27,12 @@ Each minibatch-20 cell also gives ``burda_schedule_hours``: the wall time of Bur
 59,600 images at iwae's step time (validation and data preparation not counted).
 
 ``native_kernels`` in the result says which of :mod:`iwae.native`'s CPU paths the iwae steps took, and
-``gradients`` how they got their gradients (:mod:`iwae.backprop`'s explicit backpropagation, autograd, or
-``torch.compile`` with ``--compile``); ``IWAE_NATIVE=0`` measures without the native paths and explicit
-backpropagation. ``allocator`` says how malloc was set up for the training steps
-(:func:`iwae.allocator.configure`, applied before anything is measured, so the same for every
-implementation, as ``iwae train`` sets it); the evaluation subprocess leaves malloc alone, as ``iwae eval``
-does.
+``gradients`` how they got their gradients (:mod:`iwae.backprop`'s explicit backpropagation, in C++ through
+:mod:`iwae.native.step` where it builds; autograd; or ``torch.compile`` with ``--compile``); ``IWAE_NATIVE=0``
+measures without the native paths and explicit backpropagation. ``allocator`` says how malloc was set up for
+the training steps (:func:`iwae.allocator.configure`, applied before anything is measured, so the same for
+every implementation, as ``iwae train`` sets it); the evaluation subprocess leaves malloc alone, as
+``iwae eval`` does.
 
 Each timing is the median over ``repeats`` after ``warmup`` untimed calls; within a cell the three
 training steps and the roofline's matmuls are timed round-robin (one repeat of each, then the next), so
@@ -82,6 +82,7 @@ from iwae.config import BURDA_STAGES, TrainConfig
 from iwae.data import IDX_VALIDATION_IMAGES, Dataset, Split, binarize, load_dataset
 from iwae.estimators import BoundSpec
 from iwae.models import LatentVariableModel, ModelConfig
+from iwae.native import step as native_step
 from iwae.runs import resolve_device
 from iwae.train import build_model, build_optimizer, compile_estimate, training_step
 
@@ -832,9 +833,11 @@ def _gradient_path(settings: BenchSettings) -> str:
     if settings.compile:
         return "torch.compile (iwae train --compile)"
     model = LatentVariableModel(ModelConfig.burda(1))
-    if backprop.applies(model, BoundSpec("iwae"), "standard"):
-        return "explicit backpropagation (iwae.backprop)"
-    return "autograd"
+    if not backprop.applies(model, BoundSpec("iwae"), "standard"):
+        return "autograd"
+    if native_step.applies(model, "iwae", "standard", torch.zeros(1, model.config.x_dim)):
+        return f"explicit backpropagation (iwae.backprop), in C++: {native_step.status()}"
+    return f"explicit backpropagation (iwae.backprop), in Python: {native_step.status()}"
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -1,0 +1,170 @@
+"""The C++ training step (iwae.native.step) against iwae.backprop's Python path and autograd, in float32."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from iwae import backprop, estimators, native
+from iwae.config import TrainConfig
+from iwae.models import LatentVariableModel, ModelConfig
+from iwae.native import step
+from iwae.train import training_step
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("c++") is None or not native.available(), reason="no C++ compiler or no native kernels"
+)
+SMALL = {
+    1: ModelConfig(x_dim=12, latent_dims=(3,), hidden_dims=((6, 5),)),
+    2: ModelConfig(x_dim=12, latent_dims=(4, 3), hidden_dims=((6, 5), (5,))),
+}
+
+
+def _model(config: ModelConfig, seed: int) -> LatentVariableModel:
+    torch.manual_seed(seed)
+    model = LatentVariableModel(config)
+    with torch.no_grad():  # biases away from zero, so that every term of the gradient is exercised
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.uniform_(-0.5, 0.5)
+    return model
+
+
+def _inputs(model: LatentVariableModel, k: int, batch: int, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.bernoulli(torch.full((batch, model.config.x_dim), 0.3), generator=generator)
+    return x, model.draw_noise(batch, k, generator)
+
+
+def _gradients(function, model, *args) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    bound = function(model, *args)
+    return bound, [param.grad.clone() for param in model.parameters()]
+
+
+def _python_path(model, x, noise, objective: str) -> torch.Tensor:
+    """iwae.backprop's explicit backpropagation in Python, as it runs where the C++ step does not apply."""
+    tape = backprop._Tape()
+    log_w = backprop._forward(model, x, noise, tape)
+    decoder_grad, encoder_grad, bound = backprop._log_weight_gradients(
+        estimators.BoundSpec(objective), "standard", log_w
+    )
+    backprop._backward(model, x, noise, tape, (decoder_grad, encoder_grad), stop_q_params=False)
+    return bound
+
+
+def _autograd(model, x, noise, objective: str) -> torch.Tensor:
+    terms = estimators.estimate_from_noise(model, x, noise, estimators.BoundSpec(objective), "standard")
+    estimators.backward(model, terms)
+    return terms.bound.detach()
+
+
+def _assert_close(got, want, rtol: float) -> None:
+    torch.testing.assert_close(got[0], want[0], rtol=rtol, atol=rtol * want[0].abs().max().item())
+    for got_grad, want_grad in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(got_grad, want_grad, rtol=rtol, atol=rtol * want_grad.abs().max().item())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    layers=st.sampled_from([1, 2]),
+    objective=st.sampled_from(step.OBJECTIVES),
+    k=st.sampled_from([1, 3, 7]),
+    batch=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+    onednn_below=st.sampled_from([0, step.FORWARD_ONEDNN_MIN_MACS, 1 << 62]),
+)
+def test_equals_the_python_path_and_autograd(
+    layers: int, objective: str, k: int, batch: int, seed: int, onednn_below: int
+) -> None:
+    """Every layer through oneDNN, through addmm and the native tanh, and the default mix."""
+    model = _model(SMALL[layers], seed)
+    x, noise = _inputs(model, k, batch, seed + 1)
+    saved = step.FORWARD_ONEDNN_MIN_MACS
+    step.FORWARD_ONEDNN_MIN_MACS = onednn_below
+    try:
+        fast = _gradients(step.accumulate_gradients, model, x, noise, objective)
+    finally:
+        step.FORWARD_ONEDNN_MIN_MACS = saved
+    _assert_close(fast, _gradients(_python_path, model, x, noise, objective), rtol=1e-4)
+    _assert_close(fast, _gradients(_autograd, model, x, noise, objective), rtol=1e-4)
+
+
+@pytest.mark.parametrize("objective", step.OBJECTIVES)
+@pytest.mark.parametrize("layers", [1, 2])
+def test_equals_the_python_path_on_burda_models(layers: int, objective: str) -> None:
+    """Burda's shapes at minibatch 20 with k = 50: the large layers go through oneDNN, the small ones through
+    addmm, and the Bernoulli kernels run on several threads."""
+    model = _model(ModelConfig.burda(layers), seed=2)
+    x, noise = _inputs(model, 50, 20, seed=3)
+    want = _gradients(_python_path, model, x, noise, objective)
+    _assert_close(_gradients(step.accumulate_gradients, model, x, noise, objective), want, rtol=2e-4)
+
+
+def test_gradients_accumulate_into_existing_grads() -> None:
+    model = _model(SMALL[2], seed=0)
+    x, noise = _inputs(model, 4, 3, seed=1)
+    _, once = _gradients(step.accumulate_gradients, model, x, noise, "iwae")
+    step.accumulate_gradients(model, x, noise, "iwae")
+    for param, single in zip(model.parameters(), once, strict=True):
+        torch.testing.assert_close(param.grad, 2 * single)
+
+
+def test_applies_to_burda_models_with_the_vae_and_iwae_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model(SMALL[1], seed=0)
+    x = torch.zeros(2, 12)
+    assert step.available() and "C++ training step" in step.status()
+    assert step.applies(model, "iwae", "standard", x) and step.applies(model, "vae", "standard", x)
+    assert not step.applies(model, "miwae", "standard", x)
+    assert not step.applies(model, "iwae", "dreg", x)
+    assert not step.applies(model, "iwae", "standard", x.double())
+    assert not step.applies(model.double(), "iwae", "standard", x)
+    relu = ModelConfig(12, (3,), ((6, 5),), activation="relu")
+    gaussian = ModelConfig(12, (3,), ((6, 5),), likelihood="gaussian")
+    assert not step.applies(_model(relu, 0), "iwae", "standard", x)
+    assert not step.applies(_model(gaussian, 0), "iwae", "standard", x)
+    monkeypatch.setenv(native.SWITCH, "0")
+    assert not step.applies(model, "iwae", "standard", x)
+
+
+def test_training_step_and_backprop_take_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    original = step.accumulate_gradients
+    monkeypatch.setattr(step, "accumulate_gradients", lambda *args: calls.append(args[-1]) or original(*args))
+    model = _model(SMALL[2], seed=0)
+    x, _ = _inputs(model, 1, 4, seed=1)
+    training_step(model, x, TrainConfig(objective="iwae", k=3, model=SMALL[2]), torch.Generator().manual_seed(0))
+    training_step(model, x, TrainConfig(objective="vae", k=3, model=SMALL[2]), torch.Generator().manual_seed(0))
+    training_step(model, x, TrainConfig(objective="ciwae", beta=0.5, k=3), torch.Generator().manual_seed(0))
+    assert calls == ["iwae", "vae"]
+
+
+def test_network_layout_lists_every_parameter_once() -> None:
+    model = _model(SMALL[2], seed=0)
+    params, layers_per_network = step.network_layout(model)
+    assert layers_per_network == [3, 2, 3, 2]  # q(h1|x), q(h2|h1), p(x|h1), p(h1|h2)
+    assert {id(p) for p in params} == {id(p) for p in model.parameters()} and len(params) == 20
+
+
+def test_rejects_parameters_of_another_dtype() -> None:
+    model = _model(SMALL[1], seed=0)
+    x, noise = _inputs(model, 2, 3, seed=1)
+    model.encoder[0].head.bias.data = model.encoder[0].head.bias.data.double()
+    with pytest.raises(RuntimeError, match="float32"):
+        step.accumulate_gradients(model, x, noise, "iwae")
+
+
+def test_native_tanh_is_within_two_ulps() -> None:
+    values = torch.cat(
+        [torch.linspace(-12, 12, 200_001), torch.logspace(-30, 1, 1_000), -torch.logspace(-30, 1, 1_000)]
+    )
+    exact = torch.tanh(values.double())
+    got = native.tanh_(values.clone()).double()
+    ulp = torch.finfo(torch.float32).eps * exact.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    assert ((got - exact).abs() / ulp).max() <= 2.0
+    strided = torch.linspace(-3, 3, 20).reshape(4, 5).T  # not contiguous: torch's tanh
+    torch.testing.assert_close(native.tanh_(strided.clone()), torch.tanh(strided))

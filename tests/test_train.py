@@ -13,7 +13,7 @@ from iwae import runs
 from iwae.checkpoint import load_checkpoint
 from iwae.config import BURDA_STAGES, TrainConfig, parse_schedule
 from iwae.models import ModelConfig
-from iwae.train import build_model, fit, mean_bound
+from iwae.train import adam_step, build_model, build_optimizer, fit, mean_bound
 
 SMALL = ModelConfig(x_dim=784, latent_dims=(8,), hidden_dims=((32,),))
 
@@ -125,3 +125,53 @@ def test_compiled_training_step_matches_eager() -> None:
     torch.testing.assert_close(compiled_bound, eager_bound, rtol=1e-5, atol=1e-4)
     for compiled, eager in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4 * eager.abs().max().item())
+
+
+def _adam_pair(config: TrainConfig) -> list[tuple[torch.nn.Module, torch.optim.Adam]]:
+    pairs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+        pairs.append((model, build_optimizer(model, config)))
+    return pairs
+
+
+def _grads_of(model: torch.nn.Module, step: int) -> None:
+    generator = torch.Generator().manual_seed(step)
+    for param in model.parameters():
+        param.grad = torch.randn(param.shape, generator=generator)
+
+
+def test_adam_step_equals_optimizer_step_bit_for_bit() -> None:
+    """Over several steps and a change of learning rate (a stage of Burda's schedule); state_dicts equal too."""
+    config = TrainConfig(stages=((2, 1e-3), (2, 3e-4)))
+    (direct_model, direct), (reference_model, reference) = _adam_pair(config)
+    for step in range(6):
+        for optimizer in (direct, reference):
+            optimizer.param_groups[0]["lr"] = 1e-3 if step < 3 else 3e-4
+        _grads_of(direct_model, step)
+        _grads_of(reference_model, step)
+        adam_step(direct)
+        reference.step()
+    for got, want in zip(direct_model.parameters(), reference_model.parameters(), strict=True):
+        assert torch.equal(got, want)
+    for got, want in zip(direct.state.values(), reference.state.values(), strict=True):
+        assert all(torch.equal(got[key], want[key]) for key in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def test_adam_step_leaves_what_it_does_not_cover_to_the_optimizer() -> None:
+    config = TrainConfig()
+    (model, optimizer), _ = _adam_pair(config)
+    calls = []
+    optimizer.register_step_post_hook(lambda *args: calls.append(1))
+    for step in range(2):
+        _grads_of(model, step)
+        adam_step(optimizer)
+    assert calls == [1, 1]  # hooks run: through optimizer.step()
+    (model, optimizer), _ = _adam_pair(config)
+    _grads_of(model, 0)
+    adam_step(optimizer)  # the first step creates the state through optimizer.step()
+    model[0].weight.grad = None
+    before = model[0].weight.detach().clone()
+    adam_step(optimizer)  # a parameter without a gradient: optimizer.step() skips it
+    assert torch.equal(model[0].weight, before)

@@ -9,7 +9,7 @@ pre-binarised minibatches, so binarisation is outside the timer):
 
 - ``iwae``: one training step of this library exactly as :func:`iwae.train.fit` takes it:
   ``optimizer.zero_grad``, :func:`iwae.train.training_step` (IWAE objective, standard estimator)
-  and ``optimizer.step`` with the optimiser of :func:`iwae.train.build_optimizer`; with ``--compile``,
+  and :func:`iwae.train.adam_step` with the optimiser of :func:`iwae.train.build_optimizer`; with ``--compile``,
   as ``iwae train --compile`` takes it (:func:`iwae.train.compile_estimate`).
 - ``plain``: the same model written the obvious way (``nn.Sequential`` tanh MLPs, ``torch.distributions``
   Normal/Bernoulli with k as a leading dimension, ``logsumexp - log k``, ``torch.optim.Adam``), started
@@ -84,7 +84,7 @@ from iwae.estimators import BoundSpec
 from iwae.models import LatentVariableModel, ModelConfig
 from iwae.native import step as native_step
 from iwae.runs import resolve_device
-from iwae.train import build_model, build_optimizer, compile_estimate, training_step
+from iwae.train import adam_step, build_model, build_optimizer, compile_estimate, training_step
 
 EVAL_K = 5000
 PYRO_MISSING = "pyro-ppl not installed (pip install 'iwae[bench]')"
@@ -491,7 +491,7 @@ def iwae_step(model: LatentVariableModel, config: TrainConfig, compile_model: bo
     def step(x: Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
         training_step(model, x, config, generator, compiled_estimate)
-        optimizer.step()
+        adam_step(optimizer)
 
     return step
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.optim.optimizer as optimizer_module
 from tqdm import tqdm
 
 from iwae import backprop, bounds, estimators
@@ -70,6 +71,58 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     return torch.optim.Adam(
         model.parameters(), lr=lr, betas=(config.beta1, config.beta2), eps=config.adam_eps, **kernel
     )
+
+
+def _direct_adam_arguments(optimizer: torch.optim.Optimizer) -> tuple[list[list[torch.Tensor]], dict] | None:
+    """The tensor lists and keywords of the fused kernel call that ``optimizer.step()`` would make, or None where
+    :func:`adam_step` must leave the step to it."""
+    if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
+        return None
+    registry = optimizer_module
+    hooks = (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks)
+    if any(hooks) or registry._global_optimizer_pre_hooks or registry._global_optimizer_post_hooks:
+        return None
+    group = optimizer.param_groups[0]
+    plain = not any(group.get(flag) for flag in ("amsgrad", "maximize", "capturable", "differentiable", "foreach"))
+    if not (group.get("fused") and plain and group["weight_decay"] == 0 and not group.get("decoupled_weight_decay")):
+        return None
+    if isinstance(group["lr"], torch.Tensor) or any(isinstance(beta, torch.Tensor) for beta in group["betas"]):
+        return None
+    params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+    first = group["params"][0]
+    for param in group["params"]:
+        state = optimizer.state.get(param)
+        grad = param.grad
+        if not state or grad is None or grad.is_sparse or (param.device, param.dtype) != (first.device, first.dtype):
+            return None  # the first step (no state yet), a parameter without a gradient, or several devices
+        params.append(param)
+        grads.append(grad)
+        exp_avgs.append(state["exp_avg"])
+        exp_avg_sqs.append(state["exp_avg_sq"])
+        steps.append(state["step"])
+    beta1, beta2 = group["betas"]
+    keywords = {"lr": group["lr"], "beta1": beta1, "beta2": beta2, "weight_decay": 0.0, "eps": group["eps"]}
+    return [params, grads, exp_avgs, exp_avg_sqs, steps], keywords
+
+
+def adam_step(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.step()``. For :func:`build_optimizer`'s fused Adam, once every parameter has its state, it makes
+    the two calls that ``Adam.step`` makes (the step counts' increment and the fused kernel) without the Python
+    around them (grouping by device and dtype, checks, hooks, profiling), which at Burda's minibatch 20 cost about
+    as much as the kernel: the same update, bit for bit (``tests/test_train.py``). Anything else (step hooks,
+    several groups, devices or dtypes, amsgrad, weight decay, a parameter without a gradient) goes through
+    ``optimizer.step()``."""
+    direct = _direct_adam_arguments(optimizer)
+    if direct is None:
+        optimizer.step()
+        return
+    (params, grads, exp_avgs, exp_avg_sqs, steps), keywords = direct
+    with torch.no_grad():
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(
+            params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, maximize=False, grad_scale=None,
+            found_inf=None, **keywords,
+        )  # fmt: skip
 
 
 def training_step(
@@ -231,7 +284,7 @@ def fit(
                 x = binarize(train_split.images[order[start : start + config.batch_size]], data.binarization, generator)
                 optimizer.zero_grad(set_to_none=True)
                 batch_bound = training_step(model, x, config, generator, compiled_estimate)
-                optimizer.step()
+                adam_step(optimizer)
                 bound_sum += batch_bound.detach().sum()
                 bar.update(1)
             seconds = time.perf_counter() - started

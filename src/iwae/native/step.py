@@ -98,7 +98,6 @@ def _operator() -> _Operator:
     return _build_and_load()
 
 
-@torch.compiler.assume_constant_result
 def available() -> bool:
     """True when the C++ training step is built and loaded (building it on the first call)."""
     return _operator().function is not None

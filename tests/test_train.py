@@ -13,7 +13,7 @@ from iwae import runs
 from iwae.checkpoint import load_checkpoint
 from iwae.config import BURDA_STAGES, TrainConfig, parse_schedule
 from iwae.models import ModelConfig
-from iwae.train import adam_step, build_model, build_optimizer, fit, mean_bound
+from iwae.train import adam_step, build_model, build_optimizer, clear_gradients, fit, mean_bound
 
 SMALL = ModelConfig(x_dim=784, latent_dims=(8,), hidden_dims=((32,),))
 
@@ -175,3 +175,10 @@ def test_adam_step_leaves_what_it_does_not_cover_to_the_optimizer() -> None:
     before = model[0].weight.detach().clone()
     adam_step(optimizer)  # a parameter without a gradient: optimizer.step() skips it
     assert torch.equal(model[0].weight, before)
+
+
+def test_clear_gradients_sets_every_gradient_to_none() -> None:
+    (model, optimizer), _ = _adam_pair(TrainConfig())
+    _grads_of(model, 0)
+    clear_gradients(optimizer)
+    assert all(param.grad is None for param in model.parameters())

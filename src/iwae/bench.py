@@ -8,7 +8,7 @@ thread count, on the first ``n_train`` MNIST training images binarised dynamical
 pre-binarised minibatches, so binarisation is outside the timer):
 
 - ``iwae``: one training step of this library exactly as :func:`iwae.train.fit` takes it:
-  ``optimizer.zero_grad``, :func:`iwae.train.training_step` (IWAE objective, standard estimator)
+  :func:`iwae.train.clear_gradients`, :func:`iwae.train.training_step` (IWAE objective, standard estimator)
   and :func:`iwae.train.adam_step` with the optimiser of :func:`iwae.train.build_optimizer`; with ``--compile``,
   as ``iwae train --compile`` takes it (:func:`iwae.train.compile_estimate`).
 - ``plain``: the same model written the obvious way (``nn.Sequential`` tanh MLPs, ``torch.distributions``
@@ -84,7 +84,7 @@ from iwae.estimators import BoundSpec
 from iwae.models import LatentVariableModel, ModelConfig
 from iwae.native import step as native_step
 from iwae.runs import resolve_device
-from iwae.train import adam_step, build_model, build_optimizer, compile_estimate, training_step
+from iwae.train import adam_step, build_model, build_optimizer, clear_gradients, compile_estimate, training_step
 
 EVAL_K = 5000
 PYRO_MISSING = "pyro-ppl not installed (pip install 'iwae[bench]')"
@@ -489,7 +489,7 @@ def iwae_step(model: LatentVariableModel, config: TrainConfig, compile_model: bo
     compiled_estimate = compile_estimate() if compile_model else None
 
     def step(x: Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
+        clear_gradients(optimizer)
         training_step(model, x, config, generator, compiled_estimate)
         adam_step(optimizer)
 

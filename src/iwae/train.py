@@ -73,6 +73,14 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     )
 
 
+def clear_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """``optimizer.zero_grad(set_to_none=True)`` without its profiling scope and ``torch.compile`` guard, which
+    cost about 1% of a minibatch-20 step on this project's CPU."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = None
+
+
 def _direct_adam_arguments(optimizer: torch.optim.Optimizer) -> tuple[list[list[torch.Tensor]], dict] | None:
     """The tensor lists and keywords of the fused kernel call that ``optimizer.step()`` would make, or None where
     :func:`adam_step` must leave the step to it."""
@@ -282,7 +290,7 @@ def fit(
             order = torch.randperm(n_train, generator=generator, device=torch_device)
             for start in range(0, n_train, config.batch_size):
                 x = binarize(train_split.images[order[start : start + config.batch_size]], data.binarization, generator)
-                optimizer.zero_grad(set_to_none=True)
+                clear_gradients(optimizer)
                 batch_bound = training_step(model, x, config, generator, compiled_estimate)
                 adam_step(optimizer)
                 bound_sum += batch_bound.detach().sum()

@@ -835,7 +835,7 @@ def _gradient_path(settings: BenchSettings) -> str:
     model = LatentVariableModel(ModelConfig.burda(1))
     if not backprop.applies(model, BoundSpec("iwae"), "standard"):
         return "autograd"
-    if native_step.applies(model, "iwae", "standard", torch.zeros(1, model.config.x_dim)):
+    if native_step.applies(model, torch.zeros(1, model.config.x_dim)):
         return f"explicit backpropagation (iwae.backprop), in C++: {native_step.status()}"
     return f"explicit backpropagation (iwae.backprop), in Python: {native_step.status()}"
 

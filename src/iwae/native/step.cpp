@@ -1,28 +1,28 @@
-/* A training step's gradients in C++: iwae.backprop's explicit backpropagation, for the VAE and IWAE bounds with
- * the standard estimator on Burda's models (Bernoulli observations, tanh layers, one or more stochastic layers).
+/* A training step's forward and backward passes in C++: iwae.backprop's _forward and _backward, for models with
+ * Bernoulli observations and tanh layers (Burda's), one or more stochastic layers, every estimator.
  *
  * iwae/backprop.py is the reference and says the algebra; this file does the same operations in the same order,
  * through ATen from C++, so that a minibatch-20 step no longer pays the Python interpreter and PyTorch's Python
  * bindings for its ~80 operator calls. Small linear layers are PyTorch's addmm followed by kernels.c's tanh in
  * place; large ones are oneDNN's fused linear layer, as in iwae.native.fused_linear. Loaded by iwae/native/step.py
- * as the operator torch.ops.iwae_step.accumulate_gradients.
+ * as the operators torch.ops.iwae_step.forward (the log-weights, and the tape that the backward pass needs) and
+ * torch.ops.iwae_step.backward (every parameter's gradient, given the loss's gradients in the log-weights, which
+ * Python computes for any bound, as iwae.backprop._log_weight_gradients does).
  *
  * Shape convention: samples first. x is [batch, x_dim]; the noise and latents of stochastic layer j are
- * [k, batch, d_j]; the log-weights and their gradient are [k, batch].
+ * [k, batch, d_j]; the log-weights and their gradients are [k, batch].
  *
  * params holds every linear layer's weight and bias, for the encoder's networks q(h_1 | x), q(h_2 | h_1), ...
  * and then the decoder's p(x | h_1), p(h_1 | h_2), ..., each network's hidden layers before its head;
- * layers_per_network gives each network's number of linear layers. The result is the bound [batch] and then the
- * loss's gradient for each entry of params, in the same order.
+ * layers_per_network gives each network's number of linear layers. backward returns the loss's gradient for each
+ * entry of params, in the same order.
  */
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <optional>
 #include <string>
-#include <string_view>
 #include <vector>
 
 extern "C" {
@@ -195,60 +195,111 @@ Tensor forward(const Model& model, const Tensor& x, at::TensorList noise, Tape& 
 }
 
 // Backpropagate grad, the loss's gradient with respect to the network's head outputs: accumulate every layer's
-// weight and bias gradients; return the gradient with respect to the network's inputs if wanted.
-Tensor network_backward(const Network& network, const std::vector<Tensor>& outputs, Tensor grad, bool wants_input_grad,
-                        std::vector<Tensor>& grads, const Settings& settings) {
+// weight and bias gradients (if params); return the gradient with respect to the network's inputs (if wanted).
+Tensor network_backward(const Network& network, const std::vector<Tensor>& outputs, Tensor grad, bool params,
+                        bool wants_input_grad, std::vector<Tensor>& grads, const Settings& settings) {
     for (size_t i = network.size(); i-- > 0;) {
         const Layer& layer = network[i];
         if (i + 1 < network.size()) grad = at::tanh_backward(grad, outputs[i + 1]);
-        const Tensor grad_rows = rows_of(grad);
-        accumulate(grads[layer.index], at::mm(grad_rows.t(), rows_of(outputs[i])));
-        accumulate(grads[layer.index + 1], grad_rows.sum(0));
+        if (params) {
+            const Tensor grad_rows = rows_of(grad);
+            accumulate(grads[layer.index], at::mm(grad_rows.t(), rows_of(outputs[i])));
+            accumulate(grads[layer.index + 1], grad_rows.sum(0));
+        }
         if (i > 0 || wants_input_grad) grad = input_grad(grad, layer.weight, settings);
     }
     return wants_input_grad ? grad : Tensor();
 }
 
-// every parameter's loss gradient, given the loss's gradient in the log-weights (one surrogate for all)
-void backward(const Model& model, const Tensor& x, at::TensorList noise, const Tape& tape, const Tensor& log_w_grad,
-              std::vector<Tensor>& grads, const Settings& settings) {
-    const Tensor grad = log_w_grad.unsqueeze(-1);  // [k, batch, 1], broadcast over each layer's units
+struct LogWeightGradients {
+    Tensor decoder;  // [k, batch]: the decoder's parameters take this one
+    Tensor encoder;  // [k, batch]: the latents, and through them the encoder, take this one
+    bool shared() const { return decoder.is_same(encoder); }
+};
+
+// Backpropagate a term of log w through one of the decoder's networks: its parameters take the decoder's gradient,
+// its input the encoder's (one pass when they are the same tensor). head_grad_of maps a log-weights' gradient to the
+// head's. Returns the gradient with respect to the network's input.
+template <typename HeadGrad>
+Tensor decoder_backward(const Network& network, const std::vector<Tensor>& outputs, const HeadGrad& head_grad_of,
+                        const LogWeightGradients& gradients, std::vector<Tensor>& grads, const Settings& settings) {
+    if (gradients.shared()) {
+        return network_backward(network, outputs, head_grad_of(gradients.decoder), true, true, grads, settings);
+    }
+    network_backward(network, outputs, head_grad_of(gradients.decoder), true, false, grads, settings);
+    return network_backward(network, outputs, head_grad_of(gradients.encoder), false, true, grads, settings);
+}
+
+// the gradient of a term log N(value; mean, exp(log_std)) of log w with respect to the head's (mean, log_std)
+Tensor gaussian_head_grad(const Tensor& log_w_grad, const Tensor& standardised, const Tensor& inv_std) {
+    const Tensor unit_grad = log_w_grad.unsqueeze(-1);
+    return at::cat({unit_grad * standardised * inv_std, unit_grad * (standardised * standardised - 1.0)}, -1);
+}
+
+// every parameter's loss gradient, given the loss's gradients in the log-weights; stop_q_params: log q with q's
+// parameters stopped (STL, DReG)
+void backward(const Model& model, const Tensor& x, at::TensorList noise, const Tape& tape,
+              const LogWeightGradients& gradients, bool stop_q_params, std::vector<Tensor>& grads,
+              const Settings& settings) {
+    const Tensor grad = gradients.encoder.unsqueeze(-1);  // [k, batch, 1], broadcast over each layer's units
     const auto& latents = tape.latents;
     const size_t layers = latents.size();
     const Network& observation = model.decoder[0];
+    const auto observation_head_grad = [&](const Tensor& log_w_grad) {
+        return bernoulli_log_prob_rows_grad(tape.observation_pre, observation.back().bias, x, log_w_grad, settings);
+    };
     std::vector<Tensor> latent_grads(layers);
-    const Tensor observation_head_grad =
-        bernoulli_log_prob_rows_grad(tape.observation_pre, observation.back().bias, x, log_w_grad, settings);
-    latent_grads[0] =
-        network_backward(observation, tape.observation_outputs, observation_head_grad, true, grads, settings);
+    latent_grads[0] = decoder_backward(observation, tape.observation_outputs, observation_head_grad, gradients, grads,
+                                       settings);
     for (size_t j = 1; j < layers; ++j) latent_grads[j] = at::zeros_like(latents[j]);
     for (size_t j = 0; j + 1 < layers; ++j) {  // log N(h_j; mean, exp(log_std)), (mean, log_std) of h_j+1
         const auto& [mean, log_std] = tape.prior_params[j];
         const Tensor inv_std = at::exp(-log_std);
         const Tensor standardised = (latents[j] - mean) * inv_std;
-        const Tensor score = grad * standardised * inv_std;
-        latent_grads[j].sub_(score);
-        const Tensor head_grad = at::cat({score, grad * (standardised * standardised - 1.0)}, -1);
-        latent_grads[j + 1].add_(
-            network_backward(model.decoder[j + 1], tape.prior_outputs[j], head_grad, true, grads, settings));
+        const auto prior_head_grad = [&](const Tensor& log_w_grad) {
+            return gaussian_head_grad(log_w_grad, standardised, inv_std);
+        };
+        latent_grads[j].sub_(grad * standardised * inv_std);
+        latent_grads[j + 1].add_(decoder_backward(model.decoder[j + 1], tape.prior_outputs[j], prior_head_grad,
+                                                  gradients, grads, settings));
     }
     latent_grads[layers - 1].sub_(grad * latents[layers - 1]);  // log N(h_L; 0, I)
-    for (size_t j = layers; j-- > 0;) {  // h_j = mean + std * eps; -log q = sum(log_std) + a function of eps
-        const Tensor grad_log_std = latent_grads[j] * noise[j] * tape.stds[j] + grad;
+    for (size_t j = layers; j-- > 0;) {  // h_j = mean + std * eps
+        const Tensor& eps = noise[j];
+        const Tensor& std = tape.stds[j];
+        Tensor stopped_score, grad_log_std;
+        if (stop_q_params) {  // -log q(h_j) with q's parameters stopped, through h_j: (h_j - mean) / std^2 = eps / std
+            stopped_score = grad * eps / std;
+            latent_grads[j].add_(stopped_score);
+            grad_log_std = latent_grads[j] * eps * std;
+        } else {  // -log q = sum(log_std) + a function of eps
+            grad_log_std = latent_grads[j] * eps * std + grad;
+        }
+        const Network& network = model.encoder[j];
+        const auto& outputs = tape.encoder_outputs[j];
         if (j == 0) {  // the first layer's q (of x alone) is shared by the k samples, and x is data
             const Tensor head_grad = at::cat({latent_grads[0].sum(0), grad_log_std.sum(0)}, -1);
-            network_backward(model.encoder[0], tape.encoder_outputs[0], head_grad, false, grads, settings);
+            network_backward(network, outputs, head_grad, true, false, grads, settings);
             continue;
         }
-        const Tensor head_grad = at::cat({latent_grads[j], grad_log_std}, -1);
-        latent_grads[j - 1].add_(
-            network_backward(model.encoder[j], tape.encoder_outputs[j], head_grad, true, grads, settings));
+        Tensor head_grad = at::cat({latent_grads[j], grad_log_std}, -1);
+        if (stop_q_params) {  // the stopped parameters of q(h_j | h_j-1) still depend on h_j-1, through q's network
+            network_backward(network, outputs, head_grad, true, false, grads, settings);
+            head_grad = head_grad + at::cat({-stopped_score, grad * (1.0 - eps * eps)}, -1);
+            latent_grads[j - 1].add_(network_backward(network, outputs, head_grad, false, true, grads, settings));
+        } else {
+            latent_grads[j - 1].add_(network_backward(network, outputs, head_grad, true, true, grads, settings));
+        }
     }
 }
 
 Model model_of(at::TensorList params, at::IntArrayRef layers_per_network, size_t stochastic_layers) {
     TORCH_CHECK(layers_per_network.size() == 2 * stochastic_layers,
                 "iwae_step: layers_per_network needs one entry per network (encoder's, then decoder's)");
+    for (const Tensor& param : params) {
+        TORCH_CHECK(param.is_contiguous() && param.scalar_type() == at::kFloat && param.device().is_cpu(),
+                    "iwae_step: every parameter must be a contiguous float32 CPU tensor");
+    }
     Model model;
     size_t index = 0;
     for (size_t n = 0; n < layers_per_network.size(); ++n) {
@@ -263,45 +314,97 @@ Model model_of(at::TensorList params, at::IntArrayRef layers_per_network, size_t
     return model;
 }
 
-std::vector<Tensor> accumulate_gradients(const Tensor& x, at::TensorList noise, at::TensorList params,
-                                         at::IntArrayRef layers_per_network, c10::string_view objective,
-                                         int64_t parallel_min_elements, int64_t forward_onednn_min_macs,
-                                         int64_t input_grad_onednn_min_macs, bool onednn) {
-    at::NoGradGuard no_grad;
-    TORCH_CHECK(objective == "iwae" || objective == "vae", "iwae_step: objective must be iwae or vae");
+Settings settings_of(at::IntArrayRef values) {
+    TORCH_CHECK(values.size() == 4, "iwae_step: settings are [parallel_min_elements, forward_onednn_min_macs, "
+                                    "input_grad_onednn_min_macs, onednn]");
+    return {values[0], values[1], values[2], values[3] != 0};
+}
+
+// The tape as a flat list (what Python holds between the two operators): per encoder network, its hidden outputs
+// (inputs first), std and latent; per prior network, its hidden outputs, mean and log_std; the observation
+// network's hidden outputs and its output layer's pre-activations. Each network's hidden outputs are as many as its
+// linear layers.
+std::vector<Tensor> flatten(Tape& tape) {
+    std::vector<Tensor> flat;
+    for (size_t j = 0; j < tape.latents.size(); ++j) {
+        flat.insert(flat.end(), tape.encoder_outputs[j].begin(), tape.encoder_outputs[j].end());
+        flat.push_back(tape.stds[j]);
+        flat.push_back(tape.latents[j]);
+    }
+    for (size_t j = 0; j < tape.prior_params.size(); ++j) {
+        flat.insert(flat.end(), tape.prior_outputs[j].begin(), tape.prior_outputs[j].end());
+        flat.push_back(tape.prior_params[j].first);
+        flat.push_back(tape.prior_params[j].second);
+    }
+    flat.insert(flat.end(), tape.observation_outputs.begin(), tape.observation_outputs.end());
+    flat.push_back(tape.observation_pre);
+    return flat;
+}
+
+Tape unflatten(at::TensorList flat, const Model& model) {
+    Tape tape;
+    size_t next = 0;
+    const auto take = [&](size_t count) {
+        TORCH_CHECK(next + count <= flat.size(), "iwae_step: the tape is shorter than the model needs");
+        std::vector<Tensor> taken(flat.begin() + next, flat.begin() + next + count);
+        next += count;
+        return taken;
+    };
+    for (const Network& network : model.encoder) {
+        tape.encoder_outputs.push_back(take(network.size()));
+        auto std_and_latent = take(2);
+        tape.stds.push_back(std_and_latent[0]);
+        tape.latents.push_back(std_and_latent[1]);
+    }
+    for (size_t j = 1; j < model.decoder.size(); ++j) {
+        tape.prior_outputs.push_back(take(model.decoder[j].size()));
+        auto params = take(2);
+        tape.prior_params.emplace_back(params[0], params[1]);
+    }
+    tape.observation_outputs = take(model.decoder[0].size());
+    tape.observation_pre = take(1)[0];
+    TORCH_CHECK(next == flat.size(), "iwae_step: the tape is longer than the model needs");
+    return tape;
+}
+
+void check_data(const Tensor& x) {
     TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.device().is_cpu(),
                 "iwae_step: x must be a contiguous float32 CPU tensor [batch, x_dim]");
-    for (const Tensor& param : params) {
-        TORCH_CHECK(param.is_contiguous() && param.scalar_type() == at::kFloat && param.device().is_cpu(),
-                    "iwae_step: every parameter must be a contiguous float32 CPU tensor");
-    }
-    const Settings settings{parallel_min_elements, forward_onednn_min_macs, input_grad_onednn_min_macs, onednn};
+}
+
+// [log_w, *tape]
+std::vector<Tensor> forward_op(const Tensor& x, at::TensorList noise, at::TensorList params,
+                               at::IntArrayRef layers_per_network, at::IntArrayRef settings) {
+    at::NoGradGuard no_grad;
+    check_data(x);
     const Model model = model_of(params, layers_per_network, noise.size());
     Tape tape;
-    const Tensor log_w = forward(model, x, noise, tape, settings);
-    const int64_t k = log_w.size(0), batch = log_w.size(1);
-    Tensor log_w_grad, bound;
-    if (objective == "iwae") {  // -w~ / batch, the normalised weights as autograd computes them
-        const Tensor log_sum = at::logsumexp(log_w, {0});
-        log_w_grad = (log_w - log_sum).exp_().div_(-static_cast<double>(batch));
-        bound = log_sum - std::log(static_cast<double>(k));
-    } else {
-        log_w_grad = at::full_like(log_w, -1.0 / static_cast<double>(k * batch));
-        bound = log_w.mean(0);
-    }
-    std::vector<Tensor> grads(params.size());
-    backward(model, x, noise, tape, log_w_grad, grads, settings);
-    std::vector<Tensor> result{bound};
-    result.insert(result.end(), grads.begin(), grads.end());
+    std::vector<Tensor> result{forward(model, x, noise, tape, settings_of(settings))};
+    const auto flat = flatten(tape);
+    result.insert(result.end(), flat.begin(), flat.end());
     return result;
+}
+
+// every entry of params' loss gradient (undefined for none)
+std::vector<Tensor> backward_op(const Tensor& x, at::TensorList noise, at::TensorList params,
+                                at::IntArrayRef layers_per_network, at::IntArrayRef settings, at::TensorList tape,
+                                const Tensor& decoder_grad, const Tensor& encoder_grad, bool stop_q_params) {
+    at::NoGradGuard no_grad;
+    check_data(x);
+    const Model model = model_of(params, layers_per_network, noise.size());
+    std::vector<Tensor> grads(params.size());
+    backward(model, x, noise, unflatten(tape, model), {decoder_grad, encoder_grad}, stop_q_params, grads,
+             settings_of(settings));
+    return grads;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(iwae_step, library) {
-    library.def(
-        "accumulate_gradients(Tensor x, Tensor[] noise, Tensor[] params, int[] layers_per_network, str objective, "
-        "int parallel_min_elements, int forward_onednn_min_macs, int input_grad_onednn_min_macs, bool onednn) "
-        "-> Tensor[]",
-        &accumulate_gradients);
+    library.def("forward(Tensor x, Tensor[] noise, Tensor[] params, int[] layers_per_network, int[] settings) "
+                "-> Tensor[]",
+                &forward_op);
+    library.def("backward(Tensor x, Tensor[] noise, Tensor[] params, int[] layers_per_network, int[] settings, "
+                "Tensor[] tape, Tensor decoder_grad, Tensor encoder_grad, bool stop_q_params) -> Tensor[]",
+                &backward_op);
 }

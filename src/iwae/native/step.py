@@ -1,19 +1,23 @@
-"""A training step's gradients in C++ (``step.cpp``): :mod:`iwae.backprop`'s explicit backpropagation for the VAE
-and IWAE bounds with the standard estimator, on models with Bernoulli observations and tanh layers (Burda's).
+"""A training step's forward and backward passes in C++ (``step.cpp``): :mod:`iwae.backprop`'s explicit
+backpropagation, for every estimator, on models with Bernoulli observations and tanh layers (Burda's).
 
 At Burda's minibatch 20 a step is small enough that calling its ~80 operators from Python costs as much as a good
 part of their arithmetic: on this project's 2-core CPU, a step of a model with 8 pixels and 4 hidden units, where
-the arithmetic costs nothing, took about 1 ms. The C++ operator makes the same calls to ATen in the same order as
-:mod:`iwae.backprop` (the reference, which says the algebra), from one Python call, and computes small layers with
-PyTorch's ``addmm`` and :file:`kernels.c`'s tanh instead of oneDNN's fused layer (whose fixed cost per call is tens
-of microseconds). Results equal :mod:`iwae.backprop`'s up to float32 rounding (``tests/test_native_step.py``).
+the arithmetic costs nothing, took about 1 ms. The C++ operators make the same calls to ATen in the same order as
+:mod:`iwae.backprop` (the reference, which says the algebra), from two Python calls: :func:`forward` gives the
+log-weights and the tape, :mod:`iwae.backprop` computes the loss's gradients in the log-weights for any bound (a
+few operations on a ``[k, batch]`` tensor), and :func:`backward` accumulates every parameter's gradient. Small
+layers go through PyTorch's ``addmm`` and :file:`kernels.c`'s tanh instead of oneDNN's fused layer (whose fixed cost
+per call is tens of microseconds). Results equal :mod:`iwae.backprop`'s Python up to float32 rounding
+(``tests/test_native_step.py``).
 
-It is compiled on first use with ``$CXX`` (default ``c++``) against the installed PyTorch's headers and libraries,
-into the same cache as :mod:`iwae.native`'s C kernels, under a name that hashes the sources, the compiler, the flags,
-the CPU and PyTorch's version. Where it cannot be built (no C++ compiler, ``IWAE_NATIVE=0``), or for other
-objectives, estimators, models, devices or dtypes, :func:`iwae.backprop.accumulate_gradients` goes on in Python.
+It is compiled on first use (about 20 s) with ``$CXX`` (default ``c++``) against the installed PyTorch's headers
+and libraries, into the same cache as :mod:`iwae.native`'s C kernels, under a name that hashes the sources, the
+compiler, the flags, the CPU and PyTorch's version. Where it cannot be built (no C++ compiler, ``IWAE_NATIVE=0``),
+or for other models, devices or dtypes, :mod:`iwae.backprop` goes on in Python.
 
-Shape convention: samples first. ``x`` is ``[batch, x_dim]``; the noise of stochastic layer j is ``[k, batch, d_j]``.
+Shape convention: samples first. ``x`` is ``[batch, x_dim]``; the noise of stochastic layer j is ``[k, batch, d_j]``;
+the log-weights and their gradients are ``[k, batch]``.
 """
 
 from __future__ import annotations
@@ -34,17 +38,17 @@ from torch.utils import cpp_extension
 from iwae import native
 
 SOURCE = Path(__file__).with_name("step.cpp")
-OBJECTIVES = ("iwae", "vae")  # the bounds whose log-weight gradient step.cpp writes in closed form
 FORWARD_ONEDNN_MIN_MACS = 1 << 23  # smaller layers: addmm and the native tanh, faster there on this project's CPU
 _COMMON_FLAGS = ("-O3", "-fPIC", "-shared", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-w")
 FLAG_SETS = ((*_COMMON_FLAGS, "-march=native"), _COMMON_FLAGS)  # tried in turn: the first that builds is used
 
 
-class _Operator:
-    """The loaded operator (or why there is none)."""
+class _Operators:
+    """The loaded operators (or why there are none)."""
 
-    def __init__(self, function: Callable[..., list[Tensor]] | None, description: str):
-        self.function = function
+    def __init__(self, loaded: bool, description: str):
+        self.forward: Callable[..., list[Tensor]] | None = torch.ops.iwae_step.forward if loaded else None
+        self.backward: Callable[..., list[Tensor]] | None = torch.ops.iwae_step.backward if loaded else None
         self.description = description
 
 
@@ -58,17 +62,17 @@ def _torch_arguments() -> tuple[list[str], tuple[str, ...]]:
     return [abi, *includes], (*libraries, "-lc10", "-ltorch_cpu", "-ltorch")
 
 
-def _build_and_load() -> _Operator:
+def _build_and_load() -> _Operators:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
-        return _Operator(None, f"no C++ training step: no C++ compiler {compiler!r} on PATH (set CXX to one)")
+        return _Operators(False, f"no C++ training step: no C++ compiler {compiler!r} on PATH (set CXX to one)")
     try:
         sources = SOURCE.read_text() + native.SOURCE.read_text()
         identity = "\n".join(
             (sources, native.compiler_identity(compiler), platform.machine(), native.cpu_identity(), torch.__version__)
         )
     except (OSError, subprocess.SubprocessError) as error:
-        return _Operator(None, f"no C++ training step: cannot query the compiler {compiler!r} ({error})")
+        return _Operators(False, f"no C++ training step: cannot query the compiler {compiler!r} ({error})")
     torch_flags, libraries = _torch_arguments()
     errors = []
     for flags in FLAG_SETS:
@@ -78,44 +82,42 @@ def _build_and_load() -> _Operator:
             if not target.is_file():
                 native.compile_atomically([compiler, *flags, *torch_flags, str(SOURCE)], target, libraries)
             torch.ops.load_library(str(target))
-            return _Operator(torch.ops.iwae_step.accumulate_gradients, f"C++ training step ({target})")
+            return _Operators(True, f"C++ training step ({target})")
         except subprocess.CalledProcessError as error:
             errors.append(native.build_error(error))
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             errors.append(str(error))
     reasons = "; ".join(dict.fromkeys(errors))
-    return _Operator(None, f"no C++ training step: it did not build ({reasons})")
+    return _Operators(False, f"no C++ training step: it did not build ({reasons})")
 
 
 @functools.cache
-def _operator() -> _Operator:
+def _operator() -> _Operators:
     if native.switched_off():
-        return _Operator(None, f"no C++ training step: {native.SWITCH}=0 in the environment")
+        return _Operators(False, f"no C++ training step: {native.SWITCH}=0 in the environment")
     if not native.available():  # step.cpp calls the C kernels, and needs what they need to build
-        return _Operator(None, "no C++ training step: the native kernels are not available")
-    if hasattr(torch.ops.iwae_step, "accumulate_gradients"):  # loaded before in this process (a namespace loads once)
-        return _Operator(torch.ops.iwae_step.accumulate_gradients, "C++ training step (loaded before)")
+        return _Operators(False, "no C++ training step: the native kernels are not available")
+    if hasattr(torch.ops.iwae_step, "forward"):  # loaded before in this process (a namespace loads once)
+        return _Operators(True, "C++ training step (loaded before)")
     return _build_and_load()
 
 
 def available() -> bool:
     """True when the C++ training step is built and loaded (building it on the first call)."""
-    return _operator().function is not None
+    return _operator().forward is not None
 
 
 def status() -> str:
-    """One line: whether training steps that :func:`applies` to run in C++, and from which file."""
+    """One line: whether the training steps that :func:`applies` to run in C++, and from which file."""
     return _operator().description
 
 
-def applies(model: torch.nn.Module, objective: str, estimator: str, x: Tensor) -> bool:
-    """Whether :func:`accumulate_gradients` serves this step: the VAE or IWAE bound with the standard estimator, a
-    model with Bernoulli observations and tanh layers, float32 on the CPU, outside ``torch.compile``."""
+def applies(model: torch.nn.Module, x: Tensor) -> bool:
+    """Whether :func:`forward` and :func:`backward` serve this model and minibatch: Bernoulli observations and tanh
+    layers, float32 on the CPU, outside ``torch.compile``."""
     config = model.config
     return (
-        objective in OBJECTIVES
-        and estimator == "standard"
-        and config.likelihood == "bernoulli"
+        config.likelihood == "bernoulli"
         and config.activation == "tanh"
         and x.device.type == "cpu"
         and x.dtype == torch.float32
@@ -140,22 +142,38 @@ def network_layout(model: torch.nn.Module) -> tuple[list[Tensor], list[int]]:
     return params, layers_per_network
 
 
+class Tape:
+    """What :func:`forward` keeps for :func:`backward`: the model's layout and ``step.cpp``'s flat list of tensors."""
+
+    def __init__(self, layout: tuple[list[Tensor], list[int]], tensors: list[Tensor]):
+        self.layout = layout
+        self.tensors = tensors
+
+
+def _settings() -> list[int]:
+    onednn = int(native.fused_linear_works())
+    return [native.PARALLEL_MIN_ELEMENTS, FORWARD_ONEDNN_MIN_MACS, native.ONEDNN_INPUT_GRAD_MIN_MACS, onednn]
+
+
 @torch.no_grad()
-def accumulate_gradients(model: torch.nn.Module, x: Tensor, noise: list[Tensor], objective: str) -> Tensor:
-    """Add the loss's gradient (``-mean`` of the bound's surrogate) to every parameter's ``.grad``, as
-    :func:`iwae.backprop.accumulate_gradients` would; returns the bound ``[batch]``. Only where :func:`applies`."""
-    params, layers_per_network = network_layout(model)
-    bound, *grads = _operator().function(
-        x.contiguous(),
-        noise,
-        params,
-        layers_per_network,
-        objective,
-        native.PARALLEL_MIN_ELEMENTS,
-        FORWARD_ONEDNN_MIN_MACS,
-        native.ONEDNN_INPUT_GRAD_MIN_MACS,
-        native.fused_linear_works(),
-    )
+def forward(model: torch.nn.Module, x: Tensor, noise: list[Tensor]) -> tuple[Tensor, Tape]:
+    """The log-weights ``[k, batch]`` of :meth:`~iwae.models.LatentVariableModel.sample_with_noise`, and the tape
+    for :func:`backward`. Only where :func:`applies`."""
+    layout = network_layout(model)
+    log_w, *tensors = _operator().forward(x.contiguous(), noise, *layout, _settings())
+    return log_w, Tape(layout, tensors)
+
+
+@torch.no_grad()
+def backward(x: Tensor, noise: list[Tensor], tape: Tape, gradients: tuple[Tensor, Tensor], stop_q_params: bool) -> None:
+    """Add every parameter's loss gradient to its ``.grad``, given the decoder's and the encoder's loss gradients
+    in the log-weights (the same tensor when one surrogate serves both), as :func:`iwae.backprop._backward` does;
+    ``stop_q_params``: log q with q's parameters stopped (STL, DReG)."""
+    params, layers_per_network = tape.layout
+    decoder_grad, encoder_grad = gradients
+    grads = _operator().backward(
+        x.contiguous(), noise, params, layers_per_network, _settings(), tape.tensors, decoder_grad, encoder_grad,
+        stop_q_params,
+    )  # fmt: skip
     for param, grad in zip(params, grads, strict=True):
         param.grad = grad if param.grad is None else param.grad.add_(grad)
-    return bound

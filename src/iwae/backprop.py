@@ -193,7 +193,8 @@ def _gaussian_head_grad(log_w_grad: Tensor, standardised: Tensor, inv_std: Tenso
     concatenated as the head outputs them, given the log-weights' gradient ``[k, batch]``;
     ``standardised = (value - mean) * inv_std``."""
     unit_grad = log_w_grad.unsqueeze(-1)
-    return torch.cat([unit_grad * standardised * inv_std, unit_grad * (standardised * standardised - 1.0)], dim=-1)
+    scaled = unit_grad * standardised  # first: a sample of weight 0 gives 0, even where standardised^2 overflows
+    return torch.cat([scaled * inv_std, scaled * standardised - unit_grad], dim=-1)
 
 
 def _standardise(value: Tensor, mean: Tensor, log_std: Tensor) -> tuple[Tensor, Tensor]:

@@ -86,9 +86,9 @@ def _direct_adam_arguments(optimizer: torch.optim.Optimizer) -> tuple[list[list[
     :func:`adam_step` must leave the step to it."""
     if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
         return None
-    registry = optimizer_module
     hooks = (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks)
-    if any(hooks) or registry._global_optimizer_pre_hooks or registry._global_optimizer_post_hooks:
+    global_hooks = (optimizer_module._global_optimizer_pre_hooks, optimizer_module._global_optimizer_post_hooks)
+    if any(hooks) or any(global_hooks):
         return None
     group = optimizer.param_groups[0]
     plain = not any(group.get(flag) for flag in ("amsgrad", "maximize", "capturable", "differentiable", "foreach"))
@@ -102,7 +102,7 @@ def _direct_adam_arguments(optimizer: torch.optim.Optimizer) -> tuple[list[list[
         state = optimizer.state.get(param)
         grad = param.grad
         if not state or grad is None or grad.is_sparse or (param.device, param.dtype) != (first.device, first.dtype):
-            return None  # the first step (no state yet), a parameter without a gradient, or several devices
+            return None  # the first step (no state yet), a parameter without a gradient, several devices or dtypes
         params.append(param)
         grads.append(grad)
         exp_avgs.append(state["exp_avg"])

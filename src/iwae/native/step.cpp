@@ -233,7 +233,9 @@ Tensor decoder_backward(const Network& network, const std::vector<Tensor>& outpu
 // the gradient of a term log N(value; mean, exp(log_std)) of log w with respect to the head's (mean, log_std)
 Tensor gaussian_head_grad(const Tensor& log_w_grad, const Tensor& standardised, const Tensor& inv_std) {
     const Tensor unit_grad = log_w_grad.unsqueeze(-1);
-    return at::cat({unit_grad * standardised * inv_std, unit_grad * (standardised * standardised - 1.0)}, -1);
+    const Tensor scaled = unit_grad * standardised;  // first: a sample of weight 0 gives 0, even where standardised^2
+                                                     // overflows
+    return at::cat({scaled * inv_std, scaled * standardised - unit_grad}, -1);
 }
 
 // every parameter's loss gradient, given the loss's gradients in the log-weights; stop_q_params: log q with q's

@@ -39,8 +39,21 @@ from iwae import native
 
 SOURCE = Path(__file__).with_name("step.cpp")
 FORWARD_ONEDNN_MIN_MACS = 1 << 23  # smaller layers: addmm and the native tanh, faster there on this project's CPU
-_COMMON_FLAGS = ("-O3", "-fPIC", "-shared", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-w")
-FLAG_SETS = ((*_COMMON_FLAGS, "-march=native"), _COMMON_FLAGS)  # tried in turn: the first that builds is used
+_COMMON_FLAGS = (  # -w: PyTorch's headers warn under some compilers (errors still show)
+    "-O3",
+    "-fPIC",
+    "-shared",
+    "-std=c++20",
+    "-fopenmp-simd",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-w",
+)
+FLAG_SETS = (  # tried in turn: the first that builds is used
+    (*_COMMON_FLAGS, "-march=native", "-fopenmp"),
+    (*_COMMON_FLAGS, "-fopenmp"),
+    _COMMON_FLAGS,
+)
 
 
 class _Operators:
@@ -92,7 +105,7 @@ def _build_and_load() -> _Operators:
 
 
 @functools.cache
-def _operator() -> _Operators:
+def _operators() -> _Operators:
     if native.switched_off():
         return _Operators(False, f"no C++ training step: {native.SWITCH}=0 in the environment")
     if not native.available():  # step.cpp calls the C kernels, and needs what they need to build
@@ -104,12 +117,12 @@ def _operator() -> _Operators:
 
 def available() -> bool:
     """True when the C++ training step is built and loaded (building it on the first call)."""
-    return _operator().forward is not None
+    return _operators().forward is not None
 
 
 def status() -> str:
     """One line: whether the training steps that :func:`applies` to run in C++, and from which file."""
-    return _operator().description
+    return _operators().description
 
 
 def applies(model: torch.nn.Module, x: Tensor) -> bool:
@@ -155,23 +168,22 @@ def _settings() -> list[int]:
     return [native.PARALLEL_MIN_ELEMENTS, FORWARD_ONEDNN_MIN_MACS, native.ONEDNN_INPUT_GRAD_MIN_MACS, onednn]
 
 
-@torch.no_grad()
 def forward(model: torch.nn.Module, x: Tensor, noise: list[Tensor]) -> tuple[Tensor, Tape]:
     """The log-weights ``[k, batch]`` of :meth:`~iwae.models.LatentVariableModel.sample_with_noise`, and the tape
-    for :func:`backward`. Only where :func:`applies`."""
+    for :func:`backward`. Only where :func:`applies`. Nothing is recorded for autograd (the operators run their
+    ATen calls without it)."""
     layout = network_layout(model)
-    log_w, *tensors = _operator().forward(x.contiguous(), noise, *layout, _settings())
+    log_w, *tensors = _operators().forward(x.contiguous(), noise, *layout, _settings())
     return log_w, Tape(layout, tensors)
 
 
-@torch.no_grad()
 def backward(x: Tensor, noise: list[Tensor], tape: Tape, gradients: tuple[Tensor, Tensor], stop_q_params: bool) -> None:
     """Add every parameter's loss gradient to its ``.grad``, given the decoder's and the encoder's loss gradients
     in the log-weights (the same tensor when one surrogate serves both), as :func:`iwae.backprop._backward` does;
     ``stop_q_params``: log q with q's parameters stopped (STL, DReG)."""
     params, layers_per_network = tape.layout
     decoder_grad, encoder_grad = gradients
-    grads = _operator().backward(
+    grads = _operators().backward(
         x.contiguous(), noise, params, layers_per_network, _settings(), tape.tensors, decoder_grad, encoder_grad,
         stop_q_params,
     )  # fmt: skip

@@ -233,8 +233,8 @@ Tensor decoder_backward(const Network& network, const std::vector<Tensor>& outpu
 // the gradient of a term log N(value; mean, exp(log_std)) of log w with respect to the head's (mean, log_std)
 Tensor gaussian_head_grad(const Tensor& log_w_grad, const Tensor& standardised, const Tensor& inv_std) {
     const Tensor unit_grad = log_w_grad.unsqueeze(-1);
-    const Tensor scaled = unit_grad * standardised;  // first: a sample of weight 0 gives 0, even where standardised^2
-                                                     // overflows
+    // unit_grad * standardised first: a sample of weight 0 gives 0, even where standardised^2 overflows
+    const Tensor scaled = unit_grad * standardised;
     return at::cat({scaled * inv_std, scaled * standardised - unit_grad}, -1);
 }
 

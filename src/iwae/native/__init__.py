@@ -40,13 +40,17 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from iwae.data import cache_dir
+
+T = TypeVar("T")
 
 SOURCE = Path(__file__).with_name("kernels.c")
 SWITCH = "IWAE_NATIVE"  # "0" turns the native paths off (and iwae.backprop's explicit backpropagation)
@@ -83,12 +87,12 @@ def build_dir() -> Path:
     return cache_dir() / "native"
 
 
-def compiler_identity(compiler: str) -> str:
+def _compiler_identity(compiler: str) -> str:
     result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=True)
     return result.stdout.splitlines()[0] if result.stdout else compiler
 
 
-def cpu_identity() -> str:
+def _cpu_identity() -> str:
     """The CPU's model and feature flags (Linux), else the platform's processor string."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
@@ -98,7 +102,7 @@ def cpu_identity() -> str:
     return "\n".join(dict.fromkeys(wanted))
 
 
-def compile_atomically(arguments: list[str], target: Path, libraries: tuple[str, ...] = ()) -> None:
+def _compile_atomically(arguments: list[str], target: Path, libraries: tuple[str, ...] = ()) -> None:
     """Run the compiler command ``arguments`` with ``-o`` a temporary file, then ``libraries``, and rename the
     result to ``target``: a build that fails or is interrupted leaves no ``target`` behind."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -112,33 +116,59 @@ def compile_atomically(arguments: list[str], target: Path, libraries: tuple[str,
         Path(temporary).unlink(missing_ok=True)
 
 
-def build_error(error: subprocess.CalledProcessError) -> str:
+def _build_error(error: subprocess.CalledProcessError) -> str:
     """A failed build's last line of output (or the error itself)."""
     return error.stderr.strip().splitlines()[-1] if error.stderr.strip() else str(error)
 
 
-def _build_and_load() -> _Library:
-    compiler = os.environ.get("CC", "cc")
+def build_and_load(
+    name: str,
+    language: str,
+    compiler_variable: str,
+    sources: tuple[Path, ...],
+    flag_sets: tuple[tuple[str, ...], ...],
+    command: Callable[[str, tuple[str, ...]], tuple[list[str], tuple[str, ...]]],
+    load: Callable[[Path], T],
+    extra_identity: tuple[str, ...] = (),
+) -> tuple[T | None, str]:
+    """Build ``name`` with the compiler that ``$compiler_variable`` names (``cc`` for C, ``c++`` for C++) under the
+    first of ``flag_sets`` that builds, into :func:`build_dir` under a name that hashes the sources, the compiler,
+    the flags, the machine, the CPU and ``extra_identity`` (a cached build is reused), and load it.
+
+    ``command(compiler, flags)`` gives the compiler's arguments before ``-o`` and the libraries after it. Returns
+    what ``load`` gave and the file, or None and one line saying why there is nothing."""
+    compiler = os.environ.get(compiler_variable, {"C": "cc", "C++": "c++"}[language])
     if shutil.which(compiler) is None:
-        return _Library(None, f"PyTorch fallback: no C compiler {compiler!r} on PATH (set CC to one)")
+        return None, f"no {language} compiler {compiler!r} on PATH (set {compiler_variable} to one)"
     try:
-        identity = "\n".join((SOURCE.read_text(), compiler_identity(compiler), platform.machine(), cpu_identity()))
+        texts = [source.read_text() for source in sources]
+        machine = (_compiler_identity(compiler), platform.machine(), _cpu_identity())
+        identity = "\n".join((*texts, *machine, *extra_identity))
     except (OSError, subprocess.SubprocessError) as error:
-        return _Library(None, f"PyTorch fallback: cannot query the compiler {compiler!r} ({error})")
+        return None, f"cannot query the compiler {compiler!r} ({error})"
     errors = []
-    for flags in FLAG_SETS:
+    for flags in flag_sets:
         key = hashlib.sha256("\n".join((identity, *flags)).encode()).hexdigest()[:16]
-        target = build_dir() / f"kernels-{key}.so"
+        target = build_dir() / f"{name}-{key}.so"
         try:
             if not target.is_file():
-                compile_atomically([compiler, *flags, str(SOURCE)], target)
-            return _Library(ctypes.CDLL(str(target)), f"native kernels ({target})")
+                arguments, libraries = command(compiler, flags)
+                _compile_atomically(arguments, target, libraries)
+            return load(target), str(target)
         except subprocess.CalledProcessError as error:
-            errors.append(build_error(error))
-        except (OSError, subprocess.SubprocessError) as error:
+            errors.append(_build_error(error))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             errors.append(str(error))
     reasons = "; ".join(dict.fromkeys(errors))  # the same reason for every flag set is said once
-    return _Library(None, f"PyTorch fallback: the native kernels did not build ({reasons})")
+    return None, f"{name} did not build ({reasons})"
+
+
+def _build_and_load() -> _Library:
+    handle, detail = build_and_load(
+        "kernels", "C", "CC", (SOURCE,), FLAG_SETS, lambda compiler, flags: ([compiler, *flags, str(SOURCE)], ()),
+        lambda target: ctypes.CDLL(str(target)),
+    )  # fmt: skip
+    return _Library(handle, f"native kernels ({detail})" if handle is not None else f"PyTorch fallback: {detail}")
 
 
 @functools.cache

@@ -23,11 +23,6 @@ the log-weights and their gradients are ``[k, batch]``.
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,43 +60,29 @@ class _Operators:
         self.description = description
 
 
-def _torch_arguments() -> tuple[list[str], tuple[str, ...]]:
-    """The compiler arguments for PyTorch's headers and ABI, and the linker's for its libraries."""
+def _command(compiler: str, flags: tuple[str, ...]) -> tuple[list[str], tuple[str, ...]]:
+    """The compiler's arguments, with PyTorch's headers and ABI, and the linker's for PyTorch's libraries."""
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     libraries = []
     for path in cpp_extension.library_paths():
         libraries += [f"-L{path}", f"-Wl,-rpath,{path}"]
-    return [abi, *includes], (*libraries, "-lc10", "-ltorch_cpu", "-ltorch")
+    return [compiler, *flags, abi, *includes, str(SOURCE)], (*libraries, "-lc10", "-ltorch_cpu", "-ltorch")
+
+
+def _load(target: Path) -> bool:
+    torch.ops.load_library(str(target))  # registers torch.ops.iwae_step.*
+    return True
 
 
 def _build_and_load() -> _Operators:
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        return _Operators(False, f"no C++ training step: no C++ compiler {compiler!r} on PATH (set CXX to one)")
-    try:
-        sources = SOURCE.read_text() + native.SOURCE.read_text()
-        identity = "\n".join(
-            (sources, native.compiler_identity(compiler), platform.machine(), native.cpu_identity(), torch.__version__)
-        )
-    except (OSError, subprocess.SubprocessError) as error:
-        return _Operators(False, f"no C++ training step: cannot query the compiler {compiler!r} ({error})")
-    torch_flags, libraries = _torch_arguments()
-    errors = []
-    for flags in FLAG_SETS:
-        key = hashlib.sha256("\n".join((identity, *flags, *torch_flags)).encode()).hexdigest()[:16]
-        target = native.build_dir() / f"step-{key}.so"
-        try:
-            if not target.is_file():
-                native.compile_atomically([compiler, *flags, *torch_flags, str(SOURCE)], target, libraries)
-            torch.ops.load_library(str(target))
-            return _Operators(True, f"C++ training step ({target})")
-        except subprocess.CalledProcessError as error:
-            errors.append(native.build_error(error))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-            errors.append(str(error))
-    reasons = "; ".join(dict.fromkeys(errors))
-    return _Operators(False, f"no C++ training step: it did not build ({reasons})")
+    loaded, detail = native.build_and_load(
+        "step", "C++", "CXX", (SOURCE, native.SOURCE), FLAG_SETS, _command, _load,
+        extra_identity=(torch.__version__, *cpp_extension.include_paths()),
+    )  # fmt: skip
+    if loaded is None:
+        return _Operators(False, f"no C++ training step: {detail}")
+    return _Operators(True, f"C++ training step ({detail})")
 
 
 @functools.cache
@@ -156,10 +137,12 @@ def network_layout(model: torch.nn.Module) -> tuple[list[Tensor], list[int]]:
 
 
 class Tape:
-    """What :func:`forward` keeps for :func:`backward`: the model's layout and ``step.cpp``'s flat list of tensors."""
+    """What :func:`forward` keeps for :func:`backward`: the model's layout, the operators' settings and
+    ``step.cpp``'s flat list of tensors."""
 
-    def __init__(self, layout: tuple[list[Tensor], list[int]], tensors: list[Tensor]):
+    def __init__(self, layout: tuple[list[Tensor], list[int]], settings: list[int], tensors: list[Tensor]):
         self.layout = layout
+        self.settings = settings
         self.tensors = tensors
 
 
@@ -172,9 +155,9 @@ def forward(model: torch.nn.Module, x: Tensor, noise: list[Tensor]) -> tuple[Ten
     """The log-weights ``[k, batch]`` of :meth:`~iwae.models.LatentVariableModel.sample_with_noise`, and the tape
     for :func:`backward`. Only where :func:`applies`. Nothing is recorded for autograd (the operators run their
     ATen calls without it)."""
-    layout = network_layout(model)
-    log_w, *tensors = _operators().forward(x.contiguous(), noise, *layout, _settings())
-    return log_w, Tape(layout, tensors)
+    layout, settings = network_layout(model), _settings()
+    log_w, *tensors = _operators().forward(x.contiguous(), noise, *layout, settings)
+    return log_w, Tape(layout, settings, tensors)
 
 
 def backward(x: Tensor, noise: list[Tensor], tape: Tape, gradients: tuple[Tensor, Tensor], stop_q_params: bool) -> None:
@@ -184,7 +167,7 @@ def backward(x: Tensor, noise: list[Tensor], tape: Tape, gradients: tuple[Tensor
     params, layers_per_network = tape.layout
     decoder_grad, encoder_grad = gradients
     grads = _operators().backward(
-        x.contiguous(), noise, params, layers_per_network, _settings(), tape.tensors, decoder_grad, encoder_grad,
+        x.contiguous(), noise, params, layers_per_network, tape.settings, tape.tensors, decoder_grad, encoder_grad,
         stop_q_params,
     )  # fmt: skip
     for param, grad in zip(params, grads, strict=True):

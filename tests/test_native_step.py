@@ -8,6 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_backprop import SMALL, SPECS, _assert_same, _autograd
+from test_backprop import _model as float_model
 
 from iwae import backprop, estimators, native
 from iwae.config import TrainConfig
@@ -18,20 +20,11 @@ from iwae.train import training_step
 pytestmark = pytest.mark.skipif(
     shutil.which("c++") is None or not native.available(), reason="no C++ compiler or no native kernels"
 )
-SMALL = {
-    1: ModelConfig(x_dim=12, latent_dims=(3,), hidden_dims=((6, 5),)),
-    2: ModelConfig(x_dim=12, latent_dims=(4, 3), hidden_dims=((6, 5), (5,))),
-}
 
 
-def _model(config: ModelConfig, seed: int) -> LatentVariableModel:
-    torch.manual_seed(seed)
-    model = LatentVariableModel(config)
-    with torch.no_grad():  # biases away from zero, so that every term of the gradient is exercised
-        for param in model.parameters():
-            if param.dim() == 1:
-                param.uniform_(-0.5, 0.5)
-    return model
+def _model(config: ModelConfig, seed: int, activation: str = "tanh", likelihood: str = "bernoulli"):
+    """test_backprop's model (biases away from zero) in float32, the C++ step's dtype."""
+    return float_model(config, activation, torch.float32, seed, likelihood)
 
 
 def _inputs(model: LatentVariableModel, k: int, batch: int, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -44,17 +37,6 @@ def _gradients(function, model, *args) -> tuple[torch.Tensor, list[torch.Tensor]
     model.zero_grad(set_to_none=True)
     bound = function(model, *args)
     return bound, [param.grad.clone() for param in model.parameters()]
-
-
-SPECS = {
-    "vae": estimators.BoundSpec("vae"),
-    "iwae": estimators.BoundSpec("iwae"),
-    "miwae": estimators.BoundSpec("miwae", M=2),
-    "piwae": estimators.BoundSpec("piwae", M=2),
-    "ciwae": estimators.BoundSpec("ciwae", beta=0.3),
-    "power": estimators.BoundSpec("power", p=0.5),
-    "vr": estimators.BoundSpec("vr", alpha=0.4),
-}
 
 
 def _cpp_path(model, x, noise, spec: estimators.BoundSpec, estimator: str) -> torch.Tensor:
@@ -71,18 +53,6 @@ def _python_path(model, x, noise, spec: estimators.BoundSpec, estimator: str) ->
     decoder_grad, encoder_grad, bound = backprop._log_weight_gradients(spec, estimator, log_w)
     backprop._backward(model, x, noise, tape, (decoder_grad, encoder_grad), estimator != "standard")
     return bound
-
-
-def _autograd(model, x, noise, spec: estimators.BoundSpec, estimator: str) -> torch.Tensor:
-    terms = estimators.estimate_from_noise(model, x, noise, spec, estimator)
-    estimators.backward(model, terms)
-    return terms.bound.detach()
-
-
-def _assert_close(got, want, rtol: float) -> None:
-    torch.testing.assert_close(got[0], want[0], rtol=rtol, atol=rtol * want[0].abs().max().item())
-    for got_grad, want_grad in zip(got[1], want[1], strict=True):
-        torch.testing.assert_close(got_grad, want_grad, rtol=rtol, atol=rtol * want_grad.abs().max().item())
 
 
 @settings(max_examples=60, deadline=None)
@@ -109,8 +79,8 @@ def test_equals_the_python_path_and_autograd(
         fast = _gradients(_cpp_path, model, x, noise, spec, estimator)
     finally:
         step.FORWARD_ONEDNN_MIN_MACS = saved
-    _assert_close(fast, _gradients(_python_path, model, x, noise, spec, estimator), rtol=1e-4)
-    _assert_close(fast, _gradients(_autograd, model, x, noise, spec, estimator), rtol=1e-4)
+    _assert_same(fast, _gradients(_python_path, model, x, noise, spec, estimator), rtol=1e-4)
+    _assert_same(fast, _autograd(model, x, noise, spec, estimator), rtol=1e-4)
 
 
 @pytest.mark.parametrize("estimator", estimators.ESTIMATOR_NAMES)
@@ -123,7 +93,7 @@ def test_equals_the_python_path_on_burda_models(layers: int, objective: str, est
     x, noise = _inputs(model, 50, 20, seed=3)
     spec = SPECS[objective]
     want = _gradients(_python_path, model, x, noise, spec, estimator)
-    _assert_close(_gradients(_cpp_path, model, x, noise, spec, estimator), want, rtol=2e-4)
+    _assert_same(_gradients(_cpp_path, model, x, noise, spec, estimator), want, rtol=2e-4)
 
 
 def test_gradients_accumulate_into_existing_grads() -> None:
@@ -142,10 +112,8 @@ def test_applies_to_burda_models_in_float32_on_the_cpu(monkeypatch: pytest.Monke
     assert step.applies(model, x)
     assert not step.applies(model, x.double())
     assert not step.applies(model.double(), x)
-    relu = ModelConfig(12, (3,), ((6, 5),), activation="relu")
-    gaussian = ModelConfig(12, (3,), ((6, 5),), likelihood="gaussian")
-    assert not step.applies(_model(relu, 0), x)
-    assert not step.applies(_model(gaussian, 0), x)
+    assert not step.applies(_model(SMALL[1], 0, activation="relu"), x)
+    assert not step.applies(_model(SMALL[1], 0, likelihood="gaussian"), x)
     monkeypatch.setenv(native.SWITCH, "0")
     assert not step.applies(model, x)
 
@@ -160,7 +128,7 @@ def test_training_step_takes_it_for_every_objective(monkeypatch: pytest.MonkeyPa
         config = TrainConfig(objective=objective, k=4, M=spec.M, beta=spec.beta, p=spec.p, alpha=spec.alpha)
         training_step(model, x, config, torch.Generator().manual_seed(0))
     assert len(calls) == len(SPECS)
-    relu = _model(ModelConfig(12, (3,), ((6, 5),), activation="relu"), 0)
+    relu = _model(SMALL[1], 0, activation="relu")
     training_step(relu, x, TrainConfig(objective="iwae", k=4), torch.Generator().manual_seed(0))
     assert len(calls) == len(SPECS)  # relu layers: the Python path
 

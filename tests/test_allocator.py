@@ -1,11 +1,11 @@
-"""iwae.allocator: glibc's thresholds fixed once, so freed tensor memory is reused instead of faulted in again."""
+"""iwae.fast.allocator: glibc's thresholds fixed once, so freed tensor memory is reused instead of faulted in again."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from iwae import allocator, native
+from iwae.fast import allocator, native
 
 resource = pytest.importorskip("resource")
 

@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iwae.anomaly import SCORES, anomaly_scores, auroc, average_ranks, roc_curve, scores_from_sample
 from iwae.cli import main
 from iwae.models import LatentVariableModel, ModelConfig
+from iwae.studies.anomaly import SCORES, anomaly_scores, auroc, average_ranks, roc_curve, scores_from_sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

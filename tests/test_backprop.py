@@ -1,4 +1,4 @@
-"""Explicit backpropagation (iwae.backprop) against autograd through the estimators."""
+"""Explicit backpropagation (iwae.fast.backprop) against autograd through the estimators."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import torch
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from iwae import backprop, estimators, native
+from iwae import estimators
 from iwae.config import TrainConfig
+from iwae.fast import backprop, native
 from iwae.models import LatentVariableModel, ModelConfig
 from iwae.train import training_step
 
@@ -127,7 +128,7 @@ def test_applies_to_the_library_models_unless_switched_off(monkeypatch) -> None:
 
 @pytest.mark.parametrize("objective", ["iwae", "vae"])
 def test_training_step_takes_the_explicit_path_and_matches_autograd(objective: str, monkeypatch) -> None:
-    """The default step goes through iwae.backprop; with IWAE_NATIVE=0 through autograd; same gradients."""
+    """The default step goes through iwae.fast.backprop; with IWAE_NATIVE=0 through autograd; same gradients."""
     config = TrainConfig(objective=objective, k=3, model=SMALL[2])
     x = torch.bernoulli(torch.full((4, 12), 0.4), generator=torch.Generator().manual_seed(0))
     calls = []

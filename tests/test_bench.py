@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from iwae import allocator, bench, bounds, native
+from iwae import bounds
 from iwae.cli import main
 from iwae.config import TrainConfig
+from iwae.fast import allocator, native
+from iwae.fast import step as native_step
+from iwae.lab import bench
 from iwae.models import LatentVariableModel, ModelConfig
-from iwae.native import step as native_step
 
 REQUIRED_KEYS = {
     "roofline_fraction_k50",
@@ -98,7 +100,8 @@ def test_tiny_bench_has_the_required_keys_and_finite_values(tiny_result: dict) -
     assert tiny_result["allocator"] == allocator.configure()
     assert tiny_result["allocator"] in bench.markdown(tiny_result)
     explicit = not native.switched_off()  # the default for Burda's model
-    assert tiny_result["gradients"].startswith("explicit backpropagation (iwae.backprop)" if explicit else "autograd")
+    expected = "explicit backpropagation (iwae.fast.backprop)" if explicit else "autograd"
+    assert tiny_result["gradients"].startswith(expected)
     assert ("in C++" in tiny_result["gradients"]) == native_step.available()
     train = [r for r in tiny_result["rows"] if r["task"] == "train"]
     assert len(train) == 4 * 3  # iwae, plain, pyro per cell

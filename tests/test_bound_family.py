@@ -12,9 +12,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import LinearGaussianModel
 
 from iwae import bounds
-from iwae.oracles import LinearGaussianModel
 
 FLOATS = st.floats(min_value=-300.0, max_value=50.0, allow_nan=False, allow_infinity=False)
 

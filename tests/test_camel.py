@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from iwae.camel import sample_camel, true_expected_log_density, true_log_density
 from iwae.cli import main
+from iwae.studies.camel import sample_camel, true_expected_log_density, true_log_density
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

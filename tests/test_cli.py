@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from iwae import allocator
 from iwae.cli import main
+from iwae.fast import allocator
 
 EVAL_KEYS = {"nll", "k", "split", "n_examples", "active_units"}
 
@@ -22,7 +22,7 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_train_eval_sample_smoke(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
-    configured = []  # train sets up malloc first (iwae.allocator); eval and sample leave it alone
+    configured = []  # train sets up malloc first (iwae.fast.allocator); eval and sample leave it alone
     monkeypatch.setattr(allocator, "configure", lambda: configured.append(True) or "recorded")
     run = str(tmp_path / "run")
     code, out, _ = _run(

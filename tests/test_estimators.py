@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import LinearGaussianModel
 
 from iwae import bounds
 from iwae.cli import main
@@ -34,7 +35,6 @@ from iwae.estimators import (
     surrogate_gradients,
 )
 from iwae.models import LatentVariableModel, ModelConfig
-from iwae.oracles import LinearGaussianModel
 from iwae.train import fit, training_step
 
 SPECS = {

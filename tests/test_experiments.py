@@ -13,11 +13,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iwae import experiments, runs
+from iwae import runs
 from iwae.config import BURDA_STAGES
-from iwae.experiments import RunSpec, expand_grid, load_grid, preset_names, run_one, train_config
+from iwae.lab import experiments
+from iwae.lab.experiments import RunSpec, expand_grid, load_grid, preset_names, run_one, train_config
+from iwae.lab.store import ResultStore
 from iwae.models import ModelConfig
-from iwae.store import ResultStore
 from iwae.train import build_model, fit, load_initial_weights
 
 TINY = {
@@ -142,10 +143,10 @@ def test_grid_files_and_missing_sources(tmp_path: Path) -> None:
 
 
 # -- the store ------------------------------------------------------------------------------------
-# Run in separate interpreters that import only iwae.store (no torch), so they start fast and write at once.
+# Run in separate interpreters that import only iwae.lab.store (no torch), so they start fast and write at once.
 WRITER = """
 import sys
-from iwae.store import ResultStore
+from iwae.lab.store import ResultStore
 db_path, worker, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 store = ResultStore(db_path)
 for i in range(n):
@@ -258,7 +259,7 @@ def test_sweep_refuses_changed_training_settings_but_not_changed_evaluation(tmp_
 
 
 def test_a_finished_run_of_another_grid_is_reused_not_retrained(tmp_path: Path) -> None:
-    from iwae.reports import load_records
+    from iwae.lab.reports import load_records
 
     first = {"fixed": {**TINY, "objective": "iwae", "epochs": 1}, "axes": {"k": [2]}}
     (spec,) = experiments.resolved_specs(first, tmp_path)
@@ -293,7 +294,7 @@ def test_a_continued_run_of_a_reused_base_runs_once_and_the_sweep_can_be_repeate
     assert (summary["ran"], summary["reused"], summary["failed"]) == (1, 1, {})
     again = experiments.run_sweep(phases, tmp_path, progress=False, device="cpu")  # nothing to do, no complaint
     assert (again["ran"], again["skipped"]) == (0, 2)
-    from iwae.reports import load_records, table2
+    from iwae.lab.reports import load_records, table2
 
     rows = table2(load_records([tmp_path])[0]).rows
     assert [row[1:3] for row in rows] == [["iwae k=2", "vae k=2"]]  # the continued run finds its (reused) base

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iwae.cli import main
-from iwae.impute import ImputeSettings, impute, mcar_mask, mean_imputation, missing_mse, train_miwae
+from iwae.studies.impute import ImputeSettings, impute, mcar_mask, mean_imputation, missing_mse, train_miwae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -193,7 +193,7 @@ def test_fast_tanh_equals_tanh_with_gradients() -> None:
 @pytest.mark.parametrize("layers", [1, 2])
 def test_float32_cpu_path_matches_the_float64_reference(layers: int) -> None:
     """The float32 CPU path (native softplus row sums where they build) against the float64 reference."""
-    from iwae import native
+    from iwae.fast import native
 
     torch.manual_seed(layers)
     model = LatentVariableModel(ModelConfig.burda(layers))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iwae import native
+from iwae.fast import native
 
 HAVE_COMPILER = shutil.which(os.environ.get("CC", "cc")) is not None
 needs_native = pytest.mark.skipif(not native.available(), reason=native.status())

@@ -1,4 +1,4 @@
-"""The C++ training step (iwae.native.step) against iwae.backprop's Python path and autograd, in float32."""
+"""The C++ training step (iwae.fast.step) against iwae.fast.backprop's Python path and autograd, in float32."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 from test_backprop import SMALL, SPECS, _assert_same, _autograd
 from test_backprop import _model as float_model
 
-from iwae import backprop, estimators, native
+from iwae import estimators
 from iwae.config import TrainConfig
+from iwae.fast import backprop, native, step
 from iwae.models import LatentVariableModel, ModelConfig
-from iwae.native import step
 from iwae.train import training_step
 
 pytestmark = pytest.mark.skipif(
@@ -47,7 +47,7 @@ def _cpp_path(model, x, noise, spec: estimators.BoundSpec, estimator: str) -> to
 
 
 def _python_path(model, x, noise, spec: estimators.BoundSpec, estimator: str) -> torch.Tensor:
-    """iwae.backprop's explicit backpropagation in Python, as it runs where the C++ step does not apply."""
+    """iwae.fast.backprop's explicit backpropagation in Python, as it runs where the C++ step does not apply."""
     tape = backprop._Tape()
     log_w = backprop._forward(model, x, noise, tape)
     decoder_grad, encoder_grad, bound = backprop._log_weight_gradients(spec, estimator, log_w)

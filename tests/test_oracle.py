@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from oracles import LinearGaussianModel
 
 from iwae import bounds
-from iwae.oracles import LinearGaussianModel
 
 
 def _mean_bound(model, x, k, repeats, generator):

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracles import LinearGaussianModel
 
 from iwae.cli import main
 from iwae.config import TrainConfig
 from iwae.data import Dataset
 from iwae.models import LatentVariableModel, ModelConfig
-from iwae.oracles import LinearGaussianModel
-from iwae.posterior import (
+from iwae.studies.posterior import (
     Grid,
     q_iw_log_density,
     sir_sample,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from iwae import cli
-from iwae.reports import (
+from iwae.lab.reports import (
     PUBLISHED_TABLE1,
     PUBLISHED_TABLE2,
     build_report,
@@ -22,7 +22,7 @@ from iwae.reports import (
     table2,
     write_report,
 )
-from iwae.store import ResultStore
+from iwae.lab.store import ResultStore
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "docs" / "REFERENCE.md"
 

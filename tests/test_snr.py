@@ -1,4 +1,4 @@
-"""The gradient SNR study (``iwae.snr`` and ``iwae snr``): moments, slopes, the expected trends on the
+"""The gradient SNR study (``iwae.studies.snr`` and ``iwae snr``): moments, slopes, the expected trends on the
 linear-Gaussian oracle, and the command line. Log-weights are ``[k, batch]``."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from oracles import LinearGaussianModel
 
 from iwae.cli import main
 from iwae.config import TrainConfig
 from iwae.estimators import BoundSpec
 from iwae.models import LatentVariableModel, ModelConfig
-from iwae.oracles import LinearGaussianModel
-from iwae.snr import GradientMoments, gradient_snr, loglog_slope, run_study
+from iwae.studies.snr import GradientMoments, gradient_snr, loglog_slope, run_study
 from iwae.train import fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.mark.parametrize("estimator", ["standard", "dreg"])
 def test_snr_through_explicit_backpropagation_equals_autograd(estimator: str, monkeypatch) -> None:
-    """The library's models take iwae.backprop (the same noise); IWAE_NATIVE=0 takes autograd."""
+    """The library's models take iwae.fast.backprop (the same noise); IWAE_NATIVE=0 takes autograd."""
     torch.manual_seed(0)
     model = LatentVariableModel(ModelConfig(x_dim=10, latent_dims=(3, 2), hidden_dims=((6,), (4,)))).double()
     x = torch.bernoulli(torch.full((4, 10), 0.4, dtype=torch.float64), generator=torch.Generator().manual_seed(1))
@@ -111,7 +111,7 @@ def test_snr_cli_errors(tmp_path: Path, capsys, argv: list[str], message: str) -
 
 def test_effective_sample_size_bounds_and_the_study_reports_it() -> None:
     from iwae.models import LatentVariableModel, ModelConfig
-    from iwae.snr import effective_sample_size, run_study
+    from iwae.studies.snr import effective_sample_size, run_study
 
     torch.manual_seed(0)
     model = LatentVariableModel(ModelConfig(x_dim=12, latent_dims=(3,), hidden_dims=((8,),)))

@@ -185,7 +185,7 @@ def evaluate_model(
 
     ``compile_model``: draw the L_k samples through ``torch.compile(model)`` (the noise still comes
     eagerly from the seeded generator; results equal the eager path's up to rounding). Compiling takes
-    tens of seconds. On a CPU where :mod:`iwae.native`'s paths run, the eager model is faster (measured
+    tens of seconds. On a CPU where :mod:`iwae.fast.native`'s paths run, the eager model is faster (measured
     20 against 25 s per 1,000 images); compiling is for other devices.
     """
     started = time.perf_counter()

@@ -7,7 +7,7 @@ The generative model is ``p(x, h_1..h_L) = p(h_L) prod_j p(h_j | h_{j+1}) p(x | 
 ``p(h_L) = N(0, I)``; the recognition model is ``q(h_1 | x) prod_j q(h_{j+1} | h_j)``. Every
 conditional is an MLP (tanh by default) followed by a Gaussian head (mean = linear,
 std = exp(linear)) or, for the observation, a Bernoulli head on logits (or a Gaussian head).
-On CPU float32 tensors the linear layers and the Bernoulli log-likelihood take :mod:`iwae.native`'s
+On CPU float32 tensors the linear layers and the Bernoulli log-likelihood take :mod:`iwae.fast.native`'s
 fused paths; tests compare every path with the plain formulas.
 """
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from iwae import native
+from iwae.fast import native
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -105,7 +105,7 @@ def glorot_uniform_(weight: Tensor) -> None:
 
 
 def _linear(layer: nn.Linear, inputs: Tensor, detach_params: bool, activation: str = "none") -> Tensor:
-    """``activation(layer(inputs))`` through :func:`iwae.native.fused_linear` (oneDNN on CPU float32)."""
+    """``activation(layer(inputs))`` through :func:`iwae.fast.native.fused_linear` (oneDNN on CPU float32)."""
     weight, bias = (layer.weight.detach(), layer.bias.detach()) if detach_params else (layer.weight, layer.bias)
     return native.fused_linear(inputs, weight, bias, activation)
 
@@ -174,10 +174,10 @@ class MLPHead(nn.Module):
 
     def hidden_outputs(self, inputs: Tensor, detach_params: bool = False) -> list[Tensor]:
         """``[inputs, hidden_1, ..., hidden_n]``: each hidden layer's activations (the head's input is the last;
-        :mod:`iwae.backprop` keeps them all).
+        :mod:`iwae.fast.backprop` keeps them all).
 
         On CPU float32 each layer is one oneDNN primitive with the activation fused in
-        (:func:`iwae.native.fused_linear`) where oneDNN has the activation.
+        (:func:`iwae.fast.native.fused_linear`) where oneDNN has the activation.
         """
         outputs = [inputs]
         fused = self.activation_name in native.FUSED_ACTIVATIONS and native.fused_linear_applies(inputs)
@@ -267,7 +267,7 @@ class LatentVariableModel(nn.Module):
     def _bernoulli_log_prob(self, x: Tensor, h1: Tensor, observed_mask: Tensor | None) -> Tensor:
         """:func:`bernoulli_log_prob` on the decoder's logits ``l = W f + b``, in one pass over them.
 
-        On CPU float32 tensors (without a mask) that pass is :func:`iwae.native.bernoulli_log_prob_rows`.
+        On CPU float32 tensors (without a mask) that pass is :func:`iwae.fast.native.bernoulli_log_prob_rows`.
         Elsewhere the data term goes by matmul, ``sum_d x_d l_d = f . (W^T x) + b . x``: one
         ``[batch, x_dim] x [x_dim, hidden]`` product per example replaces a pass over the
         ``[k, batch, x_dim]`` logits (and its backward), leaving ``sum_d softplus(l_d)`` as the only

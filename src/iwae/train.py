@@ -23,10 +23,11 @@ import torch
 import torch.optim.optimizer as optimizer_module
 from tqdm import tqdm
 
-from iwae import backprop, bounds, estimators
+from iwae import bounds, estimators
 from iwae.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint, save_model
 from iwae.config import TrainConfig, config_differences
 from iwae.data import Dataset, Split, binarize, load_dataset
+from iwae.fast import backprop
 from iwae.models import LatentVariableModel
 from iwae.objectives import get_objective
 from iwae.runs import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunError, load_config, resolve_device
@@ -147,8 +148,8 @@ def training_step(
 
     - with ``compiled_estimate`` (:func:`compile_estimate`), through a compiled
       :func:`iwae.estimators.estimate_from_noise` on the same noise;
-    - where :func:`iwae.backprop.applies` (every estimator on this library's models, unless ``IWAE_NATIVE=0``),
-      through :func:`iwae.backprop.accumulate_gradients`: the same gradients without autograd's graph;
+    - where :func:`iwae.fast.backprop.applies` (every estimator on this library's models, unless ``IWAE_NATIVE=0``),
+      through :func:`iwae.fast.backprop.accumulate_gradients`: the same gradients without autograd's graph;
     - otherwise through :func:`iwae.estimators.estimate` and autograd (vae/iwae with the standard estimator are
       then exactly ``-surrogate.mean()`` backpropagated once).
 

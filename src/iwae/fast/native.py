@@ -16,7 +16,7 @@ Large inputs are split by rows over OpenMP threads: PyTorch's own (``torch.set_n
 library binds to the libgomp that PyTorch has loaded. Under ``torch.compile`` the kernel is a custom
 operator (``torch.ops.iwae.*``), so it costs no graph break.
 
-:func:`tanh_`: tanh in place, from the same C file (``kernels.c``), for :mod:`iwae.native.step`, the training
+:func:`tanh_`: tanh in place, from the same C file (``kernels.c``), for :mod:`iwae.fast.step`, the training
 step in C++ that includes these kernels and computes its small layers with ``addmm`` and this tanh.
 
 :func:`fused_linear`: ``activation(inputs @ weight.T + bias)`` as one oneDNN primitive (PyTorch's own
@@ -53,7 +53,7 @@ from iwae.data import cache_dir
 T = TypeVar("T")
 
 SOURCE = Path(__file__).with_name("kernels.c")
-SWITCH = "IWAE_NATIVE"  # "0" turns the native paths off (and iwae.backprop's explicit backpropagation)
+SWITCH = "IWAE_NATIVE"  # "0" turns the native paths off (and iwae.fast.backprop's explicit backpropagation)
 _COMMON_FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math")
 FLAG_SETS = (  # tried in turn: the first that builds is used
     (*_COMMON_FLAGS, "-march=native", "-fopenmp"),
@@ -64,7 +64,7 @@ PARALLEL_MIN_ELEMENTS = 1 << 15  # smaller inputs run on the calling thread alon
 
 
 def switched_off() -> bool:
-    """Whether ``IWAE_NATIVE=0`` is in the environment: the native paths (and :mod:`iwae.backprop`) are off."""
+    """Whether ``IWAE_NATIVE=0`` is in the environment: the native paths (and :mod:`iwae.fast.backprop`) are off."""
     return os.environ.get(SWITCH, "1") == "0"
 
 
@@ -384,7 +384,7 @@ _log_prob_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 def tanh_(tensor: Tensor) -> Tensor:
     """``tanh`` in place with the C kernel (about 1.2 ulp; several times faster than ``torch.tanh`` on this
-    project's CPU), as :mod:`iwae.native.step` applies it to its small layers; ``torch.tanh_`` where
+    project's CPU), as :mod:`iwae.fast.step` applies it to its small layers; ``torch.tanh_`` where
     :func:`applies_to` does not hold or the tensor is not contiguous."""
     if not (applies_to(tensor) and tensor.is_contiguous()):
         return tensor.tanh_()

@@ -12,11 +12,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from iwae import allocator
-from iwae.commands import positive_int
+from iwae.cli.common import positive_int
+from iwae.fast import allocator
 
 EXIT_USAGE = 2
-# Commands that run training steps start with glibc's malloc thresholds fixed (iwae.allocator): faster steps with
+# Commands that run training steps start with glibc's malloc thresholds fixed (iwae.fast.allocator): faster steps with
 # large temporaries, at the cost of freed memory kept resident, which evaluation alone would pay for nothing.
 FIXED_MALLOC_COMMANDS = ("train", "bench")
 
@@ -31,7 +31,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    from iwae.commands import add_run_options
+    from iwae.cli.common import add_run_options
 
     add_run_options(parser)
 
@@ -99,14 +99,14 @@ def _sample_parser(sub) -> None:
     _add_common(p)
 
 
-# Further commands live in their own modules under ``iwae.commands``; each module defines
+# Further commands live in their own modules under ``iwae.cli``; each module defines
 # ``register(subparsers)``, which adds its parser with ``set_defaults(handler=fn)``, where ``fn``
 # takes the parsed arguments and returns the JSON-serialisable result to print.
 COMMAND_MODULES: list[str] = [
-    "iwae.commands.snr",
-    "iwae.commands.sweep",
-    "iwae.commands.analyses",
-    "iwae.commands.bench",
+    "iwae.cli.snr",
+    "iwae.cli.sweep",
+    "iwae.cli.analyses",
+    "iwae.cli.bench",
 ]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from iwae.commands import add_run_options, positive_int, positive_int_list
+from iwae.cli.common import add_run_options, positive_int, positive_int_list
 
 
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
@@ -17,7 +17,7 @@ def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
 
 
 def cmd_posterior(args: argparse.Namespace) -> dict:
-    from iwae.posterior import posterior_run
+    from iwae.studies.posterior import posterior_run
 
     result = posterior_run(
         args.run, ks=args.ks, digits=args.digits, n_draws=args.draws, grid_size=args.grid, out_dir=args.out,
@@ -33,7 +33,7 @@ def cmd_posterior(args: argparse.Namespace) -> dict:
 
 
 def cmd_camel(args: argparse.Namespace) -> dict:
-    from iwae.camel import CamelSettings, run_camel
+    from iwae.studies.camel import CamelSettings, run_camel
 
     settings = CamelSettings(k=args.k, vae_k=args.vae_k, epochs=args.epochs, n_train=args.n_train,
                              n_test=args.n_test, eval_k=args.eval_k, seed=args.seed)  # fmt: skip
@@ -45,7 +45,7 @@ def cmd_camel(args: argparse.Namespace) -> dict:
 
 
 def cmd_anomaly(args: argparse.Namespace) -> dict:
-    from iwae.anomaly import anomaly_run
+    from iwae.studies.anomaly import anomaly_run
 
     if args.holdout_digit is not None and not 0 <= args.holdout_digit <= 9:
         raise ValueError(f"--holdout-digit must be 0..9, got {args.holdout_digit}")
@@ -63,7 +63,7 @@ def cmd_anomaly(args: argparse.Namespace) -> dict:
 
 
 def cmd_impute(args: argparse.Namespace) -> dict:
-    from iwae.impute import ImputeSettings, impute_run
+    from iwae.studies.impute import ImputeSettings, impute_run
 
     if not 0.0 < args.missing < 1.0:
         raise ValueError(f"--missing must be in (0, 1), got {args.missing}")

@@ -1,6 +1,6 @@
 """``iwae bench``: training-step and L_5000 evaluation speed beside Pyro, plain PyTorch and the matmul roofline.
 
-See :mod:`iwae.bench` for what is measured (shapes: minibatches ``[batch, x_dim]``, log-weights
+See :mod:`iwae.lab.bench` for what is measured (shapes: minibatches ``[batch, x_dim]``, log-weights
 ``[k, batch]``). The Markdown table goes to stderr (and ``OUT/bench.md``), the JSON object to stdout
 (and ``OUT/bench.json``); ``--json`` leaves the table out of stderr.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from iwae.commands import add_run_options, positive_int
+from iwae.cli.common import add_run_options, positive_int
 
 
 def register(subparsers) -> None:
@@ -34,8 +34,8 @@ def register(subparsers) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> dict:
-    from iwae.bench import full_settings, quick_settings, run_bench, write_outputs
     from iwae.data import load_dataset
+    from iwae.lab.bench import full_settings, quick_settings, run_bench, write_outputs
     from iwae.runs import resolve_device
 
     changes = {"threads": args.threads, "device": args.device, "pyro": not args.no_pyro, "compile": args.compile}
@@ -49,7 +49,7 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     if args.out:
         write_outputs(result, args.out)
     if not args.json:
-        from iwae.bench import markdown
+        from iwae.lab.bench import markdown
 
         print(markdown(result), file=sys.stderr)
     return result

@@ -32,8 +32,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from iwae import backprop, bounds
+from iwae import bounds
 from iwae.estimators import ESTIMATOR_NAMES, BoundSpec, estimate, surrogate_gradients
+from iwae.fast import backprop
 
 PARTS = ("encoder", "decoder")
 DEFAULT_KS = (1, 3, 10, 30, 100, 300, 1000)
@@ -104,7 +105,7 @@ def _gradients(
     encoder_params: list[nn.Parameter],
     decoder_params: list[nn.Parameter],
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """One estimate's encoder and decoder gradients: through :mod:`iwae.backprop` where it applies (the same
+    """One estimate's encoder and decoder gradients: through :mod:`iwae.fast.backprop` where it applies (the same
     noise and values up to rounding; the model's ``.grad`` is used and cleared), else through autograd."""
     if not backprop.applies(model, spec, estimator):
         terms = estimate(model, x, k, generator, spec, estimator)

@@ -1,4 +1,4 @@
-"""``iwae snr [RUN]``: the gradient signal-to-noise study of Rainforth et al. (2018), see :mod:`iwae.snr`.
+"""``iwae snr [RUN]``: the gradient signal-to-noise study of Rainforth et al. (2018), see :mod:`iwae.studies.snr`.
 
 Gradients are taken at fixed parameters on one fixed minibatch ``x`` ``[batch, x_dim]`` (the first
 ``--batch-size`` training examples, binarised once with ``--seed``); each estimate draws k samples per
@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from iwae.commands import add_run_options, positive_int_list
+from iwae.cli.common import add_run_options, positive_int_list
 
 DEFAULT_REPEATS = 100
 DEFAULT_BATCH = 1
@@ -26,7 +26,7 @@ def _name_list(text: str) -> list[str]:
 
 
 def register(subparsers) -> None:
-    from iwae.snr import DEFAULT_KS
+    from iwae.studies.snr import DEFAULT_KS
 
     p = subparsers.add_parser(
         "snr",
@@ -92,7 +92,7 @@ def cmd_snr(args: argparse.Namespace) -> dict:
     import time
 
     from iwae.runs import resolve_device
-    from iwae.snr import run_study, write_study
+    from iwae.studies.snr import run_study, write_study
 
     device = resolve_device(args.device)
     model, x, config = _model_and_batch(args, device)

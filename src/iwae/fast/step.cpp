@@ -4,7 +4,7 @@
  * iwae/backprop.py is the reference and says the algebra; this file does the same operations in the same order,
  * through ATen from C++, so that a minibatch-20 step no longer pays the Python interpreter and PyTorch's Python
  * bindings for its ~80 operator calls. Small linear layers are PyTorch's addmm followed by kernels.c's tanh in
- * place; large ones are oneDNN's fused linear layer, as in iwae.native.fused_linear. Loaded by iwae/native/step.py
+ * place; large ones are oneDNN's fused linear layer, as in iwae.fast.native.fused_linear. Loaded by iwae/fast/step.py
  * as the operators torch.ops.iwae_step.forward (the log-weights, and the tape that the backward pass needs) and
  * torch.ops.iwae_step.backward (every parameter's gradient, given the loss's gradients in the log-weights, which
  * Python computes for any bound, as iwae.backprop._log_weight_gradients does).

@@ -9,7 +9,7 @@
  * sum over a row is accumulated in double. Rows are shared among OpenMP threads when there are at least
  * parallel_min_elements entries; built with -fopenmp inside a PyTorch process, the library binds to the
  * libgomp that PyTorch has loaded, so it uses PyTorch's threads (and torch.set_num_threads). Built and
- * loaded by iwae/native/__init__.py (through ctypes), and included by step.cpp (iwae/native/step.py).
+ * loaded by iwae/fast/native.py (through ctypes), and included by step.cpp (iwae/fast/step.py).
  */
 #include <stdint.h>
 #include <string.h>

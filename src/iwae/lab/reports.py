@@ -1,6 +1,6 @@
 """Reports: our Table 1 / Table 2 / k-sweep beside Burda et al.'s, with figures, as Markdown and HTML.
 
-Every number in a report comes from the sweep databases (:mod:`iwae.store`): evaluation results,
+Every number in a report comes from the sweep databases (:mod:`iwae.lab.store`): evaluation results,
 per-epoch metrics and timings are stored there by the runner; the published numbers come from
 :data:`PUBLISHED_TABLE1` and :data:`PUBLISHED_TABLE2` below (Burda, Grosse and Salakhutdinov,
 "Importance Weighted Autoencoders", ICLR 2016, Tables 1 and 2 and Appendix D, as transcribed in
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iwae.store import ResultStore
+from iwae.lab.store import ResultStore
 
 SOURCE = "Burda, Grosse & Salakhutdinov (ICLR 2016), via REFERENCE.md section 4"
 
@@ -136,7 +136,7 @@ def is_table1_run(record: RunRecord) -> bool:
 
 
 def _record(row: dict[str, Any], label: str) -> RunRecord:
-    from iwae.experiments import train_config
+    from iwae.lab.experiments import train_config
 
     config = train_config(row["config"])
     evaluation = row["eval"]
@@ -171,7 +171,7 @@ def _record(row: dict[str, Any], label: str) -> RunRecord:
 
 def load_records(sweep_dirs: list[str | Path]) -> tuple[list[RunRecord], list[dict[str, Any]]]:
     """Finished runs (as records) and the rows of unfinished ones, from each sweep's database."""
-    from iwae.store import DB_FILE
+    from iwae.lab.store import DB_FILE
 
     records, unfinished, seen_dirs = [], [], set()
     for directory in sweep_dirs:

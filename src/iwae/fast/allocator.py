@@ -18,9 +18,9 @@ memory rose from 1.13 to 1.32 GB in that minibatch-1,000 training run, and from 
 ``iwae eval`` of the test set, which gained no speed. So the command line calls it only for the commands
 that train, ``iwae train`` and ``iwae bench`` (so that every implementation the bench compares trains
 under the same settings); library users can call it themselves.
-``IWAE_NATIVE=0`` in the environment (:func:`iwae.native.switched_off`), or a C library other than glibc, leaves
+``IWAE_NATIVE=0`` in the environment (:func:`iwae.fast.native.switched_off`), or a C library other than glibc, leaves
 the allocator as it is. Importing this module does not import torch; :func:`configure` does (through
-:mod:`iwae.native`), as the commands that call it need torch anyway.
+:mod:`iwae.fast.native`), as the commands that call it need torch anyway.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _glibc_version() -> str | None:
 @functools.cache
 def configure() -> str:
     """Fix glibc's mmap and trim thresholds for this process (once); one line saying what was done."""
-    from iwae import native  # the switch that turns the native paths off turns this off too
+    from iwae.fast import native  # the switch that turns the native paths off turns this off too
 
     if native.switched_off():
         return f"the platform's default allocator settings ({native.SWITCH}=0)"
@@ -61,5 +61,5 @@ def configure() -> str:
         return f"the platform's default allocator settings ({version} refused mallopt)"
     return (
         f"{version} malloc with fixed thresholds: mmap above {MMAP_THRESHOLD // 2**20} MiB, "
-        f"trim above {TRIM_THRESHOLD // 2**20} MiB (iwae.allocator)"
+        f"trim above {TRIM_THRESHOLD // 2**20} MiB (iwae.fast.allocator)"
     )

@@ -1,20 +1,20 @@
-"""A training step's forward and backward passes in C++ (``step.cpp``): :mod:`iwae.backprop`'s explicit
+"""A training step's forward and backward passes in C++ (``step.cpp``): :mod:`iwae.fast.backprop`'s explicit
 backpropagation, for every estimator, on models with Bernoulli observations and tanh layers (Burda's).
 
 At Burda's minibatch 20 a step is small enough that calling its ~80 operators from Python costs as much as a good
 part of their arithmetic: on this project's 2-core CPU, a step of a model with 8 pixels and 4 hidden units, where
 the arithmetic costs nothing, took about 1 ms. The C++ operators make the same calls to ATen in the same order as
-:mod:`iwae.backprop` (the reference, which says the algebra), from two Python calls: :func:`forward` gives the
-log-weights and the tape, :mod:`iwae.backprop` computes the loss's gradients in the log-weights for any bound (a
+:mod:`iwae.fast.backprop` (the reference, which says the algebra), from two Python calls: :func:`forward` gives the
+log-weights and the tape, :mod:`iwae.fast.backprop` computes the loss's gradients in the log-weights for any bound (a
 few operations on a ``[k, batch]`` tensor), and :func:`backward` accumulates every parameter's gradient. Small
 layers go through PyTorch's ``addmm`` and :file:`kernels.c`'s tanh instead of oneDNN's fused layer (whose fixed cost
-per call is tens of microseconds). Results equal :mod:`iwae.backprop`'s Python up to float32 rounding
+per call is tens of microseconds). Results equal :mod:`iwae.fast.backprop`'s Python up to float32 rounding
 (``tests/test_native_step.py``).
 
 It is compiled on first use (about 20 s) with ``$CXX`` (default ``c++``) against the installed PyTorch's headers
-and libraries, into the same cache as :mod:`iwae.native`'s C kernels, under a name that hashes the sources, the
+and libraries, into the same cache as :mod:`iwae.fast.native`'s C kernels, under a name that hashes the sources, the
 compiler, the flags, the CPU and PyTorch's version. Where it cannot be built (no C++ compiler, ``IWAE_NATIVE=0``),
-or for other models, devices or dtypes, :mod:`iwae.backprop` goes on in Python.
+or for other models, devices or dtypes, :mod:`iwae.fast.backprop` goes on in Python.
 
 Shape convention: samples first. ``x`` is ``[batch, x_dim]``; the noise of stochastic layer j is ``[k, batch, d_j]``;
 the log-weights and their gradients are ``[k, batch]``.
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils import cpp_extension
 
-from iwae import native
+from iwae.fast import native
 
 SOURCE = Path(__file__).with_name("step.cpp")
 FORWARD_ONEDNN_MIN_MACS = 1 << 23  # smaller layers: addmm and the native tanh, faster there on this project's CPU
@@ -162,7 +162,7 @@ def forward(model: torch.nn.Module, x: Tensor, noise: list[Tensor]) -> tuple[Ten
 
 def backward(x: Tensor, noise: list[Tensor], tape: Tape, gradients: tuple[Tensor, Tensor], stop_q_params: bool) -> None:
     """Add every parameter's loss gradient to its ``.grad``, given the decoder's and the encoder's loss gradients
-    in the log-weights (the same tensor when one surrogate serves both), as :func:`iwae.backprop._backward` does;
+    in the log-weights (the same tensor when one surrogate serves both), as :func:`iwae.fast.backprop._backward` does;
     ``stop_q_params``: log q with q's parameters stopped (STL, DReG)."""
     params, layers_per_network = tape.layout
     decoder_grad, encoder_grad = gradients

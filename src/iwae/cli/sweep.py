@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from iwae.commands import add_run_options
+from iwae.cli.common import add_run_options
 
 REPRODUCIBLE = {"table1": ("smoke", "quick", "full"), "table2": (), "ksweep": ()}
 # Columns of the store copied into the CSV as they are.
@@ -108,7 +108,7 @@ def _preset_for(what: str, preset: str | None) -> str:
 
 
 def _run(grid_source: str, out: str, args: argparse.Namespace) -> dict[str, Any]:
-    from iwae.experiments import load_grid, run_sweep
+    from iwae.lab.experiments import load_grid, run_sweep
 
     return run_sweep(
         load_grid(grid_source),
@@ -125,7 +125,7 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> dict[str, Any]:
-    from iwae.reports import write_report
+    from iwae.lab.reports import write_report
 
     preset = _preset_for(args.what, args.preset)
     out = args.out or str(Path("experiments") / preset)
@@ -137,8 +137,8 @@ def cmd_reproduce(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _summaries(directory: str) -> list[dict[str, Any]]:
-    from iwae.experiments import train_config
-    from iwae.store import DB_FILE, ResultStore
+    from iwae.lab.experiments import train_config
+    from iwae.lab.store import DB_FILE, ResultStore
 
     if not (Path(directory) / DB_FILE).is_file():
         raise ValueError(f"{directory} holds no {DB_FILE}; run 'iwae sweep GRID --out {directory}' first")
@@ -198,6 +198,6 @@ def cmd_results(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
-    from iwae.reports import write_report
+    from iwae.lab.reports import write_report
 
     return write_report(args.dirs, args.out, title=args.title)

@@ -26,11 +26,11 @@ pre-binarised minibatches, so binarisation is outside the timer):
 Each minibatch-20 cell also gives ``burda_schedule_hours``: the wall time of Burda's 3,280 passes over
 59,600 images at iwae's step time (validation and data preparation not counted).
 
-``native_kernels`` in the result says which of :mod:`iwae.native`'s CPU paths the iwae steps took, and
-``gradients`` how they got their gradients (:mod:`iwae.backprop`'s explicit backpropagation, in C++ through
-:mod:`iwae.native.step` where it builds; autograd; or ``torch.compile`` with ``--compile``); ``IWAE_NATIVE=0``
+``native_kernels`` in the result says which of :mod:`iwae.fast.native`'s CPU paths the iwae steps took, and
+``gradients`` how they got their gradients (:mod:`iwae.fast.backprop`'s explicit backpropagation, in C++ through
+:mod:`iwae.fast.step` where it builds; autograd; or ``torch.compile`` with ``--compile``); ``IWAE_NATIVE=0``
 measures without the native paths and explicit backpropagation. ``allocator`` says how malloc was set up for
-the training steps (:func:`iwae.allocator.configure`, applied before anything is measured, so the same for
+the training steps (:func:`iwae.fast.allocator.configure`, applied before anything is measured, so the same for
 every implementation, as ``iwae train`` sets it); the evaluation subprocess leaves malloc alone, as
 ``iwae eval`` does.
 
@@ -46,7 +46,7 @@ matmuls only: ``2 * in * out`` per row per linear layer, a training step = 3x th
 (:func:`model_flops`; element-wise work such as tanh and the log-densities is not counted).
 
 Evaluation: ``L_5000`` (:func:`iwae.evaluate.estimate_log_likelihood`, no unit masks) of a fresh model on
-test images, in a fresh subprocess (``python -m iwae.bench --eval-worker``) whose peak resident memory
+test images, in a fresh subprocess (``python -m iwae.lab.bench --eval-worker``) whose peak resident memory
 is reported above the same process's baseline after imports and a tiny warm-up (and, on CUDA,
 ``torch.cuda.max_memory_allocated``). On Linux the peak is VmHWM of ``/proc/self/status``, reset at the
 baseline: ``getrusage``'s ``ru_maxrss`` (used elsewhere) carries the parent's peak across fork and exec.
@@ -76,13 +76,13 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from iwae import allocator, backprop, native
 from iwae.checkpoint import atomic_write_text
 from iwae.config import BURDA_STAGES, TrainConfig
 from iwae.data import IDX_VALIDATION_IMAGES, Dataset, Split, binarize, load_dataset
 from iwae.estimators import BoundSpec
+from iwae.fast import allocator, backprop, native
+from iwae.fast import step as native_step
 from iwae.models import LatentVariableModel, ModelConfig
-from iwae.native import step as native_step
 from iwae.runs import resolve_device
 from iwae.train import adam_step, build_model, build_optimizer, clear_gradients, compile_estimate, training_step
 
@@ -664,19 +664,19 @@ def eval_worker(
 def measure_eval(
     test_images: Tensor, mean_x: Tensor, settings: BenchSettings, device: torch.device, threads: int
 ) -> dict[str, Any]:
-    """Run :func:`eval_worker` in a fresh ``python -m iwae.bench --eval-worker`` subprocess."""
+    """Run :func:`eval_worker` in a fresh ``python -m iwae.lab.bench --eval-worker`` subprocess."""
     n = min(settings.eval_images, test_images.shape[0])
     batch_size = min(settings.eval_batch_size, n)
     with tempfile.TemporaryDirectory(prefix="iwae-bench-") as tmp:
         data_path = Path(tmp) / "eval.npz"
         np.savez(data_path, images=test_images[:n].cpu().numpy(), mean_x=mean_x.cpu().numpy())
         command = [
-            sys.executable, "-m", "iwae.bench", "--eval-worker", str(data_path), "--k", str(EVAL_K),
+            sys.executable, "-m", "iwae.lab.bench", "--eval-worker", str(data_path), "--k", str(EVAL_K),
             "--threads", str(threads), "--device", str(device), "--batch-size", str(batch_size),
             "--seed", str(settings.seed), "--repeats", str(settings.eval_repeats),
         ]  # fmt: skip
         env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parents[1])
+        package_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -836,8 +836,8 @@ def _gradient_path(settings: BenchSettings) -> str:
     if not backprop.applies(model, BoundSpec("iwae"), "standard"):
         return "autograd"
     if native_step.applies(model, torch.zeros(1, model.config.x_dim)):
-        return f"explicit backpropagation (iwae.backprop), in C++: {native_step.status()}"
-    return f"explicit backpropagation (iwae.backprop), in Python: {native_step.status()}"
+        return f"explicit backpropagation (iwae.fast.backprop), in C++: {native_step.status()}"
+    return f"explicit backpropagation (iwae.fast.backprop), in Python: {native_step.status()}"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -848,7 +848,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"## iwae bench ({result['mode']}): {result['device_name']}, {result['threads']} threads, "
         f"torch {result['torch_version']}, pyro {pyro}",
         "",
-        f"Native CPU paths (iwae.native): {result['native_kernels']}. Gradients: {result['gradients']}. "
+        f"Native CPU paths (iwae.fast.native): {result['native_kernels']}. Gradients: {result['gradients']}. "
         f"Training steps' malloc: {result.get('allocator', 'not recorded')}.",
         "",
         f"Training steps (IWAE objective, standard estimator{compiled}), median of {result['repeats']} after "
@@ -903,7 +903,7 @@ def write_outputs(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Pa
 
 
 def _worker_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m iwae.bench", description="internal: the L_k timing worker")
+    parser = argparse.ArgumentParser(prog="python -m iwae.lab.bench", description="internal: the L_k timing worker")
     parser.add_argument("--eval-worker", metavar="NPZ", required=True, help="images and mean_x arrays")
     parser.add_argument("--k", type=int, default=EVAL_K)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

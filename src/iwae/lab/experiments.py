@@ -25,7 +25,7 @@ eval_split, eval_seed, eval_batch_size), plus ``samples`` (write a sample grid, 
 
 Running: a run is a plain function of its settings, :func:`run_one` ``(options, run_dir) -> dict``
 (train with resume, evaluate, draw samples); :func:`execute` wraps it to record the run in the
-sweep's SQLite database (:mod:`iwae.store`). :func:`run_sweep` is a simple local runner: each
+sweep's SQLite database (:mod:`iwae.lab.store`). :func:`run_sweep` is a simple local runner: each
 configuration runs in its own fresh process (a process pool with one task per child, forked from a
 ``forkserver`` that has imported torch, else ``spawn``) with ``cores // workers`` threads; finished
 runs are skipped, interrupted ones resume from their checkpoints, and a finished run whose grid
@@ -59,7 +59,7 @@ from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Any
 
-from iwae.store import ResultStore, now
+from iwae.lab.store import ResultStore, now
 
 RUNS_SUBDIR = "runs"
 SAMPLES_FILE = "samples.png"

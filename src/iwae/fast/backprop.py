@@ -25,7 +25,7 @@ At Burda's minibatch 20 a step is small enough for that to matter: on this proje
 ``IWAE_NATIVE=0`` turns this path off with the native kernels.
 
 On Burda's models (Bernoulli observations, tanh layers) in float32 on the CPU, the forward and backward passes run in
-C++ (:mod:`iwae.native.step`, for which this module's Python is the reference), for every objective and estimator:
+C++ (:mod:`iwae.fast.step`, for which this module's Python is the reference), for every objective and estimator:
 two Python calls per step instead of about 80, 1.2-1.4x faster again at minibatch 20 on this project's CPU.
 """
 
@@ -37,8 +37,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from iwae import bounds, native
+from iwae import bounds
 from iwae.estimators import ESTIMATOR_NAMES, BoundSpec, decoder_target, dreg_coefficients, encoder_target
+from iwae.fast import native
+from iwae.fast import step as native_step
 from iwae.models import (
     LatentVariableModel,
     MLPHead,
@@ -46,7 +48,6 @@ from iwae.models import (
     gaussian_log_prob_of_noise,
     standard_normal_log_prob,
 )
-from iwae.native import step as native_step
 
 ACTIVATIONS = ("tanh", "relu", "softplus")  # hidden activations whose derivative native.activation_backward has
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -268,7 +269,7 @@ def accumulate_gradients(
     ``noise`` is :meth:`~iwae.models.LatentVariableModel.draw_noise`'s; the model must be one that :func:`applies`
     to. Returns the bound to report, ``[batch]``, as :func:`iwae.estimators.estimate` would.
 
-    Where :func:`iwae.native.step.applies` (Burda's models in float32 on the CPU), the forward and backward passes
+    Where :func:`iwae.fast.step.applies` (Burda's models in float32 on the CPU), the forward and backward passes
     run in C++, and only the log-weights' gradients here.
     """
     stop_q_params = estimator != "standard"

@@ -1,6 +1,6 @@
 """The benchmark as a script: ``python benchmarks/bench.py [--quick] [--json] ...`` is ``iwae bench ...``.
 
-All the measuring code is in :mod:`iwae.bench` (see its docstring; log-weights are ``[k, batch]``).
+All the measuring code is in :mod:`iwae.lab.bench` (see its docstring; log-weights are ``[k, batch]``).
 """
 
 from __future__ import annotations

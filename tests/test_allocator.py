@@ -39,7 +39,7 @@ def test_configure_is_applied_once_and_says_what_it_did() -> None:
 def test_it_leaves_the_allocator_alone_when_switched_off_or_off_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
     unapplied = allocator.configure.__wrapped__  # the function itself, without the once-per-process cache
     monkeypatch.setenv("IWAE_NATIVE", "0")
-    assert unapplied() == "the platform's default allocator settings (IWAE_NATIVE=0)"
+    assert unapplied() == "the platform's default allocator settings (IWAE_NATIVE=0 in the environment)"
     monkeypatch.delenv("IWAE_NATIVE")
     monkeypatch.setattr(allocator, "_glibc_version", lambda: None)
     assert unapplied() == "the platform's default allocator settings (not glibc)"

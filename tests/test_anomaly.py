@@ -83,7 +83,7 @@ def test_anomaly_cli_smoke(tmp_path: Path, capsys, mnist, shared_data) -> None:
     config = TrainConfig(k=2, model=ModelConfig(latent_dims=(2,)), stages=((1, 1e-3),), valid_k=5)
     run = str(fit(config, tmp_path / "run", device="cpu", dataset=small, progress=False).run_dir)
     out = tmp_path / "anomaly"
-    code = main(["anomaly", run, "--L", "3", "--limit", "40", "--holdout-digit", "3", "--holdout-epochs", "1",
+    code = main(["anomaly", run, "--k", "3", "--limit", "40", "--holdout-digit", "3", "--holdout-epochs", "1",
                  "--holdout-train-limit", "60", "--data-dir", str(shared_data), "--out", str(out), "--json",
                  "--no-progress", "--device", "cpu"])  # fmt: skip
     captured = capsys.readouterr()

@@ -7,20 +7,21 @@ import torch
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from iwae import estimators
+from iwae import estimators, fast
 from iwae.config import TrainConfig
 from iwae.fast import backprop, native
 from iwae.models import LatentVariableModel, ModelConfig
-from iwae.train import training_step
+from iwae.objectives import CIWAE, IWAE, MIWAE, PIWAE, VAE, VR, Power
+from iwae.train import choose_step_path, training_step
 
 SPECS = {
-    "vae": estimators.BoundSpec("vae"),
-    "iwae": estimators.BoundSpec("iwae"),
-    "miwae": estimators.BoundSpec("miwae", M=2),
-    "piwae": estimators.BoundSpec("piwae", M=2),
-    "ciwae": estimators.BoundSpec("ciwae", beta=0.3),
-    "power": estimators.BoundSpec("power", p=0.5),
-    "vr": estimators.BoundSpec("vr", alpha=0.4),
+    "vae": VAE(),
+    "iwae": IWAE(),
+    "miwae": MIWAE(M=2),
+    "piwae": PIWAE(M=2),
+    "ciwae": CIWAE(beta=0.3),
+    "power": Power(p=0.5),
+    "vr": VR(alpha=0.4),
 }
 SMALL = {
     1: ModelConfig(x_dim=12, latent_dims=(3,), hidden_dims=((6, 5),)),
@@ -79,13 +80,14 @@ def test_gradients_equal_autograd_in_float64(
     layers: int, activation: str, likelihood: str, objective: str, estimator: str, k: int, batch: int, seed: int
 ) -> None:
     spec = SPECS[objective]
-    if k % spec.M:
-        k = spec.M
+    groups = getattr(spec, "M", 1)
+    if k % groups:
+        k = groups
     model = _model(SMALL[layers], activation, torch.float64, seed, likelihood)
     generator = torch.Generator().manual_seed(seed)
     x = torch.rand((batch, 12), dtype=torch.float64, generator=generator)
     x = x.bernoulli(generator=generator) if likelihood == "bernoulli" else x
-    noise = model.draw_noise(batch, k, generator)
+    noise = model.draw_noise(x, k, generator)
     reference = _autograd(model, x, noise, spec, estimator)
     # A random relu model with two stochastic layers can overflow exp(log_std): log w = -inf, NaN gradients.
     assume(all(torch.isfinite(t).all() for t in (reference[0], *reference[1])))
@@ -100,7 +102,7 @@ def test_gradients_match_autograd_on_burda_models_in_float32(layers: int, object
     model = _model(ModelConfig.burda(layers), "tanh", torch.float32, seed=3)
     generator = torch.Generator().manual_seed(5)
     x = torch.bernoulli(torch.full((6, 784), 0.2), generator=generator)
-    noise = model.draw_noise(6, 4, generator)
+    noise = model.draw_noise(x, 4, generator)
     spec = SPECS[objective]
     _assert_same(_explicit(model, x, noise, spec, estimator), _autograd(model, x, noise, spec, estimator), rtol=1e-4)
 
@@ -108,22 +110,25 @@ def test_gradients_match_autograd_on_burda_models_in_float32(layers: int, object
 def test_gradients_accumulate_into_existing_grads() -> None:
     model = _model(SMALL[2], "tanh", torch.float64, seed=0)
     x = torch.bernoulli(torch.full((3, 12), 0.5, dtype=torch.float64), generator=torch.Generator().manual_seed(1))
-    noise = model.draw_noise(3, 4, torch.Generator().manual_seed(2))
+    noise = model.draw_noise(x, 4, torch.Generator().manual_seed(2))
     _, once = _explicit(model, x, noise, SPECS["iwae"])
     backprop.accumulate_gradients(model, x, noise, SPECS["iwae"])
     for param, single in zip(model.parameters(), once, strict=True):
         torch.testing.assert_close(param.grad, 2 * single)
 
 
-def test_applies_to_the_library_models_unless_switched_off(monkeypatch) -> None:
+def test_applies_to_the_library_models_and_the_plan_takes_it_unless_switched_off(monkeypatch) -> None:
     model = _model(SMALL[1], "tanh", torch.float32, seed=0)
     for estimator in estimators.ESTIMATOR_NAMES:
         assert all(backprop.applies(model, spec, estimator) for spec in SPECS.values())
     assert not backprop.applies(model, SPECS["iwae"], "reinforce")
     assert backprop.applies(_model(SMALL[1], "softplus", torch.float32, 0, "gaussian"), SPECS["iwae"], "standard")
     assert not backprop.applies(torch.nn.Linear(2, 2), SPECS["iwae"], "standard")
+    assert fast.training_path(model, SPECS["iwae"], "standard").accumulate is not None
+    monkeypatch.setenv("IWAE_FAST", "-backprop,-step")
+    assert fast.training_path(model, SPECS["iwae"], "standard").accumulate is None
     monkeypatch.setenv(native.SWITCH, "0")
-    assert not backprop.applies(model, SPECS["iwae"], "standard")
+    assert fast.training_path(model, SPECS["iwae"], "standard").accumulate is None
 
 
 @pytest.mark.parametrize("objective", ["iwae", "vae"])
@@ -138,7 +143,8 @@ def test_training_step_takes_the_explicit_path_and_matches_autograd(objective: s
     for switch in ("1", "0"):
         monkeypatch.setenv(native.SWITCH, switch)
         model = _model(SMALL[2], "tanh", torch.float32, seed=0)
-        bound = training_step(model, x, config, torch.Generator().manual_seed(4))
+        path = choose_step_path(model, config)
+        bound = training_step(model, x, config, torch.Generator().manual_seed(4), path)
         results.append((bound, [p.grad for p in model.parameters()]))
     assert calls == [1]  # the first step only
     _assert_same(results[0], results[1], rtol=1e-5)

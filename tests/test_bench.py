@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from iwae import bounds
+from iwae import bounds, fast
 from iwae.cli import main
 from iwae.config import TrainConfig
 from iwae.fast import allocator, native
 from iwae.fast import step as native_step
 from iwae.lab import bench
+from iwae.lab.bench import cells
 from iwae.models import LatentVariableModel, ModelConfig
 
 REQUIRED_KEYS = {
@@ -99,8 +100,8 @@ def test_tiny_bench_has_the_required_keys_and_finite_values(tiny_result: dict) -
     assert tiny_result["native_kernels"] == native.status()
     assert tiny_result["allocator"] == allocator.configure()
     assert tiny_result["allocator"] in bench.markdown(tiny_result)
-    explicit = not native.switched_off()  # the default for Burda's model
-    expected = "explicit backpropagation (iwae.fast.backprop)" if explicit else "autograd"
+    explicit = fast.enabled("backprop") or fast.enabled("step")  # the default for Burda's model
+    expected = "fast: explicit backpropagation" if explicit else "autograd"
     assert tiny_result["gradients"].startswith(expected)
     assert ("in C++" in tiny_result["gradients"]) == native_step.available()
     train = [r for r in tiny_result["rows"] if r["task"] == "train"]
@@ -191,7 +192,7 @@ def test_the_training_steps_are_timed_in_runs_of_consecutive_steps(monkeypatch) 
         timed.update(calls)
         return {name: 1e-3 for name in calls}
 
-    monkeypatch.setattr(bench, "time_round_robin", capture)
+    monkeypatch.setattr(cells, "time_round_robin", capture)  # where measure_cell looks it up
     settings = bench.BenchSettings(mode="test", layers=(1,), ks=(2,), batches=(3,), pyro=False, progress=False)
     bench.measure_cell(1, 2, 3, torch.full((4, 784), 0.3), settings, bench.PYRO_SKIPPED)
     assert timed["iwae"].min_seconds == timed["plain"].min_seconds == bench.TRAINING_MIN_SECONDS > 0

@@ -66,8 +66,8 @@ def test_miwae_beats_mean_imputation_on_a_low_rank_table() -> None:
 
 def test_impute_cli_breast_cancer_smoke(tmp_path: Path, capsys) -> None:
     pytest.importorskip("sklearn")
-    code = main(["impute", "--dataset", "breast-cancer", "--epochs", "2", "--K", "3", "--L", "20", "--multiple", "3",
-                 "--limit", "120", "--out", str(tmp_path), "--json", "--no-progress"])  # fmt: skip
+    code = main(["impute", "--dataset", "breast-cancer", "--epochs", "2", "--k", "3", "--impute-k", "20",
+                 "--multiple", "3", "--limit", "120", "--out", str(tmp_path), "--json", "--no-progress"])  # fmt: skip
     captured = capsys.readouterr()
     assert code == 0, captured.err
     result = json.loads(captured.out)

@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from iwae import runs
 from iwae.checkpoint import load_checkpoint
 from iwae.config import BURDA_STAGES, TrainConfig, parse_schedule
+from iwae.fast.adam import adam_step
 from iwae.models import ModelConfig
-from iwae.train import adam_step, build_model, build_optimizer, clear_gradients, fit, mean_bound
+from iwae.train import StepPath, build_model, build_optimizer, clear_gradients, fit, mean_bound
 
 SMALL = ModelConfig(x_dim=784, latent_dims=(8,), hidden_dims=((32,),))
 
@@ -117,9 +118,9 @@ def test_compiled_training_step_matches_eager() -> None:
     model = build_model(config, torch.full((1, 784), 0.3), torch.device("cpu"))
     x = torch.bernoulli(torch.full((5, 784), 0.3), generator=torch.Generator().manual_seed(0))
     results = []
-    for compiled_estimate in (None, compile_estimate()):
+    for path in (StepPath(), StepPath("torch.compile", compiled_estimate=compile_estimate())):
         model.zero_grad(set_to_none=True)
-        bound = training_step(model, x, config, torch.Generator().manual_seed(1), compiled_estimate)
+        bound = training_step(model, x, config, torch.Generator().manual_seed(1), path)
         results.append((bound, [p.grad.clone() for p in model.parameters()]))
     (eager_bound, eager_grads), (compiled_bound, compiled_grads) = results
     torch.testing.assert_close(compiled_bound, eager_bound, rtol=1e-5, atol=1e-4)

@@ -15,17 +15,19 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from iwae.bounds import LogMeanExpAccumulator
 from iwae.checkpoint import atomic_write_text
 from iwae.data import Split, binarize, load_dataset
 from iwae.models import LatentVariableModel
+from iwae.protocol import Model
 from iwae.runs import EVAL_FILE, load_model, resolve_device
 
 ACTIVE_THRESHOLD = 0.01
@@ -118,7 +120,7 @@ def count_active(values: list[Tensor]) -> list[int]:
 
 @torch.no_grad()
 def estimate_log_likelihood(
-    model: LatentVariableModel,
+    model: Model,
     split: Split,
     binarization: str,
     k: int,
@@ -129,7 +131,8 @@ def estimate_log_likelihood(
     unit_masks: list[Tensor] | None = None,
     progress: bool = False,
 ) -> dict[str, Tensor]:
-    """Per-example L_k with samples streamed in chunks of ``max_rows // batch`` (float64 log-mean-exp).
+    """Per-example L_k with samples streamed in chunks of ``max_rows // batch`` (float64 log-mean-exp), for any
+    model that follows :class:`iwae.protocol.Model`.
 
     With the default 5,000 rows per chunk the largest temporary (``[rows, x_dim]`` float32 logits) is
     16 MB for MNIST, whatever k is. q(h_1 | x) is computed once per minibatch, not per chunk (the same
@@ -138,6 +141,9 @@ def estimate_log_likelihood(
     ``kl`` (mean of log q - log p(h)) and, if ``unit_masks`` is given, ``log_lik_active`` (L_k of
     the model with masked units removed, from the same binarised examples).
     """
+    burda = isinstance(getattr(model, "_orig_mod", model), LatentVariableModel)  # _orig_mod: under torch.compile
+    if unit_masks is not None and not burda:
+        raise ValueError("unit masks apply to iwae.models.LatentVariableModel only")
     chunk = max(1, min(k, max_rows // batch_size))
     out: dict[str, list[Tensor]] = {"log_lik": [], "recon": [], "kl": []}
     if unit_masks is not None:
@@ -148,15 +154,17 @@ def estimate_log_likelihood(
         full, pruned = LogMeanExpAccumulator(), LogMeanExpAccumulator()
         recon = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         kl = torch.zeros_like(recon)
-        first_q = model.encoder[0](x)  # q(h_1 | x), the same for every chunk of samples
+        # Burda's models: q(h_1 | x) once per minibatch, the same for every chunk of samples; other models are
+        # called as iwae.protocol.Model says.
+        extra = {"first_q": model.encoder[0](x)} if burda else {}
         for done in range(0, k, chunk):
             size = min(chunk, k - done)
-            sample = model(x, size, generator, first_q=first_q)
+            sample = model(x, size, generator, **extra)
             full.add(sample.log_w)
             recon += sample.log_px_given_h.double().sum(dim=0)
             kl += (sample.log_q - sample.log_prior).double().sum(dim=0)
             if unit_masks is not None:
-                pruned.add(model(x, size, generator, unit_masks=unit_masks, first_q=first_q).log_w)
+                pruned.add(model(x, size, generator, unit_masks=unit_masks, **extra).log_w)
         out["log_lik"].append(full.result())
         out["recon"].append(recon / k)
         out["kl"].append(kl / k)
@@ -180,8 +188,12 @@ def evaluate_model(
     batch_size: int = 100,
     progress: bool = False,
     compile_model: bool = False,
+    accelerate: Callable[[nn.Module], nn.Module] | None = None,
 ) -> EvalResult:
     """NLL = -mean L_k over ``split``, active units, and the reconstruction and KL terms.
+
+    ``accelerate``: a function that returns the model to draw the L_k samples from, computing the same values
+    faster (``iwae eval`` passes :func:`iwae.fast.for_evaluation`); None evaluates ``model`` itself.
 
     ``compile_model``: draw the L_k samples through ``torch.compile(model)`` (the noise still comes
     eagerly from the seeded generator; results equal the eager path's up to rounding). Compiling takes
@@ -200,8 +212,9 @@ def evaluate_model(
         authors = count_active(authors_variances)
     masks = [(v > ACTIVE_THRESHOLD).to(torch.float32).to(device) for v in variances]
     all_active = all(bool(m.all()) for m in masks)
+    sampler = accelerate(model) if accelerate is not None else model
     estimates = estimate_log_likelihood(
-        torch.compile(model) if compile_model else model,
+        torch.compile(sampler) if compile_model else sampler,
         split,
         binarization,
         k,
@@ -249,8 +262,9 @@ def evaluate_run(
     batch_size: int = 100,
     progress: bool = True,
     compile_model: bool = False,
+    accelerate: Callable[[nn.Module], nn.Module] | None = None,
 ) -> EvalResult:
-    """Evaluate a run directory's model and write ``eval.json`` into it."""
+    """Evaluate a run directory's model and write ``eval.json`` into it (``accelerate``: see :func:`evaluate_model`)."""
     run_dir = Path(run_dir)
     torch_device = resolve_device(device)
     model, config = load_model(run_dir, torch_device)
@@ -267,6 +281,7 @@ def evaluate_run(
         batch_size=batch_size,
         progress=progress,
         compile_model=compile_model,
+        accelerate=accelerate,
     )
     payload = result.to_dict()
     payload["limit"] = limit

@@ -7,47 +7,27 @@ The generative model is ``p(x, h_1..h_L) = p(h_L) prod_j p(h_j | h_{j+1}) p(x | 
 ``p(h_L) = N(0, I)``; the recognition model is ``q(h_1 | x) prod_j q(h_{j+1} | h_j)``. Every
 conditional is an MLP (tanh by default) followed by a Gaussian head (mean = linear,
 std = exp(linear)) or, for the observation, a Bernoulli head on logits (or a Gaussian head).
-On CPU float32 tensors the linear layers and the Bernoulli log-likelihood take :mod:`iwae.fast.native`'s
-fused paths; tests compare every path with the plain formulas.
+Everything here is plain PyTorch, differentiable by autograd and ``torch.func``-friendly: this is the reference
+path. :mod:`iwae.fast` holds the CPU fast paths, which read these modules' parameters and are tested against them.
+The models follow :class:`iwae.protocol.NoiseModel`.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from iwae.fast import native
+from iwae.protocol import ImportanceSample
 
 LOG_2PI = math.log(2.0 * math.pi)
 
 
-class _SigmoidTanh(torch.autograd.Function):
-    """tanh(x) computed as 2 sigmoid(2x) - 1: the same function (absolute error ~1e-7 in float32), but
-    PyTorch's CPU sigmoid kernel is several times faster than its tanh kernel. Backward: (1 - y^2) g."""
-
-    @staticmethod
-    def forward(ctx, inputs: Tensor) -> Tensor:
-        outputs = torch.sigmoid(inputs * 2.0).mul_(2.0).sub_(1.0)
-        ctx.save_for_backward(outputs)
-        return outputs
-
-    @staticmethod
-    def backward(ctx, grad_output: Tensor) -> Tensor:
-        (outputs,) = ctx.saved_tensors
-        return torch.ops.aten.tanh_backward(grad_output, outputs)
-
-
-def fast_tanh(inputs: Tensor) -> Tensor:
-    """tanh through :class:`_SigmoidTanh` on the CPU; ``torch.tanh`` elsewhere (fast already on GPUs)."""
-    return _SigmoidTanh.apply(inputs) if inputs.device.type == "cpu" else torch.tanh(inputs)
-
-
-ACTIVATIONS = {"tanh": fast_tanh, "relu": torch.relu, "softplus": F.softplus}
+ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "softplus": F.softplus}
 LIKELIHOODS = ("bernoulli", "gaussian")
 
 
@@ -104,10 +84,10 @@ def glorot_uniform_(weight: Tensor) -> None:
         weight.uniform_(-limit, limit)
 
 
-def _linear(layer: nn.Linear, inputs: Tensor, detach_params: bool, activation: str = "none") -> Tensor:
-    """``activation(layer(inputs))`` through :func:`iwae.fast.native.fused_linear` (oneDNN on CPU float32)."""
-    weight, bias = (layer.weight.detach(), layer.bias.detach()) if detach_params else (layer.weight, layer.bias)
-    return native.fused_linear(inputs, weight, bias, activation)
+def _linear(layer: nn.Linear, inputs: Tensor, detach_params: bool) -> Tensor:
+    if detach_params:
+        return F.linear(inputs, layer.weight.detach(), layer.bias.detach())
+    return layer(inputs)
 
 
 def gaussian_log_prob(value: Tensor, mean: Tensor, log_std: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -173,47 +153,15 @@ class MLPHead(nn.Module):
         return self.hidden_outputs(inputs, detach_params)[-1]
 
     def hidden_outputs(self, inputs: Tensor, detach_params: bool = False) -> list[Tensor]:
-        """``[inputs, hidden_1, ..., hidden_n]``: each hidden layer's activations (the head's input is the last;
-        :mod:`iwae.fast.backprop` keeps them all).
-
-        On CPU float32 each layer is one oneDNN primitive with the activation fused in
-        (:func:`iwae.fast.native.fused_linear`) where oneDNN has the activation.
-        """
+        """``[inputs, hidden_1, ..., hidden_n]``: each hidden layer's activations (the head's input is the last)."""
         outputs = [inputs]
-        fused = self.activation_name in native.FUSED_ACTIVATIONS and native.fused_linear_applies(inputs)
         for layer in self.hidden:
-            if fused:
-                outputs.append(_linear(layer, outputs[-1], detach_params, self.activation_name))
-            else:
-                outputs.append(self.activation(_linear(layer, outputs[-1], detach_params)))
+            outputs.append(self.activation(_linear(layer, outputs[-1], detach_params)))
         return outputs
 
     def split_head(self, outputs: Tensor) -> tuple[Tensor, ...]:
         # A one-parameter head is returned whole: split() would cost a copy in the backward pass.
         return (outputs,) if self.n_params == 1 else outputs.split(self.out_dim, dim=-1)
-
-
-@dataclass
-class ImportanceSample:
-    """k samples from q for a batch, with the log-densities that make up the log-weights.
-
-    ``latents[j]`` is h_{j+1}, ``[k, batch, d_j]``; the log-densities are ``[k, batch]``.
-    ``log_w = log p(x | h_1) + log p(h) - log q(h | x)``.
-    """
-
-    latents: list[Tensor]
-    log_px_given_h: Tensor
-    log_prior: Tensor
-    log_q: Tensor
-    q_params: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-
-    @property
-    def log_joint(self) -> Tensor:
-        return self.log_px_given_h + self.log_prior
-
-    @property
-    def log_w(self) -> Tensor:
-        return self.log_px_given_h + self.log_prior - self.log_q
 
 
 class LatentVariableModel(nn.Module):
@@ -267,8 +215,7 @@ class LatentVariableModel(nn.Module):
     def _bernoulli_log_prob(self, x: Tensor, h1: Tensor, observed_mask: Tensor | None) -> Tensor:
         """:func:`bernoulli_log_prob` on the decoder's logits ``l = W f + b``, in one pass over them.
 
-        On CPU float32 tensors (without a mask) that pass is :func:`iwae.fast.native.bernoulli_log_prob_rows`.
-        Elsewhere the data term goes by matmul, ``sum_d x_d l_d = f . (W^T x) + b . x``: one
+        The data term goes by matmul, ``sum_d x_d l_d = f . (W^T x) + b . x``: one
         ``[batch, x_dim] x [x_dim, hidden]`` product per example replaces a pass over the
         ``[k, batch, x_dim]`` logits (and its backward), leaving ``sum_d softplus(l_d)`` as the only
         element-wise work on them. Same value up to rounding.
@@ -276,8 +223,6 @@ class LatentVariableModel(nn.Module):
         decoder = self.decoder[0]
         weight, bias = decoder.head.weight, decoder.head.bias
         features = decoder.features(h1)  # [k, batch, hidden]
-        if observed_mask is None and native.applies_to(features) and native.applies_to(x):
-            return native.bernoulli_log_prob_rows(native.fused_linear(features, weight), bias, x)
         observed_x = x if observed_mask is None else x * observed_mask
         data_term = (features * (observed_x @ weight)).sum(dim=-1) + observed_x @ bias
         normaliser = F.softplus(F.linear(features, weight, bias))
@@ -311,20 +256,21 @@ class LatentVariableModel(nn.Module):
             first_q: ``self.encoder[0](x)``, q(h_1 | x)'s (mean, log_std) ``[batch, d_1]`` each, where the caller
                 has them already: evaluation draws many chunks of samples for the same x.
         """
-        noise = self.draw_noise(x.shape[0], k, generator, x.device)
+        noise = self.draw_noise(x, k, generator)
         return self.sample_with_noise(
             x, noise, stop_q_params=stop_q_params, unit_masks=unit_masks, observed_mask=observed_mask, first_q=first_q
         )
 
-    def draw_noise(
-        self, batch: int, k: int, generator: torch.Generator | None = None, device: torch.device | None = None
-    ) -> list[Tensor]:
-        """The standard-normal noise of :meth:`forward`: ``[k, batch, d_j]`` per stochastic layer, in layer order."""
+    def draw_noise(self, x: Tensor, k: int, generator: torch.Generator | None = None) -> list[Tensor]:
+        """The standard-normal noise of :meth:`forward` for the batch ``x``: ``[k, batch, d_j]`` per stochastic
+        layer, in layer order."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         dtype = self.encoder[0].head.weight.dtype
+        batch = x.shape[0]
         return [
-            torch.randn((k, batch, d), generator=generator, device=device, dtype=dtype) for d in self.config.latent_dims
+            torch.randn((k, batch, d), generator=generator, device=x.device, dtype=dtype)
+            for d in self.config.latent_dims
         ]
 
     def sample_with_noise(

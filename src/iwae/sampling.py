@@ -96,7 +96,7 @@ def sample_run(
     run_dir = Path(run_dir)
     model, config = load_model(run_dir, resolve_device(device))
     data = load_dataset(config.dataset, data_dir, progress=False)
-    title = f"{run_dir.name}: {config.objective} k={config.k}, {config.model.n_stochastic} stochastic layer(s)"
+    title = f"{run_dir.name}: {config.objective.label()} k={config.k}, {config.model.n_stochastic} stochastic layer(s)"
     out_path = Path(out) if out is not None else run_dir / "samples.png"
     return sample_figure(
         model, data.test.images, data.binarization, out_path, seed=seed, title=title, shape=data.image_shape

@@ -20,16 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.optim.optimizer as optimizer_module
 from tqdm import tqdm
 
 from iwae import bounds, estimators
 from iwae.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint, save_model
 from iwae.config import TrainConfig, config_differences
 from iwae.data import Dataset, Split, binarize, load_dataset
-from iwae.fast import backprop
 from iwae.models import LatentVariableModel
-from iwae.objectives import get_objective
+from iwae.protocol import Model
 from iwae.runs import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunError, load_config, resolve_device
 
 
@@ -41,6 +39,7 @@ class FitResult:
     valid_bound: float | None
     seconds: float
     complete: bool
+    gradients: str = "autograd"  # the step path's description (StepPath.description)
 
 
 def build_model(config: TrainConfig, train_images: torch.Tensor, device: torch.device) -> LatentVariableModel:
@@ -82,94 +81,71 @@ def clear_gradients(optimizer: torch.optim.Optimizer) -> None:
             param.grad = None
 
 
-def _direct_adam_arguments(optimizer: torch.optim.Optimizer) -> tuple[list[list[torch.Tensor]], dict] | None:
-    """The tensor lists and keywords of the fused kernel call that ``optimizer.step()`` would make, or None where
-    :func:`adam_step` must leave the step to it."""
-    if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
-        return None
-    hooks = (optimizer._optimizer_step_pre_hooks, optimizer._optimizer_step_post_hooks)
-    global_hooks = (optimizer_module._global_optimizer_pre_hooks, optimizer_module._global_optimizer_post_hooks)
-    if any(hooks) or any(global_hooks):
-        return None
-    group = optimizer.param_groups[0]
-    plain = not any(group.get(flag) for flag in ("amsgrad", "maximize", "capturable", "differentiable", "foreach"))
-    if not (group.get("fused") and plain and group["weight_decay"] == 0 and not group.get("decoupled_weight_decay")):
-        return None
-    if isinstance(group["lr"], torch.Tensor) or any(isinstance(beta, torch.Tensor) for beta in group["betas"]):
-        return None
-    params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-    first = group["params"][0]
-    for param in group["params"]:
-        state = optimizer.state.get(param)
-        grad = param.grad
-        if not state or grad is None or grad.is_sparse or (param.device, param.dtype) != (first.device, first.dtype):
-            return None  # the first step (no state yet), a parameter without a gradient, several devices or dtypes
-        params.append(param)
-        grads.append(grad)
-        exp_avgs.append(state["exp_avg"])
-        exp_avg_sqs.append(state["exp_avg_sq"])
-        steps.append(state["step"])
-    beta1, beta2 = group["betas"]
-    keywords = {"lr": group["lr"], "beta1": beta1, "beta2": beta2, "weight_decay": 0.0, "eps": group["eps"]}
-    return [params, grads, exp_avgs, exp_avg_sqs, steps], keywords
+@dataclass(frozen=True)
+class StepPath:
+    """How a run's training steps get their gradients and update the parameters.
+
+    ``accumulate(model, x, noise)`` adds the estimator's loss gradients to ``.grad`` and returns the bound
+    ``[batch]`` (None: the reference path, :func:`iwae.estimators.estimate` and autograd); ``optimizer_step``
+    replaces ``optimizer.step()`` (None: ``optimizer.step()``). ``description`` says which path runs, for the
+    run's summary and the benchmark; it starts with ``fast:`` where :mod:`iwae.fast` serves the gradients.
+    """
+
+    description: str = "autograd"
+    accumulate: Callable[[Model, torch.Tensor, list[torch.Tensor]], torch.Tensor] | None = None
+    optimizer_step: Callable[[torch.optim.Optimizer], None] | None = None
+    compiled_estimate: Callable[..., estimators.EstimatorTerms] | None = None
 
 
-def adam_step(optimizer: torch.optim.Optimizer) -> None:
-    """``optimizer.step()``. For :func:`build_optimizer`'s fused Adam, once every parameter has its state, it makes
-    the two calls that ``Adam.step`` makes (the step counts' increment and the fused kernel) without the Python
-    around them (grouping by device and dtype, checks, hooks, profiling), which at Burda's minibatch 20 cost about
-    as much as the kernel: the same update, bit for bit (``tests/test_train.py``). Anything else (step hooks,
-    several groups, devices or dtypes, amsgrad, weight decay, a parameter without a gradient) goes through
-    ``optimizer.step()``."""
-    direct = _direct_adam_arguments(optimizer)
-    if direct is None:
-        optimizer.step()
-        return
-    (params, grads, exp_avgs, exp_avg_sqs, steps), keywords = direct
-    with torch.no_grad():
-        torch._foreach_add_(steps, 1)
-        torch._fused_adam_(
-            params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, maximize=False, grad_scale=None,
-            found_inf=None, **keywords,
-        )  # fmt: skip
+REFERENCE_PATH = StepPath()
+
+
+def choose_step_path(model: Model, config: TrainConfig, *, compile_model: bool = False, fast: bool = True) -> StepPath:
+    """The step path of a run, decided once: ``torch.compile`` of the reference path with ``compile_model``; else
+    what :mod:`iwae.fast` serves (with ``fast``, its switches permitting); else the reference path."""
+    if compile_model:
+        return StepPath("torch.compile", compiled_estimate=compile_estimate())
+    if not fast:
+        return REFERENCE_PATH
+    # The one place the core consults the speed layer. Imported here, not at the top: iwae.fast sits above the core
+    # (it imports the models and this module) and is optional for every other use of the package.
+    from iwae import fast as fast_layer
+
+    return fast_layer.training_path(model, config.objective, config.estimator)
 
 
 def training_step(
-    model: LatentVariableModel,
+    model: Model,
     x: torch.Tensor,
     config: TrainConfig,
     generator: torch.Generator,
-    compiled_estimate: Callable[..., estimators.EstimatorTerms] | None = None,
+    path: StepPath = REFERENCE_PATH,
 ) -> torch.Tensor:
-    """Draw k samples for minibatch ``x`` ``[batch, x_dim]``, set ``.grad`` to the estimator's loss gradient.
+    """Draw k samples for minibatch ``x`` ``[batch, ...]``, add the estimator's loss gradient to ``.grad``.
 
-    Returns the reported bound ``[batch]``; the caller zeroes gradients before and steps the optimiser after.
-    Objectives of :mod:`iwae.estimators` go, in this order of preference:
-
-    - with ``compiled_estimate`` (:func:`compile_estimate`), through a compiled
-      :func:`iwae.estimators.estimate_from_noise` on the same noise;
-    - where :func:`iwae.fast.backprop.applies` (every estimator on this library's models, unless ``IWAE_NATIVE=0``),
-      through :func:`iwae.fast.backprop.accumulate_gradients`: the same gradients without autograd's graph;
-    - otherwise through :func:`iwae.estimators.estimate` and autograd (vae/iwae with the standard estimator are
-      then exactly ``-surrogate.mean()`` backpropagated once).
-
-    Other registered objectives use :func:`iwae.objectives.get_objective`. All paths draw the same noise.
+    Returns the reported bound ``[batch]``; the caller clears gradients before and steps the optimiser after
+    (:func:`optimizer_step`). Every path draws the same noise from ``generator``: the reference path
+    (:func:`iwae.estimators.estimate` and :func:`iwae.estimators.backward`; vae/iwae with the standard estimator
+    are then exactly ``-surrogate.mean()`` backpropagated once), a compiled
+    :func:`iwae.estimators.estimate_from_noise`, or the fast layer's ``accumulate``.
     """
-    if config.objective not in estimators.OBJECTIVE_NAMES:
-        terms = get_objective(config.objective)(model(x, config.k, generator))
-        (-terms.surrogate.mean()).backward()
-        return terms.bound.detach()
-    spec = estimators.BoundSpec.from_config(config)
-    if compiled_estimate is not None:
-        noise = model.draw_noise(x.shape[0], config.k, generator, x.device)
-        terms = compiled_estimate(model, x, noise, spec, config.estimator)
-    elif backprop.applies(model, spec, config.estimator):
-        noise = model.draw_noise(x.shape[0], config.k, generator, x.device)
-        return backprop.accumulate_gradients(model, x, noise, spec, config.estimator)
+    if path.accumulate is not None:
+        return path.accumulate(model, x, model.draw_noise(x, config.k, generator))
+    if path.compiled_estimate is not None:
+        noise = model.draw_noise(x, config.k, generator)
+        terms = path.compiled_estimate(model, x, noise, config.objective, config.estimator)
     else:
-        terms = estimators.estimate(model, x, config.k, generator, spec, config.estimator)
+        terms = estimators.estimate(model, x, config.k, generator, config.objective, config.estimator)
     estimators.backward(model, terms)
     return terms.bound
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, path: StepPath = REFERENCE_PATH) -> None:
+    """``optimizer.step()``, or the path's replacement for it."""
+    if path.optimizer_step is not None:
+        path.optimizer_step(optimizer)
+    else:
+        optimizer.step()
 
 
 def compile_estimate() -> Callable[..., estimators.EstimatorTerms]:
@@ -235,6 +211,7 @@ def fit(
     checkpoint_minutes: float = 2.0,
     max_epochs: int | None = None,
     compile_model: bool = False,
+    fast: bool = True,
 ) -> FitResult:
     """Train (or resume) a run; see the module docstring.
 
@@ -243,6 +220,7 @@ def fit(
         max_epochs: stop after this many epochs in this call (the run can be resumed later).
         compile_model: take training steps through :func:`compile_estimate` (the noise is still drawn
             eagerly from the run's generator, so only rounding differs from the eager path).
+        fast: let :mod:`iwae.fast` serve what it can (:func:`choose_step_path`); False runs the reference path.
     """
     run_dir = Path(run_dir)
     torch_device = resolve_device(device)
@@ -255,7 +233,7 @@ def fit(
     if config.init_from is not None:
         load_initial_weights(model, config)
     optimizer = build_optimizer(model, config)
-    compiled_estimate = compile_estimate() if compile_model else None
+    path = choose_step_path(model, config, compile_model=compile_model, fast=fast)
     generator = torch.Generator(device=torch_device).manual_seed(config.seed)
     epochs_done, elapsed = 0, 0.0
     if resume_from is not None:
@@ -274,7 +252,7 @@ def fit(
         total=config.total_epochs * steps_per_epoch,
         initial=epochs_done * steps_per_epoch,
         unit="batch",
-        desc=f"{config.objective}/{config.estimator} k={config.k}",
+        desc=f"{config.objective.label()}/{config.estimator} k={config.k}",
         disable=not progress,
         dynamic_ncols=True,
     )
@@ -292,8 +270,8 @@ def fit(
             for start in range(0, n_train, config.batch_size):
                 x = binarize(train_split.images[order[start : start + config.batch_size]], data.binarization, generator)
                 clear_gradients(optimizer)
-                batch_bound = training_step(model, x, config, generator, compiled_estimate)
-                adam_step(optimizer)
+                batch_bound = training_step(model, x, config, generator, path)
+                optimizer_step(optimizer, path)
                 bound_sum += batch_bound.detach().sum()
                 bar.update(1)
             seconds = time.perf_counter() - started
@@ -328,4 +306,4 @@ def fit(
     complete = epochs_done == config.total_epochs
     if complete:
         save_model(run_dir / MODEL_FILE, model, config.to_json())
-    return FitResult(run_dir, epochs_done, train_bound, valid_bound, elapsed, complete)
+    return FitResult(run_dir, epochs_done, train_bound, valid_bound, elapsed, complete, path.description)

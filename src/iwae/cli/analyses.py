@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from iwae.cli.common import add_run_options, positive_int, positive_int_list
+from iwae.cli.common import add_deprecated_alias, add_run_options, positive_int, positive_int_list
+
+# Deferred on purpose: the studies (iwae.studies.*) import torch, which takes seconds that ``iwae --help`` and
+# usage errors should not pay; each handler imports its study.
 
 
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
@@ -52,7 +55,7 @@ def cmd_anomaly(args: argparse.Namespace) -> dict:
     if args.holdout_run is not None and args.holdout_digit is None:
         raise ValueError("--holdout-run needs --holdout-digit (the digit that run was trained without)")
     result = anomaly_run(
-        args.run, n_samples=args.L, limit=args.limit, holdout_digit=args.holdout_digit,
+        args.run, n_samples=args.k, limit=args.limit, holdout_digit=args.holdout_digit,
         holdout_run=args.holdout_run, holdout_epochs=args.holdout_epochs,
         holdout_train_limit=args.holdout_train_limit, out_dir=args.out, seed=args.seed, device=args.device,
         data_dir=args.data_dir, progress=not args.no_progress,
@@ -68,7 +71,7 @@ def cmd_impute(args: argparse.Namespace) -> dict:
     if not 0.0 < args.missing < 1.0:
         raise ValueError(f"--missing must be in (0, 1), got {args.missing}")
     epochs = args.epochs if args.epochs is not None else (100 if args.dataset == "breast-cancer" else 20)
-    settings = ImputeSettings(missing=args.missing, k=args.K, epochs=epochs, n_impute=args.L,
+    settings = ImputeSettings(missing=args.missing, k=args.k, epochs=epochs, n_impute=args.impute_k,
                               n_multiple=args.multiple, seed=args.seed)  # fmt: skip
     result = impute_run(args.dataset, settings, args.out, limit=args.limit, progress=not args.no_progress)
     if not args.json:
@@ -100,7 +103,8 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("anomaly", help="six VAE/IWAE anomaly scores and their AUROC")
     p.add_argument("run", help="run directory of a model trained on MNIST")
-    p.add_argument("--L", type=positive_int, default=100, help="samples per example (default 100)")
+    k = p.add_argument("--k", type=positive_int, default=100, help="samples per example (default 100)")
+    add_deprecated_alias(p, "--L", k)
     p.add_argument("--limit", type=positive_int, default=1000, help="examples per class (default 1000)")
     p.add_argument("--holdout-digit", type=int, help="also score a model trained without this digit")
     p.add_argument("--holdout-run", help="a run trained without --holdout-digit (else one is trained)")
@@ -113,8 +117,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("impute", help="MIWAE imputation of values missing completely at random")
     p.add_argument("--dataset", default="breast-cancer", choices=["mnist", "breast-cancer"])
     p.add_argument("--missing", type=float, default=0.5, help="fraction missing (default 0.5)")
-    p.add_argument("--K", type=positive_int, default=20, help="importance samples to train (default 20)")
-    p.add_argument("--L", type=positive_int, default=1000, help="importance samples to impute (default 1000)")
+    k = p.add_argument("--k", type=positive_int, default=20, help="samples per example to train (default 20)")
+    impute_k = p.add_argument("--impute-k", type=positive_int, default=1000,
+                              help="samples per example to impute (default 1000)")  # fmt: skip
+    add_deprecated_alias(p, "--K", k)
+    add_deprecated_alias(p, "--L", impute_k)
     p.add_argument("--multiple", type=positive_int, default=20, help="SIR imputations per example (default 20)")
     p.add_argument("--epochs", type=positive_int, help="training passes (default 100 tabular, 20 MNIST)")
     p.add_argument("--limit", type=positive_int, help="rows used (MNIST default 2000 images)")

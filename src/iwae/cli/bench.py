@@ -12,6 +12,9 @@ import sys
 
 from iwae.cli.common import add_run_options, positive_int
 
+# Deferred on purpose: the benchmark (iwae.lab.bench, iwae.fast, iwae.data) imports torch, which takes seconds
+# that ``iwae --help`` and usage errors should not pay; the handler imports it.
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -35,8 +38,12 @@ def register(subparsers) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> dict:
     from iwae.data import load_dataset
-    from iwae.lab.bench import full_settings, quick_settings, run_bench, write_outputs
+    from iwae.fast import allocator
+    from iwae.lab.bench import full_settings, markdown, quick_settings, run_bench, write_outputs
     from iwae.runs import resolve_device
+
+    # Every implementation the bench compares trains with glibc's malloc thresholds fixed, as 'iwae train' does.
+    allocator.configure()
 
     changes = {"threads": args.threads, "device": args.device, "pyro": not args.no_pyro, "compile": args.compile}
     changes["progress"] = not args.no_progress
@@ -49,7 +56,5 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     if args.out:
         write_outputs(result, args.out)
     if not args.json:
-        from iwae.lab.bench import markdown
-
         print(markdown(result), file=sys.stderr)
     return result

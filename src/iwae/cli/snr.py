@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from iwae.cli.common import add_run_options, positive_int_list
+
+# Deferred on purpose: the study, the model and the data (iwae.studies.snr, iwae.train, iwae.data...) import
+# torch, which takes seconds that ``iwae --help`` and usage errors should not pay; the handler imports them.
 
 DEFAULT_REPEATS = 100
 DEFAULT_BATCH = 1
@@ -26,8 +30,6 @@ def _name_list(text: str) -> list[str]:
 
 
 def register(subparsers) -> None:
-    from iwae.studies.snr import DEFAULT_KS
-
     p = subparsers.add_parser(
         "snr",
         help="gradient signal-to-noise ratio against K for the standard, STL and DReG estimators",
@@ -35,8 +37,8 @@ def register(subparsers) -> None:
         "(Rainforth et al. 2018), for the encoder and the decoder of an IWAE_K objective.",
     )
     p.add_argument("run", nargs="?", help="run directory (default: a fresh one-layer MNIST model)")
-    p.add_argument("--estimators", type=_name_list, default=["standard", "stl", "dreg"], help="comma-separated")
-    p.add_argument("--ks", type=_sorted_ks, default=list(DEFAULT_KS), help="comma-separated values of K")
+    p.add_argument("--estimators", type=_name_list, help="comma-separated (default: every estimator)")
+    p.add_argument("--ks", type=_sorted_ks, help="comma-separated values of K (default 1,3,10,30,100,300,1000)")
     p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="gradient estimates per K (>= 2)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="examples in the fixed minibatch")
     p.add_argument("--seed", type=int, default=0)
@@ -89,15 +91,16 @@ def _table(summary: dict) -> str:
 
 
 def cmd_snr(args: argparse.Namespace) -> dict:
-    import time
-
+    from iwae.estimators import ESTIMATOR_NAMES
     from iwae.runs import resolve_device
-    from iwae.studies.snr import run_study, write_study
+    from iwae.studies.snr import DEFAULT_KS, run_study, write_study
 
+    ks = args.ks if args.ks is not None else list(DEFAULT_KS)
+    estimators = args.estimators if args.estimators is not None else list(ESTIMATOR_NAMES)
     device = resolve_device(args.device)
     model, x, config = _model_and_batch(args, device)
     started = time.perf_counter()
-    study = run_study(model, x, args.ks, args.estimators, args.repeats, args.seed, progress=not args.no_progress)
+    study = run_study(model, x, ks, estimators, args.repeats, args.seed, progress=not args.no_progress)
     out = Path(args.out) if args.out else (Path(args.run) / "snr" if args.run else Path("snr-out"))
     meta = {
         "run": args.run,

@@ -20,6 +20,9 @@ from typing import Any
 
 from iwae.cli.common import add_run_options
 
+# Deferred on purpose: the lab (iwae.lab.experiments, iwae.lab.store, iwae.lab.reports) imports torch, which takes
+# seconds that ``iwae --help`` and usage errors should not pay; the handlers import what they use.
+
 REPRODUCIBLE = {"table1": ("smoke", "quick", "full"), "table2": (), "ksweep": ()}
 # Columns of the store copied into the CSV as they are.
 STORE_COLUMNS = (
@@ -153,7 +156,7 @@ def _summaries(directory: str) -> list[dict[str, Any]]:
                 "status": row["status"],
                 "dataset": config.dataset,
                 "layers": config.model.n_stochastic,
-                "objective": config.objective,
+                "objective": config.objective.name,
                 "k": config.k,
                 "seed": config.seed,
                 "epochs": config.total_epochs,

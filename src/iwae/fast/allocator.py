@@ -18,9 +18,8 @@ memory rose from 1.13 to 1.32 GB in that minibatch-1,000 training run, and from 
 ``iwae eval`` of the test set, which gained no speed. So the command line calls it only for the commands
 that train, ``iwae train`` and ``iwae bench`` (so that every implementation the bench compares trains
 under the same settings); library users can call it themselves.
-``IWAE_NATIVE=0`` in the environment (:func:`iwae.fast.native.switched_off`), or a C library other than glibc, leaves
-the allocator as it is. Importing this module does not import torch; :func:`configure` does (through
-:mod:`iwae.fast.native`), as the commands that call it need torch anyway.
+``IWAE_FAST`` without ``allocator`` (:mod:`iwae.fast.switches`), or a C library other than glibc, leaves
+the allocator as it is.
 """
 
 from __future__ import annotations
@@ -28,6 +27,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+
+from iwae.fast import switches
 
 MMAP_THRESHOLD = 512 * 2**20  # bytes: larger blocks are still mmap'ed (and unmapped when freed)
 TRIM_THRESHOLD = 1024 * 2**20  # bytes of free memory at the top of the heap kept before trimming
@@ -45,10 +46,8 @@ def _glibc_version() -> str | None:
 @functools.cache
 def configure() -> str:
     """Fix glibc's mmap and trim thresholds for this process (once); one line saying what was done."""
-    from iwae.fast import native  # the switch that turns the native paths off turns this off too
-
-    if native.switched_off():
-        return f"the platform's default allocator settings ({native.SWITCH}=0)"
+    if not switches.enabled("allocator"):
+        return f"the platform's default allocator settings ({switches.why_off('allocator')})"
     version = _glibc_version()
     if version is None:
         return "the platform's default allocator settings (not glibc)"

@@ -22,7 +22,7 @@ The arithmetic is the same as autograd's (the tests compare them in float64 and 
 bookkeeping (recording the graph, saving tensors, the engine's traversal, the composite ``logsumexp`` backward).
 At Burda's minibatch 20 a step is small enough for that to matter: on this project's CPU a k = 5, batch 20 step was
 1.2x faster, a DReG step 1.3x. Where it does not apply, training goes through autograd as before;
-``IWAE_NATIVE=0`` turns this path off with the native kernels.
+``IWAE_FAST=-backprop`` turns this path off (:mod:`iwae.fast.switches`).
 
 On Burda's models (Bernoulli observations, tanh layers) in float32 on the CPU, the forward and backward passes run in
 C++ (:mod:`iwae.fast.step`, for which this module's Python is the reference), for every objective and estimator:
@@ -31,14 +31,12 @@ two Python calls per step instead of about 80, 1.2-1.4x faster again at minibatc
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from iwae import bounds
-from iwae.estimators import ESTIMATOR_NAMES, BoundSpec, decoder_target, dreg_coefficients, encoder_target
+from iwae.estimators import ESTIMATOR_NAMES
 from iwae.fast import native
 from iwae.fast import step as native_step
 from iwae.models import (
@@ -48,16 +46,16 @@ from iwae.models import (
     gaussian_log_prob_of_noise,
     standard_normal_log_prob,
 )
+from iwae.objectives import Objective, as_objective
 
 ACTIVATIONS = ("tanh", "relu", "softplus")  # hidden activations whose derivative native.activation_backward has
 LIKELIHOODS = ("bernoulli", "gaussian")
 
 
-def applies(model: torch.nn.Module, spec: BoundSpec, estimator: str) -> bool:
-    """Whether :func:`accumulate_gradients` serves this model with this estimator (any objective)."""
+def applies(model: torch.nn.Module, objective: Objective | str, estimator: str) -> bool:
+    """Whether :func:`accumulate_gradients` serves this model with this estimator (any registered objective)."""
     return (
-        not native.switched_off()
-        and estimator in ESTIMATOR_NAMES
+        estimator in ESTIMATOR_NAMES
         and isinstance(model, LatentVariableModel)
         and model.config.likelihood in LIKELIHOODS
         and model.config.activation in ACTIVATIONS
@@ -66,6 +64,19 @@ def applies(model: torch.nn.Module, spec: BoundSpec, estimator: str) -> bool:
 
 def _accumulate(param: torch.nn.Parameter, grad: Tensor) -> None:
     param.grad = grad if param.grad is None else param.grad.add_(grad)
+
+
+def hidden_outputs(head: MLPHead, inputs: Tensor) -> list[Tensor]:
+    """:meth:`iwae.models.MLPHead.hidden_outputs` with each layer as one oneDNN primitive, the activation fused in,
+    where :func:`iwae.fast.native.fused_linear` applies (CPU float32); the same values up to float32 rounding."""
+    outputs = [inputs]
+    fused = head.activation_name in native.FUSED_ACTIVATIONS and native.fused_linear_applies(inputs)
+    for layer in head.hidden:
+        if fused:
+            outputs.append(native.fused_linear(outputs[-1], layer.weight, layer.bias, head.activation_name))
+        else:
+            outputs.append(head.activation(native.fused_linear(outputs[-1], layer.weight, layer.bias)))
+    return outputs
 
 
 def _head_outputs(head: MLPHead, outputs: list[Tensor]) -> tuple[Tensor, ...]:
@@ -128,7 +139,7 @@ def _forward(model: LatentVariableModel, x: Tensor, noise: list[Tensor], tape: _
     fills ``tape``."""
     inputs, log_q = x, x.new_zeros(())
     for head, eps in zip(model.encoder, noise, strict=True):
-        outputs = head.hidden_outputs(inputs)
+        outputs = hidden_outputs(head, inputs)
         mean, log_std = _head_outputs(head, outputs)
         std = torch.exp(log_std)
         inputs = mean + std * eps
@@ -139,13 +150,13 @@ def _forward(model: LatentVariableModel, x: Tensor, noise: list[Tensor], tape: _
     latents = tape.latents
     log_prior = standard_normal_log_prob(latents[-1])
     for j in range(len(latents) - 1):
-        outputs = model.decoder[j + 1].hidden_outputs(latents[j + 1])
+        outputs = hidden_outputs(model.decoder[j + 1], latents[j + 1])
         mean, log_std = _head_outputs(model.decoder[j + 1], outputs)
         log_prior = log_prior + gaussian_log_prob(latents[j], mean, log_std)
         tape.prior_outputs.append(outputs)
         tape.prior_params.append((mean, log_std))
     observation = model.decoder[0]
-    tape.observation_outputs = observation.hidden_outputs(latents[0])
+    tape.observation_outputs = hidden_outputs(observation, latents[0])
     if model.config.likelihood == "bernoulli":
         tape.observation_pre = native.fused_linear(tape.observation_outputs[-1], observation.head.weight)
         log_px = native.bernoulli_log_prob_rows(tape.observation_pre, observation.head.bias, x)
@@ -155,37 +166,17 @@ def _forward(model: LatentVariableModel, x: Tensor, noise: list[Tensor], tape: _
     return log_px + log_prior - log_q
 
 
-def _loss_gradient(objective: str, target: Callable[[Tensor], Tensor], log_w: Tensor) -> tuple[Tensor, Tensor]:
-    """The loss ``-mean(target(log_w))``'s gradient ``[k, batch]`` and the target ``[batch]`` (detached);
-    ``objective`` names the target.
-
-    IWAE and the ELBO in closed form (``-w~ / batch`` with the normalised weights, and ``-1 / (k batch)``):
-    autograd through ``logsumexp`` costs a dozen small operator calls, as much as a layer at minibatch 20.
-    The weights are ``exp(log_w - logsumexp(log_w))``, as autograd computes them (a softmax rounds differently).
-    """
-    k, batch = log_w.shape
-    if objective == "iwae":
-        log_sum = torch.logsumexp(log_w, dim=0)
-        return (log_w - log_sum).exp_().div_(-batch), log_sum - math.log(k)
-    if objective == "vae":
-        return torch.full_like(log_w, -1.0 / (k * batch)), bounds.elbo(log_w)
-    with torch.enable_grad():
-        leaf = log_w.detach().requires_grad_()
-        value = target(leaf)
-        (grad,) = torch.autograd.grad(-value.mean(), leaf)
-    return grad, value.detach()
-
-
-def _log_weight_gradients(spec: BoundSpec, estimator: str, log_w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _log_weight_gradients(objective: Objective, estimator: str, log_w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The decoder's and the encoder's loss gradients in the log-weights (the same tensor when one surrogate
-    serves both) and the bound to report, as :func:`iwae.estimators.terms_from_sample` defines them."""
-    decoder_objective = "iwae" if spec.objective == "piwae" else spec.objective  # decoder_target's
-    decoder_grad, bound = _loss_gradient(decoder_objective, lambda value: decoder_target(spec, value), log_w)
+    serves both) and the bound to report, as :func:`iwae.estimators.terms_from_sample` defines them: each
+    objective gives its loss gradients (:meth:`~iwae.objectives.Objective.decoder_loss_gradient`, in closed form
+    where it has one)."""
+    decoder_grad, bound = objective.decoder_loss_gradient(log_w)
     if estimator == "dreg":  # the encoder's surrogate is sum_i stop(c_i) log w_i
-        return decoder_grad, dreg_coefficients(spec, log_w).div_(-log_w.shape[1]), bound
-    if spec.shared:
+        return decoder_grad, objective.dreg_coefficients(log_w).div_(-log_w.shape[1]), bound
+    if objective.shared:
         return decoder_grad, decoder_grad, bound
-    encoder_grad, _ = _loss_gradient(spec.objective, lambda value: encoder_target(spec, value), log_w)
+    encoder_grad, _ = objective.encoder_loss_gradient(log_w)
     return decoder_grad, encoder_grad, bound
 
 
@@ -261,7 +252,7 @@ def _backward(
 
 
 def accumulate_gradients(
-    model: LatentVariableModel, x: Tensor, noise: list[Tensor], spec: BoundSpec, estimator: str = "standard"
+    model: LatentVariableModel, x: Tensor, noise: list[Tensor], objective: Objective | str, estimator: str = "standard"
 ) -> Tensor:
     """Add the estimator's loss gradients (``-mean`` of each surrogate, for its own part of the model) to every
     parameter's ``.grad``.
@@ -273,13 +264,14 @@ def accumulate_gradients(
     run in C++, and only the log-weights' gradients here.
     """
     stop_q_params = estimator != "standard"
+    objective = as_objective(objective)
     if native_step.applies(model, x):
         log_w, native_tape = native_step.forward(model, x, noise)
-        decoder_grad, encoder_grad, bound = _log_weight_gradients(spec, estimator, log_w)
+        decoder_grad, encoder_grad, bound = _log_weight_gradients(objective, estimator, log_w)
         native_step.backward(x, noise, native_tape, (decoder_grad, encoder_grad), stop_q_params)
         return bound
     tape = _Tape()
     log_w = _forward(model, x, noise, tape)
-    decoder_grad, encoder_grad, bound = _log_weight_gradients(spec, estimator, log_w)
+    decoder_grad, encoder_grad, bound = _log_weight_gradients(objective, estimator, log_w)
     _backward(model, x, noise, tape, (decoder_grad, encoder_grad), stop_q_params)
     return bound

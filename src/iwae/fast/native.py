@@ -1,8 +1,9 @@
 """Fast CPU paths for the decoder's output: a C kernel compiled on first use, and oneDNN's fused linear layers.
 
 Both serve float32 tensors on the CPU and fall back to plain PyTorch operations elsewhere (other devices
-or dtypes), where they cannot run, or with ``IWAE_NATIVE=0`` in the environment; :func:`status` says which
-paths are in use and why. Results equal the PyTorch formulas up to float32 rounding (``tests/test_native.py``).
+or dtypes), where they cannot run, or with ``IWAE_FAST`` switching them off (:mod:`iwae.fast.switches`);
+:func:`status` says which paths are in use and why. Results equal the PyTorch formulas up to float32 rounding
+(``tests/test_native.py``).
 
 :func:`bernoulli_log_prob_rows`: ``sum_j x_j l_j - softplus(l_j)``, the Bernoulli log-likelihood of an
 image under logits ``l = pre + bias``, for the ``[k, batch, x_dim]`` pre-activations of the decoder's
@@ -49,11 +50,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from iwae.data import cache_dir
+from iwae.fast import switches
 
 T = TypeVar("T")
 
 SOURCE = Path(__file__).with_name("kernels.c")
-SWITCH = "IWAE_NATIVE"  # "0" turns the native paths off (and iwae.fast.backprop's explicit backpropagation)
+SWITCH = switches.LEGACY_VARIABLE  # deprecated: "0" turns every fast path off; iwae.fast.switches has one switch each
 _COMMON_FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math")
 FLAG_SETS = (  # tried in turn: the first that builds is used
     (*_COMMON_FLAGS, "-march=native", "-fopenmp"),
@@ -64,8 +66,8 @@ PARALLEL_MIN_ELEMENTS = 1 << 15  # smaller inputs run on the calling thread alon
 
 
 def switched_off() -> bool:
-    """Whether ``IWAE_NATIVE=0`` is in the environment: the native paths (and :mod:`iwae.fast.backprop`) are off."""
-    return os.environ.get(SWITCH, "1") == "0"
+    """Whether the C kernels are switched off (``IWAE_FAST``, :mod:`iwae.fast.switches`)."""
+    return not switches.enabled("kernels")
 
 
 class _Library:
@@ -174,7 +176,7 @@ def _build_and_load() -> _Library:
 @functools.cache
 def _library() -> _Library:
     if switched_off():
-        return _Library(None, f"PyTorch fallback: {SWITCH}=0 in the environment")
+        return _Library(None, f"PyTorch fallback: {switches.why_off('kernels')}")
     return _build_and_load()
 
 
@@ -208,7 +210,7 @@ def _plain_linear(inputs: Tensor, weight: Tensor, bias: Tensor | None, activatio
 @functools.cache
 def fused_linear_works() -> bool:
     """Whether PyTorch has the oneDNN op and it agrees with ``F.linear`` (checked once, on a small input)."""
-    if switched_off() or not torch.backends.mkldnn.is_available():
+    if not switches.enabled("onednn") or not torch.backends.mkldnn.is_available():
         return False
     generator = torch.Generator().manual_seed(0)
     inputs, weight, bias = (torch.randn(shape, generator=generator) for shape in ((2, 3, 5), (4, 5), (4,)))

@@ -13,7 +13,7 @@ per call is tens of microseconds). Results equal :mod:`iwae.fast.backprop`'s Pyt
 
 It is compiled on first use (about 20 s) with ``$CXX`` (default ``c++``) against the installed PyTorch's headers
 and libraries, into the same cache as :mod:`iwae.fast.native`'s C kernels, under a name that hashes the sources, the
-compiler, the flags, the CPU and PyTorch's version. Where it cannot be built (no C++ compiler, ``IWAE_NATIVE=0``),
+compiler, the flags, the CPU and PyTorch's version. Where it cannot be built (no C++ compiler, ``IWAE_FAST=-step``),
 or for other models, devices or dtypes, :mod:`iwae.fast.backprop` goes on in Python.
 
 Shape convention: samples first. ``x`` is ``[batch, x_dim]``; the noise of stochastic layer j is ``[k, batch, d_j]``;
@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils import cpp_extension
 
-from iwae.fast import native
+from iwae.fast import native, switches
 
 SOURCE = Path(__file__).with_name("step.cpp")
 FORWARD_ONEDNN_MIN_MACS = 1 << 23  # smaller layers: addmm and the native tanh, faster there on this project's CPU
@@ -62,12 +62,19 @@ class _Operators:
 
 def _command(compiler: str, flags: tuple[str, ...]) -> tuple[list[str], tuple[str, ...]]:
     """The compiler's arguments, with PyTorch's headers and ABI, and the linker's for PyTorch's libraries."""
-    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(cxx11_abi())}"
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     libraries = []
     for path in cpp_extension.library_paths():
         libraries += [f"-L{path}", f"-Wl,-rpath,{path}"]
     return [compiler, *flags, abi, *includes, str(SOURCE)], (*libraries, "-lc10", "-ltorch_cpu", "-ltorch")
+
+
+def cxx11_abi() -> bool:
+    """The C++ ABI PyTorch was built with. ``torch._C._GLIBCXX_USE_CXX11_ABI`` is private: where it is gone,
+    ``torch.compiled_with_cxx11_abi()`` (public) answers; ``tests/test_fast.py`` fails loudly if neither exists."""
+    private = getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", None)
+    return bool(private) if private is not None else bool(torch.compiled_with_cxx11_abi())
 
 
 def _load(target: Path) -> bool:
@@ -87,10 +94,8 @@ def _build_and_load() -> _Operators:
 
 @functools.cache
 def _operators() -> _Operators:
-    if native.switched_off():
-        return _Operators(False, f"no C++ training step: {native.SWITCH}=0 in the environment")
-    if not native.available():  # step.cpp calls the C kernels, and needs what they need to build
-        return _Operators(False, "no C++ training step: the native kernels are not available")
+    if not switches.enabled("step"):
+        return _Operators(False, f"no C++ training step: {switches.why_off('step')}")
     if hasattr(torch.ops.iwae_step, "forward"):  # loaded before in this process (a namespace loads once)
         return _Operators(True, "C++ training step (loaded before)")
     return _build_and_load()
@@ -117,7 +122,7 @@ def applies(model: torch.nn.Module, x: Tensor) -> bool:
         and x.dtype == torch.float32
         and model.decoder[0].head.weight.dtype == torch.float32  # the model's dtype; step.cpp checks every parameter
         and model.decoder[0].head.weight.device.type == "cpu"
-        and not native.switched_off()
+        and switches.enabled("step")
         and not torch.compiler.is_compiling()
         and available()
     )

@@ -53,12 +53,14 @@ import subprocess
 import time
 import tomllib
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from importlib import resources
 from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 from typing import Any
 
+from iwae.config import TrainConfig, build_train_config, setting_names
+from iwae.fast import for_evaluation
 from iwae.lab.store import ResultStore, now
 
 RUNS_SUBDIR = "runs"
@@ -66,9 +68,7 @@ SAMPLES_FILE = "samples.png"
 GRID_COPY = "grid.json"
 PRELOAD = ["torch", "torch._dynamo", "matplotlib.pyplot", "iwae.train", "iwae.evaluate", "iwae.sampling"]
 
-# Options that are not TrainConfig fields but build one (model, schedule) or drive evaluation.
-MODEL_KEYS = ("layers", "latent_dims", "activation")
-SCHEDULE_KEYS = ("schedule", "epochs", "lr")
+# Options that drive evaluation and the run's extras (the training settings are iwae.config.setting_names()).
 EVAL_DEFAULTS: dict[str, Any] = {
     "eval_k": 5000,
     "eval_limit": None,
@@ -89,14 +89,8 @@ NAME_FORMATS = {
 
 
 # -- options -> TrainConfig ----------------------------------------------------------------------
-def _config_fields() -> set[str]:
-    from iwae.config import TrainConfig
-
-    return {f.name for f in fields(TrainConfig)} - {"model", "stages"}
-
-
 def known_options() -> set[str]:
-    return _config_fields() | set(MODEL_KEYS) | set(SCHEDULE_KEYS) | set(EVAL_DEFAULTS) | set(RUN_DEFAULTS)
+    return setting_names() | set(EVAL_DEFAULTS) | set(RUN_DEFAULTS)
 
 
 def check_options(options: dict[str, Any]) -> None:
@@ -105,26 +99,11 @@ def check_options(options: dict[str, Any]) -> None:
         raise ValueError(f"unknown grid settings {sorted(unknown)}; known: {', '.join(sorted(known_options()))}")
 
 
-def train_config(options: dict[str, Any]):
-    """The :class:`~iwae.config.TrainConfig` that a run's settings describe."""
-    from iwae.config import TrainConfig, parse_schedule
-    from iwae.models import ModelConfig
-
+def train_config(options: dict[str, Any]) -> TrainConfig:
+    """The :class:`~iwae.config.TrainConfig` that a run's settings describe (:func:`iwae.config.build_train_config`
+    on its training settings; the evaluation and run settings are left out)."""
     check_options(options)
-    layers = int(options.get("layers", 1))
-    model = ModelConfig.burda(layers)
-    latent_dims = options.get("latent_dims")
-    if latent_dims is not None:
-        dims = tuple(int(d) for d in (latent_dims if isinstance(latent_dims, list) else str(latent_dims).split(",")))
-        if len(dims) != layers:
-            raise ValueError(f"latent_dims needs {layers} size(s), got {latent_dims!r}")
-        model = ModelConfig(model.x_dim, dims, model.hidden_dims, model.activation, model.likelihood)
-    activation = options.get("activation", model.activation)
-    if activation != model.activation:
-        model = ModelConfig(model.x_dim, model.latent_dims, model.hidden_dims, activation, model.likelihood)
-    stages = parse_schedule(options.get("schedule"), options.get("epochs"), options.get("lr"))
-    values = {key: value for key, value in options.items() if key in _config_fields()}
-    return TrainConfig(model=model, stages=stages, **values)
+    return build_train_config({key: value for key, value in options.items() if key in setting_names()})
 
 
 def eval_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -267,6 +246,7 @@ def _evaluate(run_dir: Path, dataset, settings: dict[str, Any], device) -> dict[
         split_name=settings["eval_split"],
         authors_split=dataset.train,
         batch_size=settings["eval_batch_size"],
+        accelerate=for_evaluation,
     )
     payload = {**result.to_dict(), "limit": settings["eval_limit"], "dataset": config.dataset}
     payload["eval_settings"] = settings
@@ -318,7 +298,8 @@ def run_one(
         from iwae.runs import load_model
 
         model, _ = load_model(run_dir, torch_device)
-        title = f"{run_dir.name}: {config.objective} k={config.k}, {config.model.n_stochastic} stochastic layer(s)"
+        layers = config.model.n_stochastic
+        title = f"{run_dir.name}: {config.objective.label()} k={config.k}, {layers} stochastic layer(s)"
         samples = str(
             sample_figure(
                 model,

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from iwae.data import Split
 from iwae.evaluate import estimate_log_likelihood
 from iwae.models import LatentVariableModel, ModelConfig
-from iwae.objectives import get_objective
+from iwae.objectives import make_objective
 
 MEANS = (-1.0, 1.0)
 STD = 0.5
@@ -77,7 +77,7 @@ def train_camel(objective: str, k: int, data: Tensor, settings: CamelSettings, p
     torch.manual_seed(settings.seed)
     model = LatentVariableModel(CAMEL_MODEL)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, eps=1e-4)
-    fn = get_objective(objective)
+    target = make_objective(objective).encoder_target
     generator = torch.Generator().manual_seed(settings.seed + 1)
     n = data.shape[0]
     decay = (settings.lr_final / settings.lr) ** (1.0 / max(1, settings.epochs - 1))
@@ -86,7 +86,7 @@ def train_camel(objective: str, k: int, data: Tensor, settings: CamelSettings, p
             group["lr"] = settings.lr * decay**epoch
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, settings.batch_size):
-            loss = -fn(model(data[order[start : start + settings.batch_size]], k, generator)).surrogate.mean()
+            loss = -target(model(data[order[start : start + settings.batch_size]], k, generator).log_w).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -9,7 +9,8 @@ over parameters; its log-log slope against K is fitted by ordinary least squares
 standard error and a 95% Student-t interval (n_K - 2 degrees of freedom). The interval reflects how
 well a straight line fits the medians, not the Monte Carlo noise of each median.
 
-The target is IWAE_K (``BoundSpec("iwae")``) unless another spec is given. Rainforth et al. predict
+The target is IWAE_K (:class:`~iwae.objectives.IWAE`) unless another objective is given. Any model that
+follows :class:`iwae.protocol.Model` can be studied. Rainforth et al. predict
 slopes of about +1/2 (decoder) and -1/2 (encoder, standard estimator); DReG's encoder slope is positive.
 A true SNR of 0 is estimated as about ``sqrt(2/pi) / sqrt(R)`` (``snr_floor``): medians near it are
 limited by the number of repeats.
@@ -33,8 +34,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from iwae import bounds
-from iwae.estimators import ESTIMATOR_NAMES, BoundSpec, estimate, surrogate_gradients
-from iwae.fast import backprop
+from iwae.estimators import ESTIMATOR_NAMES, estimate, surrogate_gradients
+from iwae.objectives import IWAE, Objective
+from iwae.protocol import Model
 
 PARTS = ("encoder", "decoder")
 DEFAULT_KS = (1, 3, 10, 30, 100, 300, 1000)
@@ -77,10 +79,10 @@ def gradient_snr(
     estimator: str,
     repeats: int,
     generator: torch.Generator,
-    spec: BoundSpec | None = None,
+    objective: Objective | None = None,
 ) -> dict[str, Tensor]:
     """Per-parameter SNR of the encoder's and the decoder's gradient over ``repeats`` estimates at k samples."""
-    spec = spec or BoundSpec("iwae")
+    objective = objective or IWAE()
     encoder_params, decoder_params = list(model.encoder_parameters()), list(model.decoder_parameters())
     moments = {
         "encoder": GradientMoments.zeros(sum(p.numel() for p in encoder_params)),
@@ -88,7 +90,7 @@ def gradient_snr(
     }
     for _ in range(repeats):
         encoder_grads, decoder_grads = _gradients(
-            model, x, k, generator, spec, estimator, encoder_params, decoder_params
+            model, x, k, generator, objective, estimator, encoder_params, decoder_params
         )
         moments["encoder"].add(encoder_grads)
         moments["decoder"].add(decoder_grads)
@@ -96,25 +98,19 @@ def gradient_snr(
 
 
 def _gradients(
-    model: nn.Module,
+    model: Model,
     x: Tensor,
     k: int,
     generator: torch.Generator,
-    spec: BoundSpec,
+    objective: Objective,
     estimator: str,
     encoder_params: list[nn.Parameter],
     decoder_params: list[nn.Parameter],
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """One estimate's encoder and decoder gradients: through :mod:`iwae.fast.backprop` where it applies (the same
-    noise and values up to rounding; the model's ``.grad`` is used and cleared), else through autograd."""
-    if not backprop.applies(model, spec, estimator):
-        terms = estimate(model, x, k, generator, spec, estimator)
-        return surrogate_gradients(terms, encoder_params, decoder_params)
-    model.zero_grad(set_to_none=True)
-    backprop.accumulate_gradients(model, x, model.draw_noise(x.shape[0], k, generator, x.device), spec, estimator)
-    grads = [p.grad for p in encoder_params], [p.grad for p in decoder_params]
-    model.zero_grad(set_to_none=True)
-    return grads
+    """One estimate's encoder and decoder gradients, by autograd over the reference path (any model that follows
+    :class:`iwae.protocol.Model`)."""
+    terms = estimate(model, x, k, generator, objective, estimator)
+    return surrogate_gradients(terms, encoder_params, decoder_params)
 
 
 @torch.no_grad()
@@ -192,7 +188,7 @@ def run_study(
     repeats: int,
     seed: int = 0,
     progress: bool = True,
-    spec: BoundSpec | None = None,
+    objective: Objective | None = None,
 ) -> SNRStudy:
     """SNRs for every estimator and K; each (estimator, K) draws from its own seeded generator."""
     for name in estimators:
@@ -208,7 +204,7 @@ def run_study(
     try:
         for est, i, k in jobs:
             generator = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + 7919 * i + 31 * k)
-            result = gradient_snr(model, x, k, est, repeats, generator, spec)
+            result = gradient_snr(model, x, k, est, repeats, generator, objective)
             per_part = study.snr.setdefault(est, {part: [] for part in PARTS})
             for part in PARTS:
                 per_part[part].append(result[part].numpy())

@@ -1,0 +1,177 @@
+"""``iwae train``, ``iwae eval`` and ``iwae sample``: train a run directory, evaluate it, draw from it.
+
+Each handler returns the JSON object the CLI prints; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from iwae.cli.common import LazyChoices, UsageError, add_run_options, positive_int
+
+# Deferred on purpose: the registries behind the choices and everything the handlers call (iwae.train,
+# iwae.evaluate, iwae.sampling, iwae.fast) import torch, which takes seconds that ``iwae --help`` and usage
+# errors should not pay. The imports are inside the functions below.
+
+
+def _dataset_names():
+    from iwae.data import DATASETS
+
+    return DATASETS
+
+
+def _objective_names():
+    from iwae.objectives import objective_names
+
+    return objective_names()
+
+
+def _estimator_names():
+    from iwae.estimators import ESTIMATOR_NAMES
+
+    return ESTIMATOR_NAMES
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a VAE or IWAE", description="Train a VAE or IWAE (Burda et al.).")
+    p.add_argument("--dataset", default="mnist", choices=LazyChoices(_dataset_names), metavar="DATASET",
+                   help="%(choices)s (default %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--objective",
+        default="iwae",
+        choices=LazyChoices(_objective_names),
+        metavar="OBJECTIVE",
+        help="bound to train: %(choices)s (default %(default)s; miwae/piwae need --M, ciwae --beta, power --p, "
+        "vr --alpha)",
+    )
+    p.add_argument("--estimator", default="standard", choices=LazyChoices(_estimator_names), metavar="ESTIMATOR",
+                   help="gradient estimator: %(choices)s (default %(default)s)")  # fmt: skip
+    p.add_argument("--M", type=positive_int, default=1, help="miwae/piwae: split the k samples into M groups")
+    p.add_argument("--beta", type=float, help="ciwae: weight of the ELBO, 0..1")
+    p.add_argument("--p", type=float, help="power: the power-mean exponent (<= 1; 1 is IWAE, 0 the ELBO)")
+    p.add_argument("--alpha", type=float, help="vr: the VR-IWAE alpha (>= 0; 0 is IWAE, 1 the ELBO)")
+    p.add_argument("--k", type=positive_int, default=1, help="samples per example (default 1)")
+    p.add_argument("--layers", type=int, default=1, choices=[1, 2], help="stochastic layers (Burda's nets)")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--epochs", type=positive_int, help="one stage of N passes at --lr")
+    when.add_argument("--schedule", help="'burda' (3,280 passes, default) or 'burda:S' (its first S stages)")
+    p.add_argument("--lr", type=float, help="learning rate with --epochs (default 1e-3)")
+    p.add_argument("--batch-size", type=positive_int, default=20)
+    p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (paper 0.9; the authors' code 0.99)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-limit", type=positive_int, help="train on the first N training examples only")
+    p.add_argument("--activation", default="tanh", choices=["tanh", "relu", "softplus"])
+    p.add_argument("--latent-dims", help="override latent sizes, e.g. '2' or '100,50'")
+    p.add_argument("--checkpoint-minutes", type=float, default=2.0, help="checkpoint at least this often")
+    p.add_argument("--max-epochs", type=positive_int, help="stop after N epochs of this call (resume later)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="autograd through torch.compile (model, bound and surrogates as one graph) instead of the default "
+        "explicit backpropagation, which was faster on a 2-core CPU",
+    )
+    p.add_argument("--init-from", metavar="RUN", help="start from a finished run's final weights (Burda's Table 2)")
+    p.add_argument("--out", required=True, help="run directory")
+    add_run_options(p)
+    p.set_defaults(handler=cmd_train)
+
+    p = subparsers.add_parser("eval", help="test NLL (L_k), active units, KL and reconstruction terms")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--k", type=positive_int, default=5000, help="samples per example of L_k (default 5000)")
+    p.add_argument("--split", default="test", choices=["test", "train", "valid"])
+    p.add_argument("--limit", type=positive_int, help="only the first N examples of the split")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=positive_int, default=100)
+    p.add_argument("--no-prune", action="store_true", help="skip the NLL with inactive units removed")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for L_k (for GPUs; slower on a CPU)")
+    add_run_options(p)
+    p.set_defaults(handler=cmd_eval)
+
+    p = subparsers.add_parser("sample", help="PNG of prior samples, reconstructions and interpolations")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--out", help="PNG path (default RUN/samples.png)")
+    p.add_argument("--seed", type=int, default=0)
+    add_run_options(p)
+    p.set_defaults(handler=cmd_sample)
+
+
+TRAIN_SETTINGS = (  # the iwae train arguments that iwae.config.build_train_config takes, under the same names
+    "dataset", "objective", "estimator", "M", "beta", "p", "alpha", "k", "layers", "epochs", "schedule", "lr",
+    "batch_size", "beta1", "seed", "train_limit", "activation", "latent_dims",
+)  # fmt: skip
+
+
+def _train_config(args: argparse.Namespace):
+    """The :class:`~iwae.config.TrainConfig` that ``iwae train``'s arguments describe."""
+    from iwae.config import build_train_config
+
+    settings = {name: getattr(args, name) for name in TRAIN_SETTINGS}
+    settings["init_from"] = str(Path(args.init_from).resolve()) if args.init_from else None
+    try:
+        return build_train_config(settings)
+    except ValueError as error:
+        raise UsageError(f"iwae train: {error}") from None
+
+
+def cmd_train(args: argparse.Namespace) -> dict:
+    from iwae.fast import allocator
+    from iwae.train import fit
+
+    config = _train_config(args)
+    # Training starts with glibc's malloc thresholds fixed (iwae.fast.allocator): faster steps with large
+    # temporaries, at the cost of freed memory kept resident, which eval and sample would pay for nothing.
+    allocator.configure()
+    result = fit(
+        config,
+        args.out,
+        resume=args.resume,
+        device=args.device,
+        data_dir=args.data_dir,
+        progress=not args.no_progress,
+        checkpoint_minutes=args.checkpoint_minutes,
+        max_epochs=args.max_epochs,
+        compile_model=args.compile,
+    )
+    return {
+        "run": str(result.run_dir),
+        "epochs_done": result.epochs_done,
+        "epochs_total": config.total_epochs,
+        "complete": result.complete,
+        "train_bound": result.train_bound,
+        f"valid_L{config.valid_k}": result.valid_bound,
+        "seconds": round(result.seconds, 2),
+        "seconds_per_epoch": round(result.seconds / max(result.epochs_done, 1), 3),
+        "gradients": result.gradients,
+    }
+
+
+def cmd_eval(args: argparse.Namespace) -> dict:
+    from iwae.evaluate import evaluate_run
+    from iwae.fast import for_evaluation
+
+    result = evaluate_run(
+        args.run,
+        k=args.k,
+        split=args.split,
+        limit=args.limit,
+        seed=args.seed,
+        device=args.device,
+        data_dir=args.data_dir,
+        prune_inactive=not args.no_prune,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        compile_model=args.compile,
+        accelerate=for_evaluation,
+    )
+    summary = result.to_dict()
+    summary.pop("log_activity")  # long; it stays in eval.json
+    return summary
+
+
+def cmd_sample(args: argparse.Namespace) -> dict:
+    from iwae.sampling import sample_run
+
+    path = sample_run(args.run, args.out, seed=args.seed, device=args.device, data_dir=args.data_dir)
+    return {"png": str(path)}

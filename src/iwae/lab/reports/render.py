@@ -1,0 +1,207 @@
+"""The report assembled (:func:`build_report`) and written (:func:`write_report`): ``OUT.md`` with its figures in
+``OUT_files/``, and ``OUT.html``, which embeds them as base64 PNG and stands alone."""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from iwae.lab.reports.figures import plot_against_k, plot_learning_curves, plot_log_activity
+from iwae.lab.reports.published import BURDA_PASSES, RAINFORTH_SOURCE, SOURCE
+from iwae.lab.reports.records import Cell, RunRecord, budget_groups, load_records, table1_cells
+from iwae.lab.reports.tables import Table, estimators_table, ksweep_table, orderings, runs_table, table1, table2
+
+
+@dataclass
+class Report:
+    title: str
+    blocks: list[tuple[str, Any]] = field(default_factory=list)
+
+    def heading(self, text: str) -> None:
+        self.blocks.append(("h2", text))
+
+    def text(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def bullets(self, items: list[str]) -> None:
+        self.blocks.append(("ul", items))
+
+    def table(self, table: Table) -> None:
+        self.blocks.append(("table", table))
+
+    def image(self, name: str, data: bytes, caption: str) -> None:
+        self.blocks.append(("img", (name, data, caption)))
+
+    def markdown(self, files_dir: str) -> str:
+        out = [f"# {self.title}", ""]
+        for kind, content in self.blocks:
+            if kind == "h2":
+                out += [f"## {content}", ""]
+            elif kind == "p":
+                out += [content, ""]
+            elif kind == "ul":
+                out += [f"- {item}" for item in content] + [""]
+            elif kind == "table":
+                header = " | ".join(h.replace("|", "\\|") for h in content.headers)
+                out += [f"| {header} |", "|" + "---|" * len(content.headers)]
+                out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in content.rows]
+                out += [""]
+            else:
+                name, _, caption = content
+                out += [f"![{caption}]({files_dir}/{name})", "", f"*{caption}*", ""]
+        return "\n".join(out)
+
+    def html(self) -> str:
+        esc = html.escape
+        out = [
+            "<!DOCTYPE html>",
+            "<html><head><meta charset='utf-8'>",
+            f"<title>{esc(self.title)}</title>",
+            "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+            "table{border-collapse:collapse;font-size:13px;margin:1em 0}"
+            "td,th{border:1px solid #bbb;padding:3px 7px;text-align:right}th{background:#eee}"
+            "img{max-width:100%}figcaption{font-style:italic;font-size:13px}</style></head><body>",
+            f"<h1>{esc(self.title)}</h1>",
+        ]
+        for kind, content in self.blocks:
+            if kind == "h2":
+                out.append(f"<h2>{esc(content)}</h2>")
+            elif kind == "p":
+                out.append(f"<p>{esc(content)}</p>")
+            elif kind == "ul":
+                out.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in content) + "</ul>")
+            elif kind == "table":
+                head = "".join(f"<th>{esc(h)}</th>" for h in content.headers)
+                body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in content.rows)
+                out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            else:
+                name, data, caption = content
+                encoded = base64.b64encode(data).decode("ascii")
+                out.append(
+                    f"<figure><img alt='{esc(name)}' src='data:image/png;base64,{encoded}'>"
+                    f"<figcaption>{esc(caption)}</figcaption></figure>"
+                )
+        out.append("</body></html>")
+        return "\n".join(out)
+
+
+def _budget_text(records: list[RunRecord]) -> str:
+    epochs = sorted({r.epochs for r in records})
+    limits = sorted({str(r.train_limit or "all") for r in records})
+    evals = sorted({f"L_{r.eval_k} on {r.eval_n} test examples" for r in records})
+    return (
+        f"Budget: {', '.join(map(str, epochs))} pass(es) over {', '.join(limits)} training examples "
+        f"(the paper: {BURDA_PASSES:,} passes over all of them); evaluation: {'; '.join(evals)} "
+        "(the paper: L_5000 on the whole test set). Differences are ours minus the paper's; units are "
+        "counted per stochastic layer (A_u > 0.01). Cells are means over seeds."
+    )
+
+
+def _environment_text(records: list[RunRecord]) -> str:
+    keys = ("package_version", "torch_version", "device", "git_commit")
+    seen = {key: sorted({str(r.env.get(key)) for r in records}) for key in keys}
+    return "Environment: " + "; ".join(f"{key} {', '.join(values)}" for key, values in seen.items())
+
+
+def _add_table1(report: Report, cells: dict[tuple[str, int, int, str], Cell], suffix: str) -> None:
+    report.heading(f"Table 1: test NLL (nats) and active units, ours | paper | difference{suffix}")
+    report.table(table1(cells))
+    lines = orderings(cells)
+    if lines:
+        report.heading(f"The paper's orderings at this budget{suffix}")
+        report.bullets(lines)
+
+
+def _add_ksweep(report: Report, cells: dict[tuple[str, int, int, str], Cell], suffix: str, tag: str) -> None:
+    sweep = ksweep_table(cells)
+    if sweep is None:
+        return
+    report.heading(f"k-sweep{suffix}")
+    report.table(sweep)
+    for quantity, name, caption in (
+        ("nll", "nll_vs_k", "Test NLL against k (dashed: the paper)"),
+        ("units", "units_vs_k", "Active units against k (dashed: the paper)"),
+        ("seconds", "seconds_vs_k", "Training seconds per epoch against k"),
+    ):
+        data = plot_against_k(cells, quantity)
+        if data:
+            report.image(f"{name}{tag}.png", data, caption + suffix)
+
+
+def build_report(records: list[RunRecord], unfinished: list[dict[str, Any]], title: str) -> Report:
+    report = Report(title)
+    report.text(f"{len(records)} finished run(s), {len(unfinished)} not finished. Published numbers: {SOURCE}.")
+    if records:
+        report.text(_budget_text(records))
+        report.text(_environment_text(records))
+    groups = budget_groups(records)
+    for budget, group in groups.items():
+        suffix = f" ({budget})" if len(groups) > 1 else ""
+        _add_table1(report, table1_cells(group), suffix)
+    estimators = estimators_table(records)
+    if estimators is not None:
+        report.heading("Objectives and estimators")
+        report.text(f"Paper numbers: {RAINFORTH_SOURCE}.")
+        report.table(estimators)
+    swap = table2(records)
+    if swap is not None:
+        report.heading("Table 2: objective swap (continue a finished run under the other objective)")
+        report.table(swap)
+    for index, (budget, group) in enumerate(groups.items()):
+        suffix, tag = (f" ({budget})", f"_{index + 1}") if len(groups) > 1 else ("", "")
+        _add_ksweep(report, table1_cells(group), suffix, tag)
+    if records:
+        report.heading("All runs")
+        report.table(runs_table(records))
+        curves = plot_learning_curves(records)
+        if curves:
+            report.heading("Learning curves")
+            report.image("learning_curves.png", curves, "Validation bound per epoch (solid), training bound (dashed)")
+        activity = plot_log_activity(records)
+        if activity:
+            report.heading("Histograms of log A_u")
+            report.text(
+                "A_u = Cov_x(E_q[u|x]); a unit is active if A_u > 0.01 (dotted line). After full training "
+                "the paper finds the histogram bimodal; barely trained models need not be."
+            )
+            report.image("log_activity.png", activity, "log A_u per model and stochastic layer")
+        samples = [(r, Path(r.samples_png)) for r in records if r.samples_png and Path(r.samples_png).is_file()]
+        if samples:
+            report.heading("Samples, reconstructions and interpolations")
+            for r, path in samples:
+                report.image(f"samples_{re.sub(r'[^A-Za-z0-9._-]+', '_', r.label)}.png", path.read_bytes(), r.label)
+    if unfinished:
+        report.heading("Runs not finished")
+        report.table(
+            Table(["run", "status", "error"], [[row["name"], row["status"], row["error"] or ""] for row in unfinished])
+        )
+    return report
+
+
+def write_report(sweep_dirs: list[str | Path], out: str | Path, title: str = "IWAE experiments") -> dict[str, str]:
+    """Write ``OUT.md`` (figures in ``OUT_files/``) and a self-contained ``OUT.html``."""
+    out = Path(out)
+    if out.suffix in (".md", ".html"):
+        out = out.with_suffix("")
+    records, unfinished = load_records(list(sweep_dirs))
+    report = build_report(records, unfinished, title)
+    files_dir = out.parent / f"{out.name}_files"
+    files_dir.mkdir(parents=True, exist_ok=True)
+    for kind, content in report.blocks:
+        if kind == "img":
+            name, data, _ = content
+            (files_dir / name).write_bytes(data)
+    md_path, html_path = out.with_suffix(".md"), out.with_suffix(".html")
+    md_path.write_text(report.markdown(files_dir.name))
+    html_path.write_text(report.html())
+    return {
+        "markdown": str(md_path),
+        "html": str(html_path),
+        "figures": str(files_dir),
+        "runs": str(len(records)),
+        "unfinished": str(len(unfinished)),
+    }

@@ -295,11 +295,6 @@ class VR(Objective):
         return bounds.vr_iwae_bound(log_w, self.alpha)
 
 
-def objective_parameters(name: str) -> tuple[str, ...]:
-    """The parameter names of a registered objective (``("M",)`` for miwae)."""
-    return tuple(f.name for f in fields(_objective_class(name)))
-
-
 def _objective_class(name: str) -> type[Objective]:
     try:
         return OBJECTIVES[name]

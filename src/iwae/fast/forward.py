@@ -39,23 +39,19 @@ class FastLatentVariableModel(LatentVariableModel):
     """:class:`~iwae.models.LatentVariableModel` with the Bernoulli log-likelihood through the C row kernel."""
 
     def _bernoulli_log_prob(self, x: Tensor, h1: Tensor, observed_mask: Tensor | None) -> Tensor:
+        if observed_mask is not None or not (native.applies_to(x) and native.applies_to(h1)):
+            return super()._bernoulli_log_prob(x, h1, observed_mask)
         decoder = self.decoder[0]
-        features = decoder.features(h1)
-        if observed_mask is None and native.applies_to(features) and native.applies_to(x):
-            pre = native.fused_linear(features, decoder.head.weight)
-            return native.bernoulli_log_prob_rows(pre, decoder.head.bias, x)
-        return super()._bernoulli_log_prob(x, h1, observed_mask)
+        pre = native.fused_linear(decoder.features(h1), decoder.head.weight)
+        return native.bernoulli_log_prob_rows(pre, decoder.head.bias, x)
 
 
 def applies(model: torch.nn.Module) -> bool:
     """Whether :func:`for_evaluation` changes anything for ``model``: one of :mod:`iwae.models`' models (exactly
     that class), its parameters float32 on the CPU, and the C kernels or oneDNN's layers switched on."""
-    parameter = next(model.parameters(), None)
     return (
         type(model) is LatentVariableModel
-        and parameter is not None
-        and parameter.device.type == "cpu"
-        and parameter.dtype == torch.float32
+        and native.model_on_cpu_float32(model)
         and (switches.enabled("kernels") or switches.enabled("onednn"))
     )
 

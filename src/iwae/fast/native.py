@@ -400,6 +400,13 @@ def bernoulli_log_prob_rows_reference(pre: Tensor, bias: Tensor, x: Tensor) -> T
     return (x * logits - F.softplus(logits)).sum(dim=-1)
 
 
+def model_on_cpu_float32(model: torch.nn.Module) -> bool:
+    """Whether a model's parameters are float32 on the CPU, the only case the fast paths serve (its first
+    parameter answers for all: the C++ step checks every one)."""
+    parameter = next(model.parameters(), None)
+    return parameter is not None and parameter.device.type == "cpu" and parameter.dtype == torch.float32
+
+
 def applies_to(tensor: Tensor) -> bool:
     """Whether the native kernels serve this tensor: float32 on the CPU, with the library available."""
     return tensor.device.type == "cpu" and tensor.dtype == torch.float32 and available()

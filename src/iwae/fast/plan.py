@@ -11,16 +11,11 @@ from functools import partial
 
 import torch
 
-from iwae.fast import adam, allocator, backprop, native, switches
+from iwae.fast import adam, backprop, native, switches
 from iwae.fast import step as native_step
 from iwae.models import LatentVariableModel
 from iwae.objectives import Objective
 from iwae.train import StepPath
-
-
-def _model_on_cpu_float32(model: torch.nn.Module) -> bool:
-    parameter = next(model.parameters(), None)
-    return parameter is not None and parameter.device.type == "cpu" and parameter.dtype == torch.float32
 
 
 def gradient_path(model: torch.nn.Module, objective: Objective, estimator: str) -> tuple[str, bool]:
@@ -29,14 +24,7 @@ def gradient_path(model: torch.nn.Module, objective: Objective, estimator: str) 
         return "autograd (not one of iwae.models' models)", False
     if not backprop.applies(model, objective, estimator):
         return "autograd (the model's activation or likelihood has no explicit backpropagation)", False
-    step_serves = (
-        switches.enabled("step")
-        and model.config.likelihood == "bernoulli"
-        and model.config.activation == "tanh"
-        and _model_on_cpu_float32(model)
-        and native_step.available()
-    )
-    if step_serves:
+    if native_step.serves(model):
         return f"fast: explicit backpropagation in C++ ({native_step.status()})", True
     if switches.enabled("backprop"):
         why = native_step.status() if switches.enabled("step") else switches.why_off("step")
@@ -82,4 +70,4 @@ def status() -> dict[str, str]:
     return report
 
 
-__all__ = ["allocator", "gradient_path", "status", "training_path"]
+__all__ = ["gradient_path", "status", "training_path"]

@@ -111,20 +111,27 @@ def status() -> str:
     return _operators().description
 
 
-def applies(model: torch.nn.Module, x: Tensor) -> bool:
-    """Whether :func:`forward` and :func:`backward` serve this model and minibatch: Bernoulli observations and tanh
-    layers, float32 on the CPU, outside ``torch.compile``."""
+def serves(model: torch.nn.Module) -> bool:
+    """Whether the C++ step serves this model: Bernoulli observations and tanh layers, float32 on the CPU, switched
+    on and built."""
     config = model.config
     return (
         config.likelihood == "bernoulli"
         and config.activation == "tanh"
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and model.decoder[0].head.weight.dtype == torch.float32  # the model's dtype; step.cpp checks every parameter
-        and model.decoder[0].head.weight.device.type == "cpu"
+        and native.model_on_cpu_float32(model)
         and switches.enabled("step")
-        and not torch.compiler.is_compiling()
         and available()
+    )
+
+
+def applies(model: torch.nn.Module, x: Tensor) -> bool:
+    """Whether :func:`forward` and :func:`backward` serve this model and minibatch: :func:`serves` the model, the
+    minibatch float32 on the CPU, outside ``torch.compile``."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.compiler.is_compiling()
+        and serves(model)
     )
 
 

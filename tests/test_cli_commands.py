@@ -16,7 +16,7 @@ import iwae.cli
 from iwae.cli import COMMAND_MODULES, build_parser, main
 
 COMMANDS = ("train", "eval", "sample", "snr", "sweep", "reproduce", "results", "report", "posterior", "camel",
-            "anomaly", "impute", "bench")  # fmt: skip
+            "anomaly", "impute", "bench", "gpu-check")  # fmt: skip
 NOT_COMMANDS = {"common"}  # modules of iwae.cli that hold shared argparse helpers, not commands
 
 

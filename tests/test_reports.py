@@ -106,7 +106,7 @@ def test_table1_sets_ours_beside_the_paper_with_differences(made_up: Path) -> No
     table = table1(cells)
     row = next(r for r in table.rows if r[:3] == ["mnist", "1", "5"])
     assert row[3:9] == ["89.50", "86.47", "+3.03", "11", "20", "-9"]  # VAE: ours, paper, diff (NLL; units)
-    assert row[9:15] == ["87.50", "85.54", "+1.96", "15", "22", "-7"]  # IWAE, mean of two seeds
+    assert row[9:15] == ["87.50 ± 0.71 (n=2)", "85.54", "+1.96", "15", "22", "-7"]  # IWAE, mean of two seeds
 
 
 def test_table2_pairs_continued_runs_with_their_base(made_up: Path) -> None:

@@ -7,6 +7,7 @@ arguments, a sweep grid's keys, a report's database row) become a :class:`TrainC
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -71,6 +72,8 @@ class TrainConfig:
     valid_k: int = 50
     estimator: str = "standard"  # standard, stl or dreg (iwae.estimators)
     init_from: str | None = None  # a finished run whose final weights start this one (Burda's Table 2)
+    stage_batch_sizes: tuple[int, ...] | None = None  # the minibatch of each stage (None: batch_size throughout)
+    stage_k: tuple[int, ...] | None = None  # the samples per example of each stage (None: k throughout)
 
     def __post_init__(self) -> None:
         if not isinstance(self.objective, Objective):
@@ -91,6 +94,19 @@ class TrainConfig:
             raise ValueError("the schedule needs at least one stage")
         check_estimator(self.estimator)
         self.objective.check(self.k)
+        for name in ("stage_batch_sizes", "stage_k"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if len(values) != len(self.stages):
+                raise ValueError(f"{name} needs one value per stage ({len(self.stages)}), got {len(values)}")
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"{name} must be whole numbers >= 1, got {list(values)}")
+        if self.stage_k is not None:
+            if self.stage_k[-1] != self.k:
+                raise ValueError(f"the k schedule must end at the run's k ({self.k}), got {list(self.stage_k)}")
+            for k in self.stage_k:
+                self.objective.check(k)
 
     @property
     def total_epochs(self) -> int:
@@ -104,6 +120,14 @@ class TrainConfig:
             if epoch < end:
                 return index, lr
         raise ValueError(f"epoch {epoch} is past the schedule's {self.total_epochs} epochs")
+
+    def batch_size_of_stage(self, stage: int) -> int:
+        """The minibatch size of a stage (0-based): ``stage_batch_sizes[stage]``, else ``batch_size``."""
+        return self.batch_size if self.stage_batch_sizes is None else self.stage_batch_sizes[stage]
+
+    def k_of_stage(self, stage: int) -> int:
+        """The samples per example of a stage (0-based): ``stage_k[stage]``, else ``k``."""
+        return self.k if self.stage_k is None else self.stage_k[stage]
 
     def stage_ends(self) -> set[int]:
         """0-based epochs after which a stage ends."""
@@ -140,6 +164,9 @@ class TrainConfig:
             values["model"] = ModelConfig.from_dict(values["model"])
         if "stages" in values:
             values["stages"] = tuple((int(p), float(lr)) for p, lr in values["stages"])
+        for name in ("stage_batch_sizes", "stage_k"):
+            if values.get(name) is not None:
+                values[name] = tuple(values[name])
         return cls(**values)
 
     @classmethod
@@ -158,7 +185,10 @@ def config_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
 
 # -- the one builder from flat settings ---------------------------------------------------------------------------
 MODEL_KEYS = ("layers", "latent_dims", "activation")
-SCHEDULE_KEYS = ("schedule", "epochs", "lr")
+SCHEDULE_KEYS = ("schedule", "epochs", "lr", "batch_schedule", "lr_scale", "k_schedule")
+BATCH_SCHEDULES = ("fixed", "grow")
+LR_SCALES = ("none", "linear", "sqrt")
+BURDA_BATCH_SIZE = 20
 OBJECTIVE_KEYS = ("objective", *LEGACY_OBJECTIVE_KEYS)
 
 
@@ -188,14 +218,53 @@ def _model_config(layers: Any, latent_dims: Any, activation: Any) -> ModelConfig
     return model
 
 
+def scale_learning_rates(
+    stages: tuple[tuple[int, float], ...], batch_size: int, lr_scale: str
+) -> tuple[tuple[int, float], ...]:
+    """The schedule's learning rates scaled for a minibatch other than Burda's 20: by ``batch_size / 20``
+    (``linear``, Goyal et al. 2017) or its square root (``sqrt``, the rule for Adam of Malladi et al. 2022)."""
+    if lr_scale not in LR_SCALES:
+        raise ValueError(f"lr_scale must be one of {', '.join(LR_SCALES)}, got {lr_scale!r}")
+    ratio = batch_size / BURDA_BATCH_SIZE
+    factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[lr_scale]
+    return tuple((passes, lr * factor) for passes, lr in stages)
+
+
+def grow_batch_schedule(
+    stages: tuple[tuple[int, float], ...], batch_size: int
+) -> tuple[tuple[tuple[int, float], ...], tuple[int, ...]]:
+    """Smith et al.'s (ICLR 2018) alternative to a decaying learning rate: every stage keeps the first stage's
+    rate, and the minibatch grows instead by the factor the rate would have fallen, ``round(batch_size * lr_0 /
+    lr_i)`` (Burda's rates from 1e-3 to 1e-4 at minibatch 20 give 20, 28, 38, 54, 74, 105, 143, 200).
+    Returns the stages and the minibatch of each."""
+    first = stages[0][1]
+    sizes = tuple(max(1, round(batch_size * first / lr)) for _, lr in stages)
+    return tuple((passes, first) for passes, _ in stages), sizes
+
+
+def parse_k_schedule(spec: Any, n_stages: int) -> tuple[int, ...]:
+    """``"1,2,3,5"`` (one k per stage of the schedule) as a tuple of ints."""
+    parts = spec if isinstance(spec, list | tuple) else str(spec).split(",")
+    try:
+        values = tuple(int(part) for part in parts)
+    except ValueError:
+        raise ValueError(f"k_schedule takes one whole number per stage, such as '1,2,3,5', got {spec!r}") from None
+    if len(values) != n_stages:
+        raise ValueError(f"k_schedule needs one k per stage of the schedule ({n_stages}), got {spec!r}")
+    return values
+
+
 def build_train_config(settings: Mapping[str, Any]) -> TrainConfig:
     """The :class:`TrainConfig` that flat settings describe: the CLI's ``iwae train`` arguments, a sweep grid's
     keys and a report's rows all come through here.
 
     Keys: every :class:`TrainConfig` field but ``model`` and ``stages``; the objective as ``objective`` (a name)
     with ``M``/``beta``/``p``/``alpha``; the model as ``layers`` (Burda's 1 or 2), ``latent_dims`` and
-    ``activation``; the schedule as ``schedule`` (``burda``, ``burda:S``) or ``epochs`` with ``lr``. ``None``
-    values are the defaults. Raises a one-line ``ValueError`` for an unknown key or a bad value.
+    ``activation``; the schedule as ``schedule`` (``burda``, ``burda:S``) or ``epochs`` with ``lr``, and how it
+    is run: ``batch_schedule`` (``fixed``, or ``grow``: :func:`grow_batch_schedule`), ``lr_scale`` (``none``,
+    ``linear``, ``sqrt``: :func:`scale_learning_rates` for a ``batch_size`` other than 20) and ``k_schedule``
+    (one k per stage, ending at ``k``, which it sets when ``k`` is not given). ``None`` values are the defaults.
+    Raises a one-line ``ValueError`` for an unknown key or a bad value.
     """
     unknown = set(settings) - setting_names()
     if unknown:
@@ -203,6 +272,24 @@ def build_train_config(settings: Mapping[str, Any]) -> TrainConfig:
     given = {key: value for key, value in settings.items() if value is not None}
     model = _model_config(given.pop("layers", 1), given.pop("latent_dims", None), given.pop("activation", None))
     stages = parse_schedule(given.pop("schedule", None), given.pop("epochs", None), given.pop("lr", None))
+    batch_size = given.get("batch_size", BURDA_BATCH_SIZE)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    stages = scale_learning_rates(stages, batch_size, given.pop("lr_scale", "none"))
+    batch_schedule = given.pop("batch_schedule", "fixed")
+    if batch_schedule not in BATCH_SCHEDULES:
+        raise ValueError(f"batch_schedule must be one of {', '.join(BATCH_SCHEDULES)}, got {batch_schedule!r}")
+    if batch_schedule == "grow":
+        if "stage_batch_sizes" in given:
+            raise ValueError("give batch_schedule = 'grow' or stage_batch_sizes, not both")
+        stages, given["stage_batch_sizes"] = grow_batch_schedule(stages, batch_size)
+    if "k_schedule" in given:
+        stage_k = parse_k_schedule(given.pop("k_schedule"), len(stages))
+        given.setdefault("k", stage_k[-1])
+        given["stage_k"] = stage_k
+    for name in ("stage_batch_sizes", "stage_k"):
+        if isinstance(given.get(name), list):
+            given[name] = tuple(given[name])
     params = {key: given.pop(key) for key in LEGACY_OBJECTIVE_KEYS if key in given}
     objective = make_objective(given.pop("objective", "iwae"), **params)
     return TrainConfig(objective=objective, model=model, stages=stages, **given)

@@ -87,11 +87,17 @@ _ESTIMATORS: dict[str, Callable[[Objective, Tensor], EstimatorTerms]] = {
 }
 
 
-def terms_from_sample(sample: ImportanceSample, objective: Objective | str, estimator: str) -> EstimatorTerms:
-    """Estimator terms from a sample drawn with ``stop_q_params = stops_q_params(estimator)``: for STL and DReG,
-    ``sample.log_w`` is ``log_w_with_q_stopped`` (the same value; phi enters only through the samples' path)."""
+def terms_from_log_weights(log_w: Tensor, objective: Objective | str, estimator: str) -> EstimatorTerms:
+    """Estimator terms from log-weights ``[k, batch]`` computed with ``stop_q_params = stops_q_params(estimator)``:
+    for STL and DReG they are ``log_w_with_q_stopped`` (the same value; phi enters only through the samples'
+    path)."""
     check_estimator(estimator)
-    return _ESTIMATORS[estimator](as_objective(objective), sample.log_w)
+    return _ESTIMATORS[estimator](as_objective(objective), log_w)
+
+
+def terms_from_sample(sample: ImportanceSample, objective: Objective | str, estimator: str) -> EstimatorTerms:
+    """:func:`terms_from_log_weights` of a sample's log-weights."""
+    return terms_from_log_weights(sample.log_w, objective, estimator)
 
 
 def estimate(
@@ -145,7 +151,8 @@ def backward(model: Model, terms: EstimatorTerms) -> None:
     encoder_params, decoder_params = list(model.encoder_parameters()), list(model.decoder_parameters())
     encoder_grads, decoder_grads = surrogate_gradients(terms, encoder_params, decoder_params)
     for param, grad in zip([*encoder_params, *decoder_params], [*encoder_grads, *decoder_grads], strict=True):
-        param.grad = grad.detach() if param.grad is None else param.grad + grad.detach()
+        # Contiguous: torch 2.13's fused CPU Adam reads a strided .grad in memory order, silently wrong.
+        param.grad = grad.detach().contiguous() if param.grad is None else param.grad + grad.detach()
 
 
 # -- the names of the previous release, kept for one release --------------------------------------------------
@@ -182,5 +189,6 @@ __all__ = [
     "estimate_from_noise",
     "stops_q_params",
     "surrogate_gradients",
+    "terms_from_log_weights",
     "terms_from_sample",
 ]

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from iwae.checkpoint import atomic_save_figure
 from iwae.data import binarize, load_dataset
 from iwae.models import LatentVariableModel
 from iwae.runs import load_model, resolve_device
@@ -80,7 +81,7 @@ def sample_figure(
         fig.suptitle(title)
     fig.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
+    atomic_save_figure(out_path, fig, dpi=100)
     plt.close(fig)
     return out_path
 

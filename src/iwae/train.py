@@ -120,8 +120,10 @@ def training_step(
     config: TrainConfig,
     generator: torch.Generator,
     path: StepPath = REFERENCE_PATH,
+    k: int | None = None,
 ) -> torch.Tensor:
-    """Draw k samples for minibatch ``x`` ``[batch, ...]``, add the estimator's loss gradient to ``.grad``.
+    """Draw k samples (``config.k`` unless given: a k schedule's stage) for minibatch ``x`` ``[batch, ...]``, add
+    the estimator's loss gradient to ``.grad``.
 
     Returns the reported bound ``[batch]``; the caller clears gradients before and steps the optimiser after
     (:func:`optimizer_step`). Every path draws the same noise from ``generator``: the reference path
@@ -129,13 +131,14 @@ def training_step(
     are then exactly ``-surrogate.mean()`` backpropagated once), a compiled
     :func:`iwae.estimators.estimate_from_noise`, or the fast layer's ``accumulate``.
     """
+    k = config.k if k is None else k
     if path.accumulate is not None:
-        return path.accumulate(model, x, model.draw_noise(x, config.k, generator))
+        return path.accumulate(model, x, model.draw_noise(x, k, generator))
     if path.compiled_estimate is not None:
-        noise = model.draw_noise(x, config.k, generator)
+        noise = model.draw_noise(x, k, generator)
         terms = path.compiled_estimate(model, x, noise, config.objective, config.estimator)
     else:
-        terms = estimators.estimate(model, x, config.k, generator, config.objective, config.estimator)
+        terms = estimators.estimate(model, x, k, generator, config.objective, config.estimator)
     estimators.backward(model, terms)
     return terms.bound
 
@@ -171,7 +174,19 @@ def mean_bound(
     return total / len(split)
 
 
-def _prepare_run_dir(config: TrainConfig, run_dir: Path, resume: bool) -> Path | None:
+def total_steps(config: TrainConfig, n_train: int) -> int:
+    """Minibatches in the whole schedule, each stage at its own minibatch size."""
+    return sum(
+        passes * math.ceil(n_train / config.batch_size_of_stage(i)) for i, (passes, _) in enumerate(config.stages)
+    )
+
+
+def steps_before(config: TrainConfig, n_train: int, epochs_done: int) -> int:
+    """Minibatches in the schedule's first ``epochs_done`` epochs."""
+    return sum(math.ceil(n_train / config.batch_size_of_stage(config.stage_of_epoch(e)[0])) for e in range(epochs_done))
+
+
+def prepare_run_dir(config: TrainConfig, run_dir: Path, resume: bool) -> Path | None:
     """Create the run directory, or check the one to resume; return the checkpoint to resume from."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / CONFIG_FILE
@@ -191,7 +206,7 @@ def _prepare_run_dir(config: TrainConfig, run_dir: Path, resume: bool) -> Path |
     return None
 
 
-def _truncate_metrics(path: Path, epochs_done: int) -> None:
+def truncate_metrics(path: Path, epochs_done: int) -> None:
     """Drop metric lines written after the checkpoint we resume from (they will be recomputed)."""
     if not path.is_file():
         return
@@ -224,7 +239,7 @@ def fit(
     """
     run_dir = Path(run_dir)
     torch_device = resolve_device(device)
-    resume_from = _prepare_run_dir(config, run_dir, resume)
+    resume_from = prepare_run_dir(config, run_dir, resume)
     data = dataset if dataset is not None else load_dataset(config.dataset, data_dir, progress=progress)
     train_split = data.train.subset(config.train_limit).to(torch_device)
     valid_split = data.valid.to(torch_device)
@@ -242,15 +257,14 @@ def fit(
         optimizer.load_state_dict(state.optimizer_state)
         generator.set_state(state.rng_state)
         epochs_done, elapsed = state.progress["epochs_done"], state.progress["seconds"]
-    _truncate_metrics(run_dir / METRICS_FILE, epochs_done)
+    truncate_metrics(run_dir / METRICS_FILE, epochs_done)
 
     n_train = len(train_split)
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
     stop_epoch = config.total_epochs if max_epochs is None else min(config.total_epochs, epochs_done + max_epochs)
     stage_ends = config.stage_ends()
     bar = tqdm(
-        total=config.total_epochs * steps_per_epoch,
-        initial=epochs_done * steps_per_epoch,
+        total=total_steps(config, n_train),
+        initial=steps_before(config, n_train, epochs_done),
         unit="batch",
         desc=f"{config.objective.label()}/{config.estimator} k={config.k}",
         disable=not progress,
@@ -261,16 +275,17 @@ def fit(
     try:
         for epoch in range(epochs_done, stop_epoch):
             stage, lr = config.stage_of_epoch(epoch)
+            batch_size, k = config.batch_size_of_stage(stage), config.k_of_stage(stage)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             started = time.perf_counter()
             model.train()
             bound_sum = torch.zeros((), dtype=torch.float64, device=torch_device)
             order = torch.randperm(n_train, generator=generator, device=torch_device)
-            for start in range(0, n_train, config.batch_size):
-                x = binarize(train_split.images[order[start : start + config.batch_size]], data.binarization, generator)
+            for start in range(0, n_train, batch_size):
+                x = binarize(train_split.images[order[start : start + batch_size]], data.binarization, generator)
                 clear_gradients(optimizer)
-                batch_bound = training_step(model, x, config, generator, path)
+                batch_bound = training_step(model, x, config, generator, path, k)
                 optimizer_step(optimizer, path)
                 bound_sum += batch_bound.detach().sum()
                 bar.update(1)
@@ -285,6 +300,8 @@ def fit(
                 "epoch": epoch + 1,
                 "stage": stage,
                 "lr": lr,
+                **({"batch_size": batch_size} if config.stage_batch_sizes is not None else {}),
+                **({"k": k} if config.stage_k is not None else {}),
                 "train_bound": train_bound,
                 f"valid_L{config.valid_k}": valid_bound,
                 "seconds": seconds,

@@ -4,7 +4,9 @@ Only this package reads ``sys.argv``. Each command lives in a module of ``iwae.c
 :data:`COMMAND_MODULES`; the module's ``register(subparsers)`` adds its parsers, each with
 ``set_defaults(handler=fn)``, where ``fn`` takes the parsed arguments and returns the JSON-serialisable result
 to print. Bad arguments and missing files end with a one-line error on stderr and exit code 2; results go to
-stdout as one JSON object.
+stdout as one JSON object. A file that cannot be written (:class:`iwae.checkpoint.WriteError`: a full disk, a quota,
+a read-only folder) ends with a one-line error and exit code 1, not 2: the command was right and the previous file is
+intact, so the same command succeeds once space is freed; 2 stays the sign of arguments or inputs to change.
 
 Building the parser imports no torch (the command modules defer it to their handlers), so ``iwae --help`` and
 usage errors answer at once.
@@ -26,6 +28,7 @@ from iwae.cli.run import _train_config as _train_config  # tests/test_experiment
 __all__ = ["COMMAND_MODULES", "UsageError", "build_parser", "main"]
 
 EXIT_USAGE = 2
+EXIT_WRITE = 1  # a file could not be written (see the module's docstring)
 COMMAND_MODULES = (run, snr, sweep, analyses, bench)  # in the order of ``iwae --help``
 
 
@@ -57,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(error, file=sys.stderr)
         return EXIT_USAGE
     # Deferred on purpose: iwae.data and iwae.runs import torch (seconds), which --help and usage errors skip.
+    from iwae.checkpoint import WriteError
     from iwae.data import DataError
     from iwae.runs import RunError
 
@@ -65,11 +69,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(error, file=sys.stderr)
         return EXIT_USAGE
+    except WriteError as error:  # its message is one line: the path, the reason, what to do
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_WRITE
     except (DataError, RunError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; continue with the same command and --resume", file=sys.stderr)
         return 130
-    print(json.dumps(payload))
+    for item in payload if isinstance(payload, list) else [payload]:  # a list: one JSON line per item
+        print(json.dumps(item))
     return 0

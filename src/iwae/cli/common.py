@@ -39,6 +39,19 @@ def positive_int_list(text: str) -> list[int]:
     return values
 
 
+def seed_list(text: str) -> list[int]:
+    """argparse type: distinct comma-separated whole numbers (seeds), in the order given."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated whole numbers such as 0,1,2, got {text!r}"
+        ) from None
+    if not values or len(set(values)) != len(values) or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0, got {text!r}")
+    return values
+
+
 def add_run_options(parser: argparse.ArgumentParser, *, json_flag: bool = False, data: bool = True) -> None:
     """The options most commands share: ``--device``/``--data-dir`` (unless ``data=False``), ``--no-progress``
     and, for commands that print a result object, ``--json``."""

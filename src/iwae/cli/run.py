@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from iwae.cli.common import LazyChoices, UsageError, add_run_options, positive_int
+from iwae.cli.common import LazyChoices, UsageError, add_run_options, positive_int, seed_list
 
 # Deferred on purpose: the registries behind the choices and everything the handlers call (iwae.train,
 # iwae.evaluate, iwae.sampling, iwae.fast) import torch, which takes seconds that ``iwae --help`` and usage
@@ -51,7 +51,7 @@ def register(subparsers) -> None:
     p.add_argument("--beta", type=float, help="ciwae: weight of the ELBO, 0..1")
     p.add_argument("--p", type=float, help="power: the power-mean exponent (<= 1; 1 is IWAE, 0 the ELBO)")
     p.add_argument("--alpha", type=float, help="vr: the VR-IWAE alpha (>= 0; 0 is IWAE, 1 the ELBO)")
-    p.add_argument("--k", type=positive_int, default=1, help="samples per example (default 1)")
+    p.add_argument("--k", type=positive_int, help="samples per example (default 1, or the --k-schedule's last)")
     p.add_argument("--layers", type=int, default=1, choices=[1, 2], help="stochastic layers (Burda's nets)")
     when = p.add_mutually_exclusive_group()
     when.add_argument("--epochs", type=positive_int, help="one stage of N passes at --lr")
@@ -59,7 +59,20 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, help="learning rate with --epochs (default 1e-3)")
     p.add_argument("--batch-size", type=positive_int, default=20)
     p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (paper 0.9; the authors' code 0.99)")
-    p.add_argument("--seed", type=int, default=0)
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, default=0)
+    seeds.add_argument(
+        "--seeds",
+        type=seed_list,
+        metavar="S,S,...",
+        help="train these seeds as one stacked computation, each into OUT/seed-S (a complete run directory)",
+    )
+    p.add_argument("--batch-schedule", choices=["fixed", "grow"],
+                   help="grow: keep the first stage's learning rate and grow the minibatch by the factor it would "
+                   "have fallen (Smith et al. 2018); fixed (default): one minibatch size")  # fmt: skip
+    p.add_argument("--lr-scale", choices=["none", "linear", "sqrt"],
+                   help="scale the schedule's learning rates for a --batch-size other than Burda's 20")  # fmt: skip
+    p.add_argument("--k-schedule", metavar="K,K,...", help="one k per stage of the schedule, ending at --k")
     p.add_argument("--train-limit", type=positive_int, help="train on the first N training examples only")
     p.add_argument("--activation", default="tanh", choices=["tanh", "relu", "softplus"])
     p.add_argument("--latent-dims", help="override latent sizes, e.g. '2' or '100,50'")
@@ -69,8 +82,9 @@ def register(subparsers) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="autograd through torch.compile (model, bound and surrogates as one graph) instead of the default "
-        "explicit backpropagation, which was faster on a 2-core CPU",
+        help="on CUDA: each training step captured once as a CUDA graph and replayed; elsewhere: autograd through "
+        "torch.compile (model, bound and surrogates as one graph) instead of the default explicit "
+        "backpropagation, which was faster on a 2-core CPU",
     )
     p.add_argument("--init-from", metavar="RUN", help="start from a finished run's final weights (Burda's Table 2)")
     p.add_argument("--out", required=True, help="run directory")
@@ -99,7 +113,8 @@ def register(subparsers) -> None:
 
 TRAIN_SETTINGS = (  # the iwae train arguments that iwae.config.build_train_config takes, under the same names
     "dataset", "objective", "estimator", "M", "beta", "p", "alpha", "k", "layers", "epochs", "schedule", "lr",
-    "batch_size", "beta1", "seed", "train_limit", "activation", "latent_dims",
+    "batch_size", "beta1", "seed", "train_limit", "activation", "latent_dims", "batch_schedule", "lr_scale",
+    "k_schedule",
 )  # fmt: skip
 
 
@@ -115,27 +130,41 @@ def _train_config(args: argparse.Namespace):
         raise UsageError(f"iwae train: {error}") from None
 
 
-def cmd_train(args: argparse.Namespace) -> dict:
+def cmd_train(args: argparse.Namespace) -> dict | list[dict]:
     from iwae.fast import allocator
-    from iwae.train import fit
 
     config = _train_config(args)
     # Training starts with glibc's malloc thresholds fixed (iwae.fast.allocator): faster steps with large
     # temporaries, at the cost of freed memory kept resident, which eval and sample would pay for nothing.
     allocator.configure()
-    result = fit(
-        config,
-        args.out,
-        resume=args.resume,
-        device=args.device,
-        data_dir=args.data_dir,
-        progress=not args.no_progress,
-        checkpoint_minutes=args.checkpoint_minutes,
-        max_epochs=args.max_epochs,
-        compile_model=args.compile,
-    )
+    options = {
+        "resume": args.resume,
+        "device": args.device,
+        "data_dir": args.data_dir,
+        "progress": not args.no_progress,
+        "checkpoint_minutes": args.checkpoint_minutes,
+        "max_epochs": args.max_epochs,
+        "compile_model": args.compile,
+    }
+    from iwae.runs import resolve_device
+    from iwae.stacked import fit_stacked
+
+    if args.seeds is not None:
+        configs = [config.replace(seed=seed) for seed in args.seeds]
+        results = fit_stacked(configs, [Path(args.out) / f"seed-{seed}" for seed in args.seeds], **options)
+        return [_train_summary(c, result) for c, result in zip(configs, results, strict=True)]
+    if args.compile and resolve_device(args.device).type == "cuda":
+        # On CUDA, --compile means the whole step as a CUDA graph: the stacked step's, for a stack of one.
+        return _train_summary(config, fit_stacked([config], [args.out], **options)[0])
+    from iwae.train import fit
+
+    return _train_summary(config, fit(config, args.out, **options))
+
+
+def _train_summary(config, result) -> dict:
     return {
         "run": str(result.run_dir),
+        "seed": config.seed,
         "epochs_done": result.epochs_done,
         "epochs_total": config.total_epochs,
         "complete": result.complete,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from iwae.cli.common import add_run_options
 # Deferred on purpose: the lab (iwae.lab.experiments, iwae.lab.store, iwae.lab.reports) imports torch, which takes
 # seconds that ``iwae --help`` and usage errors should not pay; the handlers import what they use.
 
-REPRODUCIBLE = {"table1": ("smoke", "quick", "full"), "table2": (), "ksweep": ()}
+REPRODUCIBLE = {"table1": ("smoke", "quick", "full"), "table2": (), "ksweep": (), "schedules": ("smoke", "quick")}
 # Columns of the store copied into the CSV as they are.
 STORE_COLUMNS = (
     "train_bound",
@@ -69,6 +70,12 @@ def _workers(text: str) -> int:
 
 def _add_runner_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=_workers, default=1, help="runs at a time, each with cores/N threads")
+    parser.add_argument(
+        "--stack",
+        choices=["on", "off"],
+        default="on",
+        help="on (default): train runs that differ only in seed, objective or init_from as one stacked computation",
+    )
     add_run_options(parser)
 
 
@@ -80,8 +87,8 @@ def register(subparsers) -> None:
     p.set_defaults(handler=cmd_sweep)
 
     p = subparsers.add_parser("reproduce", help="run one of Burda et al.'s tables from a preset, then report")
-    p.add_argument("what", choices=sorted(REPRODUCIBLE), help="table1, table2 or ksweep")
-    p.add_argument("--preset", help="table1: smoke, quick (default) or full")
+    p.add_argument("what", choices=sorted(REPRODUCIBLE), help="table1, table2, ksweep or schedules")
+    p.add_argument("--preset", help="table1: smoke, quick (default) or full; schedules: smoke or quick (default)")
     p.add_argument("--out", help="sweep directory (default experiments/<preset>)")
     _add_runner_options(p)
     p.set_defaults(handler=cmd_reproduce)
@@ -120,6 +127,7 @@ def _run(grid_source: str, out: str, args: argparse.Namespace) -> dict[str, Any]
         device=args.device,
         data_dir=args.data_dir,
         progress=not args.no_progress,
+        stack=args.stack == "on",
     )
 
 
@@ -136,7 +144,22 @@ def cmd_reproduce(args: argparse.Namespace) -> dict[str, Any]:
     summary["preset"] = preset
     summary["report"] = write_report([out], Path(out) / "report", title=f"IWAE experiments: {preset}")
     _print_table(_summaries(out))
+    if args.what == "schedules":
+        summary["schedules"] = _write_schedules(out)
     return summary
+
+
+def _write_schedules(directory: str) -> str:
+    """The schedules study's comparison as ``DIR/schedules.md`` (and on stderr)."""
+    from iwae.checkpoint import atomic_write_text
+    from iwae.lab import schedules
+    from iwae.lab.store import ResultStore
+
+    table = schedules.markdown(schedules.comparison(ResultStore.in_dir(directory).rows()))
+    path = Path(directory) / "schedules.md"
+    atomic_write_text(path, table)
+    print(table, file=sys.stderr)
+    return str(path)
 
 
 def _summaries(directory: str) -> list[dict[str, Any]]:
@@ -191,11 +214,14 @@ def cmd_results(args: argparse.Namespace) -> dict[str, Any]:
     rows = _summaries(args.dir)
     _print_table(rows)
     if args.csv:
+        from iwae.checkpoint import atomic_write_text
+
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.csv, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(args.csv, table.getvalue())  # UTF-8, written whole or not at all
     brief = [{key: r[key] for key in ("name", "status", "nll", "active_units", "seconds_per_epoch")} for r in rows]
     return {"dir": args.dir, "runs": brief, "csv": args.csv}
 

@@ -12,7 +12,9 @@ output layer, and its gradient ``grad * (x - sigmoid(l))``. PyTorch needs severa
 (``kernels.c``) reads it once, with polynomial exp and log1p that the compiler vectorises, and sums
 each row in double. It is compiled with ``$CC`` (default ``cc``), ``-O3 -march=native -fopenmp``, into
 ``$XDG_CACHE_HOME/iwae/native`` (or ``~/.cache/iwae/native``), under a name that hashes the source, the
-compiler, the flags and the CPU, so a cached build is never loaded on a machine it was not built for.
+compiler, the flags and the CPU, so a cached build is never loaded on a machine it was not built for. The cache is
+private (:mod:`iwae.fast.cache`): mode ``0o700``, used only if it is this user's alone, and a cached library is loaded
+only if it is this user's and its SHA-256 equals the one recorded after its build.
 Large inputs are split by rows over OpenMP threads: PyTorch's own (``torch.set_num_threads``), as the
 library binds to the libgomp that PyTorch has loaded. Under ``torch.compile`` the kernel is a custom
 operator (``torch.ops.iwae.*``), so it costs no graph break.
@@ -50,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from iwae.data import cache_dir
-from iwae.fast import switches
+from iwae.fast import cache, switches
 
 T = TypeVar("T")
 
@@ -106,13 +108,14 @@ def _cpu_identity() -> str:
 
 def _compile_atomically(arguments: list[str], target: Path, libraries: tuple[str, ...] = ()) -> None:
     """Run the compiler command ``arguments`` with ``-o`` a temporary file, then ``libraries``, and rename the
-    result to ``target``: a build that fails or is interrupted leaves no ``target`` behind."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    result to ``target`` (mode ``0o700``, whatever the umask): a build that fails or is interrupted leaves no
+    ``target`` behind. ``target``'s directory must exist (:func:`iwae.fast.cache.make_private_directory`)."""
     handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(handle)
     try:
         command = [*arguments, "-o", temporary, *libraries]
         subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
+        os.chmod(temporary, cache.PRIVATE_MODE)  # the linker recreates the file under the umask
         os.replace(temporary, target)
     finally:
         Path(temporary).unlink(missing_ok=True)
@@ -137,6 +140,11 @@ def build_and_load(
     first of ``flag_sets`` that builds, into :func:`build_dir` under a name that hashes the sources, the compiler,
     the flags, the machine, the CPU and ``extra_identity`` (a cached build is reused), and load it.
 
+    The cache is private (:mod:`iwae.fast.cache`): made with mode ``0o700``, and refused if it is a link, someone
+    else's or writable by others, the build then going to a fresh private temporary directory (one warning line on
+    stderr; the returned line says why); a cached library is loaded only if its owner, mode and SHA-256 (recorded
+    after its build) check out, else it is rebuilt.
+
     ``command(compiler, flags)`` gives the compiler's arguments before ``-o`` and the libraries after it. Returns
     what ``load`` gave and the file, or None and one line saying why there is nothing."""
     compiler = os.environ.get(compiler_variable, {"C": "cc", "C++": "c++"}[language])
@@ -148,15 +156,56 @@ def build_and_load(
         identity = "\n".join((*texts, *machine, *extra_identity))
     except (OSError, subprocess.SubprocessError) as error:
         return None, f"cannot query the compiler {compiler!r} ({error})"
+    directory, refusal = build_dir(), None
+    problem = cache.make_private_directory(directory)
+    if problem is not None:  # someone else's, or shared: build where no one else can write, for this process only
+        refusal = f"the build cache {directory} is refused: it is {problem}"
+        advice = "" if problem.startswith("not creatable") else " (chmod 700 it if it is yours, or delete it)"
+        cache.warn_once(f"{refusal}{advice}; iwae builds its native code in a private temporary directory instead")
+        try:
+            directory = Path(tempfile.mkdtemp(prefix="iwae-native-"))
+        except OSError as error:
+            return None, f"{refusal}, and there is no private temporary directory ({error})"
+    try:
+        with cache.locked(directory):
+            build = functools.partial(command, compiler)
+            loaded, detail = _build_and_load_in(directory, name, identity, flag_sets, build, load)
+    finally:
+        if refusal is not None:
+            shutil.rmtree(directory, ignore_errors=True)  # a loaded library stays mapped
+    return loaded, detail if refusal is None else f"{detail}; {refusal}, built in a private temporary directory"
+
+
+def _build_and_load_in(
+    directory: Path,
+    name: str,
+    identity: str,
+    flag_sets: tuple[tuple[str, ...], ...],
+    command: Callable[[tuple[str, ...]], tuple[list[str], tuple[str, ...]]],
+    load: Callable[[Path], T],
+) -> tuple[T | None, str]:
+    """:func:`build_and_load` in a private ``directory``: a cached library is loaded only if
+    :func:`iwae.fast.cache.library_problem` finds nothing wrong with it, else it is rebuilt; a build is loaded only if
+    that holds for it too."""
     errors = []
     for flags in flag_sets:
         key = hashlib.sha256("\n".join((identity, *flags)).encode()).hexdigest()[:16]
-        target = build_dir() / f"{name}-{key}.so"
+        target = directory / f"{name}-{key}.so"
         try:
-            if not target.is_file():
-                arguments, libraries = command(compiler, flags)
+            stale = cache.library_problem(target) if os.path.lexists(target) else None
+            if stale is not None:
+                cache.remove(target)
+                if "no recorded SHA-256" not in stale:  # more than a build from before the records: say so
+                    cache.warn_once(f"iwae rebuilds {target}: {stale}")
+            if not os.path.lexists(target):
+                arguments, libraries = command(flags)
                 _compile_atomically(arguments, target, libraries)
-            return load(target), str(target)
+                cache.record_digest(target)
+                problem = cache.library_problem(target)
+                if problem is not None:
+                    return None, f"{name} was built but is not loaded: {problem}"
+            loaded = load(target)
+            return loaded, str(target) if stale is None else f"{target}, rebuilt because {stale}"
         except subprocess.CalledProcessError as error:
             errors.append(_build_error(error))
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:

@@ -12,8 +12,9 @@ per call is tens of microseconds). Results equal :mod:`iwae.fast.backprop`'s Pyt
 (``tests/test_native_step.py``).
 
 It is compiled on first use (about 20 s) with ``$CXX`` (default ``c++``) against the installed PyTorch's headers
-and libraries, into the same cache as :mod:`iwae.fast.native`'s C kernels, under a name that hashes the sources, the
-compiler, the flags, the CPU and PyTorch's version. Where it cannot be built (no C++ compiler, ``IWAE_FAST=-step``),
+and libraries, into the same private cache as :mod:`iwae.fast.native`'s C kernels (:mod:`iwae.fast.cache`: loaded
+only if this user's and unchanged since its build), under a name that hashes the sources, the compiler, the flags, the
+CPU and PyTorch's version. Where it cannot be built (no C++ compiler, ``IWAE_FAST=-step``),
 or for other models, devices or dtypes, :mod:`iwae.fast.backprop` goes on in Python.
 
 Shape convention: samples first. ``x`` is ``[batch, x_dim]``; the noise of stochastic layer j is ``[k, batch, d_j]``;

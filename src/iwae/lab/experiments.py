@@ -25,9 +25,10 @@ eval_split, eval_seed, eval_batch_size), plus ``samples`` (write a sample grid, 
 
 Running: a run is a plain function of its settings, :func:`run_one` ``(options, run_dir) -> dict``
 (train with resume, evaluate, draw samples); :func:`execute` wraps it to record the run in the
-sweep's SQLite database (:mod:`iwae.lab.store`). :func:`run_sweep` is a simple local runner: each
-configuration runs in its own fresh process (a process pool with one task per child, forked from a
-``forkserver`` that has imported torch, else ``spawn``) with ``cores // workers`` threads; finished
+sweep's SQLite database (:mod:`iwae.lab.store`), and :func:`execute_stack` trains runs that differ only in seed,
+objective and ``init_from`` as one stacked computation first (:mod:`iwae.stacked`). :func:`run_sweep` is a simple
+local runner: each configuration (or stack) runs in its own fresh process (a process pool with one task per
+child, forked from a ``forkserver`` that has imported torch, else ``spawn``) with ``cores // workers`` threads; finished
 runs are skipped, interrupted ones resume from their checkpoints, and a finished run whose grid
 changed only in its evaluation settings is re-evaluated without retraining.
 
@@ -363,6 +364,58 @@ def execute(
     return name, "finished", None
 
 
+def execute_stack(
+    specs: list[dict[str, Any]],
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    data_dir: str | None = None,
+    threads: int | None = None,
+    env: dict[str, Any] | None = None,
+) -> list[tuple[str, str, str | None]]:
+    """Train specs that share everything but seed, objective and ``init_from`` as one stack
+    (:func:`iwae.stacked.fit_stacked`), then evaluate and record each with :func:`execute` (which finds it trained).
+
+    Runs whose directories are at different points (a sweep interrupted before stacking, say) train one by one.
+    """
+    import torch
+
+    from iwae.runs import CONFIG_FILE, RunError
+    from iwae.stacked import fit_stacked
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    out_dir = Path(out_dir)
+    store = ResultStore.in_dir(out_dir)
+    env = env if env is not None else environment()
+    run_dirs = [out_dir / RUNS_SUBDIR / spec["name"] for spec in specs]
+    for spec, run_dir in zip(specs, run_dirs, strict=True):
+        store.upsert(spec["name"], phase=spec["phase"], run_dir=str(run_dir), config=spec["options"], status="running",
+                     started=now(), finished=None, error=None, **env)  # fmt: skip
+    configs = [train_config(spec["options"]) for spec in specs]
+    resume = any((run_dir / CONFIG_FILE).is_file() for run_dir in run_dirs)
+    try:
+        fit_stacked(configs, run_dirs, resume=resume, device=device, data_dir=data_dir, progress=False)
+    except RunError:
+        pass  # at different points: each resumes on its own in execute()
+    except Exception as error:  # recorded in the database; the sweep goes on
+        message = f"{type(error).__name__}: {error}"
+        for spec in specs:
+            store.upsert(spec["name"], status="failed", finished=now(), error=message)
+        return [(spec["name"], "failed", message) for spec in specs]
+    return [execute(spec, out_dir, device=device, data_dir=data_dir, threads=threads, env=env) for spec in specs]
+
+
+def stack_groups(specs: list[RunSpec]) -> list[list[RunSpec]]:
+    """Specs that can train as one stack (:func:`iwae.stacked.stack_key`), in their first member's order."""
+    from iwae.stacked import stack_key
+
+    groups: dict[str, list[RunSpec]] = {}
+    for spec in specs:
+        groups.setdefault(stack_key(train_config(spec.options)), []).append(spec)
+    return list(groups.values())
+
+
 # -- the local runner ------------------------------------------------------------------------------
 def available_cores() -> int:
     try:
@@ -448,32 +501,51 @@ def _context():
 
 
 def _run_phase(
-    specs: list[RunSpec], out_dir: Path, workers: int, device: str, data_dir: str | None, progress: bool
+    specs: list[RunSpec],
+    out_dir: Path,
+    workers: int,
+    device: str,
+    data_dir: str | None,
+    progress: bool,
+    stack: bool = True,
 ) -> list[tuple[str, str, str | None]]:
     from tqdm import tqdm
 
+    groups = stack_groups(specs) if stack else [[spec] for spec in specs]
+    groups.sort(key=lambda group: -sum(_cost(spec.options) for spec in group))
     threads = max(1, available_cores() // workers)
     env = environment()
     results = []
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the workers (each also sets torch's threads)
     try:
-        pool = ProcessPoolExecutor(max_workers=min(workers, len(specs)), mp_context=_context(), max_tasks_per_child=1)
+        pool = ProcessPoolExecutor(max_workers=min(workers, len(groups)), mp_context=_context(), max_tasks_per_child=1)
         with pool:
             futures = [
                 pool.submit(
-                    execute, spec.to_dict(), out_dir, device=device, data_dir=data_dir, threads=threads, env=env
+                    execute_stack,
+                    [spec.to_dict() for spec in group],
+                    out_dir,
+                    device=device,
+                    data_dir=data_dir,
+                    threads=threads,
+                    env=env,
                 )
-                for spec in specs
+                if len(group) > 1
+                else pool.submit(
+                    execute, group[0].to_dict(), out_dir, device=device, data_dir=data_dir, threads=threads, env=env
+                )
+                for group in groups
             ]
-            bar = tqdm(total=len(futures), unit="run", desc="sweep", disable=not progress, dynamic_ncols=True)
+            bar = tqdm(total=len(specs), unit="run", desc="sweep", disable=not progress, dynamic_ncols=True)
             for future in as_completed(futures):
-                name, status, error = future.result()
-                results.append((name, status, error))
-                bar.set_postfix_str(f"{name}: {status}")
-                bar.update(1)
-                if error and progress:
-                    tqdm.write(f"run {name} failed: {error}")
+                outcome = future.result()
+                for name, status, error in outcome if isinstance(outcome, list) else [outcome]:
+                    results.append((name, status, error))
+                    bar.set_postfix_str(f"{name}: {status}")
+                    bar.update(1)
+                    if error and progress:
+                        tqdm.write(f"run {name} failed: {error}")
             bar.close()
     finally:
         if saved is None:
@@ -499,8 +571,11 @@ def run_sweep(
     device: str = "auto",
     data_dir: str | None = None,
     progress: bool = True,
+    stack: bool = True,
 ) -> dict[str, Any]:
-    """Run every configuration of ``grid`` not yet finished in ``out_dir``; phases one after the other."""
+    """Run every configuration of ``grid`` not yet finished in ``out_dir``; phases one after the other. With
+    ``stack``, the runs of a phase that share everything but seed, objective and ``init_from`` (the architecture,
+    k, the minibatches and the schedule) train as one stacked computation (:mod:`iwae.stacked`)."""
     from iwae.checkpoint import atomic_write_text
 
     if workers < 1:
@@ -531,9 +606,8 @@ def run_sweep(
                 continue
             store.upsert(spec.name, phase=phase, run_dir=str(runs_dir / spec.name), config=options, status="pending")
             todo.append(RunSpec(spec.name, phase, options))
-        todo.sort(key=lambda s: -_cost(s.options))
         if todo:
-            results.extend(_run_phase(todo, out_dir, workers, device, data_dir, progress))
+            results.extend(_run_phase(todo, out_dir, workers, device, data_dir, progress, stack))
     failed = {name: error for name, status, error in results if status == "failed"}
     return {
         "out": str(out_dir),
@@ -544,6 +618,7 @@ def run_sweep(
         "reused": len(reused),
         "failed": failed,
         "workers": workers,
+        "stack": stack,
         "threads_per_worker": max(1, available_cores() // workers),
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from iwae.bounds import log_mean_exp
+from iwae.checkpoint import atomic_save_figure, atomic_write_text
 from iwae.data import Dataset, Split, binarize, load_dataset
 from iwae.models import LatentVariableModel
 
@@ -138,7 +139,7 @@ def train_holdout(base_config, digit: int, run_dir: Path, epochs: int, train_lim
     if not (run_dir / MODEL_FILE).is_file():
         config = base_config.replace(stages=((epochs, 1e-3),), train_limit=train_limit)
         fit(config, run_dir, resume=True, device=device, dataset=without_digit(data, digit), progress=progress)
-        (run_dir / "holdout.json").write_text(json.dumps({"holdout_digit": digit}) + "\n")
+        atomic_write_text(run_dir / "holdout.json", json.dumps({"holdout_digit": digit}) + "\n")
     model, _ = load_model(run_dir, device)
     return model
 
@@ -161,7 +162,7 @@ def plot_rocs(experiments: dict[str, dict[str, dict]], path: Path) -> Path:
         axis.set_ylabel("true positive rate")
         axis.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_save_figure(path, fig, dpi=100)
     plt.close(fig)
     return path
 
@@ -191,7 +192,6 @@ def anomaly_run(
 ) -> dict:
     """MNIST test (normal) vs Fashion-MNIST test (anomalous) with RUN's model and, with ``holdout_digit``,
     MNIST test without that digit (normal) vs that digit (anomalous) with a model trained without it."""
-    from iwae.checkpoint import atomic_write_text
     from iwae.runs import load_model, resolve_device
 
     torch_device = resolve_device(device)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from iwae.checkpoint import atomic_save_figure
 from iwae.data import Split
 from iwae.evaluate import estimate_log_likelihood
 from iwae.models import LatentVariableModel, ModelConfig
@@ -114,7 +115,7 @@ def plot_densities(grid: np.ndarray, densities: dict[str, np.ndarray], path: Pat
     axis.set_title(title, fontsize=9)
     axis.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_save_figure(path, fig, dpi=100)
     plt.close(fig)
     return path
 

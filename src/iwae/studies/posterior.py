@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from iwae.checkpoint import atomic_save_figure
 from iwae.models import LatentVariableModel, gaussian_log_prob, standard_normal_log_prob
 
 
@@ -379,7 +380,7 @@ def plot_posteriors(x: Tensor, arrays: dict[str, Tensor], ks: list[int], path: P
             axis.set_yticks([])
     axes[0, 0].set_title("data", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    atomic_save_figure(path, fig, dpi=90)
     plt.close(fig)
     return path
 
@@ -398,7 +399,7 @@ def plot_reconstructions(x: Tensor, arrays: dict[str, Tensor], k: int, path: Pat
     axis.imshow(image_grid(rows, rows=3), cmap="gray", vmin=0, vmax=1)
     axis.set_title(f"data / reconstruction from q / from q_IW (k={k})", fontsize=9)
     axis.axis("off")
-    fig.savefig(path, dpi=90, bbox_inches="tight")
+    atomic_save_figure(path, fig, dpi=90, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from iwae import bounds
+from iwae.checkpoint import atomic_save_figure, atomic_write_text
 from iwae.estimators import ESTIMATOR_NAMES, estimate, surrogate_gradients
 from iwae.objectives import IWAE, Objective
 from iwae.protocol import Model
@@ -240,7 +241,7 @@ def plot_study(study: SNRStudy, path: Path, title: str = "") -> Path:
         ax.legend(fontsize=8)
     fig.suptitle(title or f"gradient SNR, IWAE_K, {study.repeats} repeats, batch {study.batch_size}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    atomic_save_figure(path, fig, dpi=120)
     plt.close(fig)
     return path
 
@@ -251,5 +252,5 @@ def write_study(study: SNRStudy, out_dir: Path, meta: dict | None = None) -> dic
     summary = {**(meta or {}), **study.to_dict()}
     summary["png"] = str(plot_study(study, out_dir / "snr.png"))
     summary["json"] = str(out_dir / "snr.json")
-    (out_dir / "snr.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out_dir / "snr.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -24,24 +24,25 @@ def _figure_bytes(fig: Figure) -> bytes:
 
 
 def plot_against_k(cells: dict[tuple[str, int, int, str], Cell], quantity: str) -> bytes | None:
-    """NLL, active units or seconds per epoch against k, ours (solid) and the paper's (dashed)."""
+    """NLL, active units or seconds per epoch against k, ours (solid: means over seeds, error bars one sample
+    standard deviation) and the paper's (dashed)."""
     groups = ksweep_groups(cells)
     if not groups:
         return None
     fig = Figure(figsize=(6.5, 4.2))
     axis = fig.subplots()
     for (dataset, layers, objective), points in groups.items():
-        ks = [k for k, _ in points]
+        ks, at_k = [k for k, _ in points], [c for _, c in points]
         label = f"{objective} {dataset} {layers}L"
         if quantity == "nll":
-            line = axis.plot(ks, [c.nll for _, c in points], "o-", label=f"{label} (ours)")[0]
+            ours, spread = [c.nll for c in at_k], [c.nll_sd or 0.0 for c in at_k]
             paper = [
                 (k, PUBLISHED_TABLE1[(dataset, layers, k, objective)][0])
                 for k in ks
                 if (dataset, layers, k, objective) in PUBLISHED_TABLE1
             ]
         elif quantity == "units":
-            line = axis.plot(ks, [sum(c.units) for _, c in points], "o-", label=f"{label} (ours)")[0]
+            ours, spread = [sum(c.units) for c in at_k], [0.0 for _ in at_k]
             paper = [
                 (k, sum(PUBLISHED_TABLE1[(dataset, layers, k, objective)][1] or ()))
                 for k in ks
@@ -49,8 +50,10 @@ def plot_against_k(cells: dict[tuple[str, int, int, str], Cell], quantity: str) 
                 and PUBLISHED_TABLE1[(dataset, layers, k, objective)][1]
             ]
         else:
-            line = axis.plot(ks, [c.seconds_per_epoch for _, c in points], "o-", label=label)[0]
+            ours, spread = [c.seconds_per_epoch for c in at_k], [c.seconds_sd or 0.0 for c in at_k]
             paper = []
+        ours_label = label if quantity == "seconds" else f"{label} (ours)"
+        line = axis.errorbar(ks, ours, yerr=spread, fmt="o-", capsize=3, label=ours_label).lines[0]
         if paper:
             axis.plot(*zip(*paper, strict=True), "s--", color=line.get_color(), alpha=0.6, label=f"{label} (paper)")
     all_ks = sorted({k for points in groups.values() for k, _ in points})

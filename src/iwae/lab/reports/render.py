@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from iwae.checkpoint import atomic_write_bytes, atomic_write_text
 from iwae.lab.reports.figures import plot_against_k, plot_learning_curves, plot_log_activity
 from iwae.lab.reports.published import BURDA_PASSES, RAINFORTH_SOURCE, SOURCE
 from iwae.lab.reports.records import Cell, RunRecord, budget_groups, load_records, table1_cells
@@ -97,7 +98,8 @@ def _budget_text(records: list[RunRecord]) -> str:
         f"Budget: {', '.join(map(str, epochs))} pass(es) over {', '.join(limits)} training examples "
         f"(the paper: {BURDA_PASSES:,} passes over all of them); evaluation: {'; '.join(evals)} "
         "(the paper: L_5000 on the whole test set). Differences are ours minus the paper's; units are "
-        "counted per stochastic layer (A_u > 0.01). Cells are means over seeds."
+        "counted per stochastic layer (A_u > 0.01). A cell of several seeds shows mean ± sample standard deviation "
+        "(n = seeds; units: the mean); differences, orderings and figures use the mean."
     )
 
 
@@ -194,10 +196,10 @@ def write_report(sweep_dirs: list[str | Path], out: str | Path, title: str = "IW
     for kind, content in report.blocks:
         if kind == "img":
             name, data, _ = content
-            (files_dir / name).write_bytes(data)
+            atomic_write_bytes(files_dir / name, data)
     md_path, html_path = out.with_suffix(".md"), out.with_suffix(".html")
-    md_path.write_text(report.markdown(files_dir.name))
-    html_path.write_text(report.html())
+    atomic_write_text(md_path, report.markdown(files_dir.name))  # UTF-8
+    atomic_write_text(html_path, report.html())
     return {
         "markdown": str(md_path),
         "html": str(html_path),

@@ -1,5 +1,8 @@
 """The report's tables (:class:`Table`: headers and rows of strings): Table 1, Table 2, the k-sweep, the other
-objectives and estimators, all runs, and the paper's orderings checked on our numbers."""
+objectives and estimators, all runs, and the paper's orderings checked on our numbers.
+
+A cell of several seeds shows its mean ± the sample standard deviation, with the NLL's ``(n=seeds)``:
+``86.91 ± 0.12 (n=3)``; a single seed shows its number. Differences from the paper and orderings use the mean."""
 
 from __future__ import annotations
 
@@ -9,13 +12,33 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from iwae.lab.reports.published import PUBLISHED_RAINFORTH, PUBLISHED_TABLE1, PUBLISHED_TABLE2
-from iwae.lab.reports.records import Cell, RunRecord, is_table1_run, ksweep_groups, mean_cell
+from iwae.lab.reports.records import Cell, RunRecord, group_by, is_table1_run, ksweep_groups, mean_cell, setting_of
 
 
 def fmt(value: float | None, digits: int = 2, signed: bool = False) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def fmt_spread(mean: float, sd: float | None, digits: int = 2, seeds: int | None = None) -> str:
+    """``mean ± sd`` (and ``(n=seeds)`` if given) over several seeds; the plain number for one (``sd`` None)."""
+    if sd is None:
+        return fmt(mean, digits)
+    spread = f"{fmt(mean, digits)} ± {fmt(sd, digits)}"
+    return spread if seeds is None else f"{spread} (n={seeds})"
+
+
+def fmt_nll(cell: Cell | None) -> str:
+    return "—" if cell is None else fmt_spread(cell.nll, cell.nll_sd, seeds=cell.seeds)
+
+
+def fmt_seconds(cell: Cell) -> str:
+    return fmt_spread(cell.seconds_per_epoch, cell.seconds_sd, 3)
+
+
+def _labels(runs: list[RunRecord]) -> str:
+    return ", ".join(r.label for r in runs)
 
 
 def fmt_units(units: tuple[float, ...] | None) -> str:
@@ -31,14 +54,14 @@ class Table:
 
 
 def _compare(ours: Cell | None, paper: tuple[float, tuple[int, ...] | None] | None) -> list[str]:
-    """ours | paper | difference, for NLL and for active units."""
+    """ours | paper | difference, for NLL and for active units (ours: the means over seeds)."""
     p_nll, p_units = paper if paper is not None else (None, None)
     nll = ours.nll if ours else None
     units = ours.units if ours else None
     d_nll = nll - p_nll if nll is not None and p_nll is not None else None
     d_units = sum(units) - sum(p_units) if units is not None and p_units is not None else None
     return [
-        fmt(nll),
+        fmt_nll(ours),
         fmt(p_nll),
         fmt(d_nll, signed=True),
         fmt_units(units),
@@ -63,7 +86,16 @@ def table1(cells: dict[tuple[str, int, int, str], Cell]) -> Table:
 
 
 def table2(records: list[RunRecord]) -> Table | None:
+    """A row per continued setting: its runs (seeds) and their bases, over seeds."""
     by_dir = {str(Path(r.run_dir).resolve()): r for r in records}
+
+    def base_of(r: RunRecord) -> RunRecord | None:
+        return by_dir.get(str(Path(r.init_from).resolve())) if r.init_from else None
+
+    def key(r: RunRecord) -> tuple[object, ...]:
+        base = base_of(r)
+        return (*setting_of(r), setting_of(base) if base else Path(str(r.init_from)).name)
+
     headers = [
         "run",
         "from",
@@ -80,23 +112,22 @@ def table2(records: list[RunRecord]) -> Table | None:
         "diff",
     ]
     rows = []
-    for r in records:
-        if r.init_from is None:
-            continue
-        base = by_dir.get(str(Path(r.init_from).resolve()))
+    for runs in group_by([r for r in records if r.init_from is not None], key).values():
+        r, base = runs[0], base_of(runs[0])
+        bases = mean_cell([b for b in map(base_of, runs) if b is not None]) if base else None
         base_key = (base.objective, base.k) if base else None
         published = base is not None and r.dataset == "mnist" and r.layers == 1
         paper = PUBLISHED_TABLE2.get((base_key, (r.objective, r.k))) if published else None
         base_paper = paper["base"] if paper else (None, None)
-        cont = _compare(mean_cell([r]), paper["continued"] if paper else None)
+        cont = _compare(mean_cell(runs), paper["continued"] if paper else None)
         rows.append(
             [
-                r.label,
-                f"{base.objective} k={base.k}" if base else Path(r.init_from).name,
+                _labels(runs),
+                f"{base.objective} k={base.k}" if base else Path(str(r.init_from)).name,
                 f"{r.objective} k={r.k}",
-                fmt(base.nll) if base else "—",
+                fmt_nll(bases),
                 fmt(base_paper[0]),
-                fmt_units(base.units) if base else "—",
+                fmt_units(bases.units if bases else None),
                 fmt_units(base_paper[1]),
                 *cont,
             ]
@@ -113,23 +144,29 @@ def estimators_table(records: list[RunRecord]) -> Table | None:
     shown = [
         r for r in records if r.init_from is None and (r.dataset, r.layers, r.k, r.epochs, r.train_limit) in settings
     ]
+
+    def order(runs: list[RunRecord]) -> tuple[str, int, int, bool, str, str]:
+        r = runs[0]
+        return (r.dataset, r.layers, r.k, r.variant != "iwae", r.variant, r.estimator)
+
     rows = []
-    for r in sorted(shown, key=lambda r: (r.dataset, r.layers, r.k, r.variant != "iwae", r.variant, r.estimator)):
+    for runs in sorted(group_by(shown, setting_of).values(), key=order):  # a row per setting, over its seeds
+        r, cell = runs[0], mean_cell(runs)
         published = r.dataset == "mnist" and r.layers == 1
         paper = PUBLISHED_RAINFORTH.get((r.variant, r.estimator, r.k)) if published else None
         rows.append(
             [
-                r.label,
+                _labels(runs),
                 r.dataset,
                 str(r.layers),
                 r.variant,
                 r.estimator,
                 str(r.k),
-                fmt(r.nll),
+                fmt_nll(cell),
                 fmt(paper),
-                fmt(r.nll - paper, signed=True) if paper is not None else "—",
-                fmt_units(r.units),
-                fmt(r.seconds_per_epoch, 3),
+                fmt(cell.nll - paper, signed=True) if paper is not None else "—",
+                fmt_units(cell.units),
+                fmt_seconds(cell),
             ]
         )
     headers = [
@@ -159,10 +196,10 @@ def ksweep_table(cells: dict[tuple[str, int, int, str], Cell]) -> Table | None:
                     str(layers),
                     objective,
                     str(k),
-                    fmt(cell.nll),
+                    fmt_nll(cell),
                     fmt(paper[0] if paper else None),
                     fmt_units(cell.units),
-                    fmt(cell.seconds_per_epoch, 3),
+                    fmt_seconds(cell),
                 ]
             )
     headers = ["dataset", "layers", "objective", "k", "NLL", "paper NLL", "active units", "seconds/epoch"]
@@ -172,6 +209,7 @@ def ksweep_table(cells: dict[tuple[str, int, int, str], Cell]) -> Table | None:
 def runs_table(records: list[RunRecord]) -> Table:
     headers = [
         "run",
+        "seed",
         "epochs",
         "train examples",
         "eval",
@@ -186,6 +224,7 @@ def runs_table(records: list[RunRecord]) -> Table:
     rows = [
         [
             r.label,
+            str(r.seed),
             str(r.epochs),
             str(r.train_limit or "all"),
             f"L_{r.eval_k} on {r.eval_n}",

@@ -61,6 +61,13 @@ def test_train_choices_come_from_the_registries() -> None:
     assert tuple(_option(train, "--dataset").choices) == tuple(DATASETS)
     text = train.format_help()
     assert all(name in text for name in objective_names())
+    from iwae import names  # the torch-free copies the parser uses are the registries' names
+
+    assert (tuple(DATASETS), tuple(objective_names()), tuple(ESTIMATOR_NAMES)) == (
+        names.DATASET_NAMES,
+        names.OBJECTIVE_NAMES,
+        names.ESTIMATOR_NAMES,
+    )
 
 
 def test_snr_help_names_the_studys_default_ks() -> None:
@@ -125,6 +132,12 @@ def test_help_and_usage_errors_import_no_torch() -> None:
         "assert main(['train', '--k', '0', '--out', 'x']) == 2\n"
         "assert main(['eval', '/nonexistent/run']) == 2\n"
         "assert main(['impute', '--K', '0']) == 2\n"
+        "assert main(['train', '--objective', 'nope', '--out', 'x']) == 2\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    try:\n"
+        "        main(['train', '--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
         "assert 'torch' not in sys.modules, 'building the parser imported torch'\n"
     )
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

@@ -44,6 +44,7 @@ def test_download_falls_back_across_mirrors_and_checks_the_content(
     monkeypatch.setitem(FILES["fashion-mnist"], "test_labels", RemoteFile(remote.name, remote.digest, mirrors))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("IWAE_DATA_DIR", raising=False)
+    (tmp_path / "empty").mkdir()  # an explicit root must exist (a mistyped one is an error); this one holds nothing
     path = locate("fashion-mnist", "test_labels", root=tmp_path / "empty", progress=False)
     assert path == tmp_path / "cache" / "iwae" / "fashion-mnist" / remote.name
     assert path.read_bytes() == original.read_bytes()
@@ -59,6 +60,7 @@ def test_every_mirror_failing_is_one_clear_line(tmp_path: Path, monkeypatch, mir
     monkeypatch.setitem(FILES["fashion-mnist"], "test_labels", remote)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("IWAE_DATA_DIR", raising=False)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DataError) as error:
         locate("fashion-mnist", "test_labels", root=tmp_path / "empty", progress=False)
     assert "could not be downloaded" in str(error.value) and "\n" not in str(error.value)

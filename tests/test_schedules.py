@@ -13,7 +13,7 @@ from iwae import runs
 from iwae.cli import main
 from iwae.config import BURDA_LEARNING_RATES, TrainConfig, build_train_config, grow_batch_schedule
 from iwae.lab import schedules
-from iwae.lab.experiments import expand_grid, load_grid, run_sweep, stack_groups, train_config
+from iwae.lab.experiments import expand_grid, load_grid, run_sweep, stack_groups, stacks_by_default, train_config
 from iwae.lab.store import ResultStore
 from iwae.models import ModelConfig
 from iwae.train import fit, steps_before, total_steps
@@ -116,7 +116,7 @@ def test_a_sweep_stacks_seeds_and_objectives_and_records_each_run(tmp_path: Path
         },
         "axes": {"objective": ["vae", "iwae"], "seed": [0, 1]},
     }
-    summary = run_sweep(grid, tmp_path / "sweep", device="cpu", progress=False)
+    summary = run_sweep(grid, tmp_path / "sweep", device="cpu", progress=False, stack=True)
     assert summary["failed"] == {} and summary["ran"] == 4 and summary["stack"] is True
     rows = ResultStore.in_dir(tmp_path / "sweep").rows()
     assert {r["status"] for r in rows} == {"finished"} and len(rows) == 4
@@ -124,7 +124,7 @@ def test_a_sweep_stacks_seeds_and_objectives_and_records_each_run(tmp_path: Path
         metrics = runs.read_metrics(Path(r["run_dir"]))
         assert [m["stacked"] for m in metrics] == [4, 4]  # one stack of all four
         assert r["eval"]["nll"] is not None
-    again = run_sweep(grid, tmp_path / "sweep", device="cpu", progress=False)
+    again = run_sweep(grid, tmp_path / "sweep", device="cpu", progress=False, stack=True)
     assert again["skipped"] == 4 and again["ran"] == 0
 
 
@@ -141,3 +141,8 @@ def test_cli_trains_seeds_as_one_stack_with_a_line_per_seed(tmp_path: Path, caps
     assert main(["train", "--seeds", "1,1", "--out", str(tmp_path / "x")]) == 2  # repeated seeds: a usage error
     assert main(["train", "--seeds", "1", "--seed", "2", "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_sweeps_stack_by_default_on_a_gpu_only() -> None:
+    """On a CPU a stacked step costs what the fast path's single steps cost (docs/performance.md): no gain."""
+    assert stacks_by_default("cpu") is False

@@ -13,14 +13,20 @@ target's folder under a fresh random name (an existing path, or a symlink plante
 rename replaces the target itself (a symlink at the target is replaced, not followed). A failed write (a full disk
 above all) removes the temporary, leaves the previous file intact and raises :class:`WriteError` with a one-line
 message naming the path.
+
+Loading checks what it reads: a file that is empty, truncated, garbled or fails the checksum stored with its tensors,
+a checkpoint without its training state, and (:func:`check_model_state`, :func:`restore_checkpoint`) tensors missing
+from, or shaped unlike, the run's architecture raise :class:`CheckpointError`, one line naming the file and the fault.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import json
+import math
 import os
 import secrets
 from dataclasses import dataclass
@@ -28,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as _serialise
 from torch import Tensor, nn
 
@@ -57,6 +63,11 @@ class WriteError(OSError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or model file that cannot be used: damaged, incomplete or another architecture's. Its message is
+    one line naming the file and the fault."""
 
 
 def _create_temporary(path: Path) -> tuple[int, str]:
@@ -127,18 +138,42 @@ def atomic_save_figure(path: str | os.PathLike[str], fig: Any, **savefig_options
     return path
 
 
+def tensors_digest(tensors: dict[str, Tensor]) -> str:
+    """``sha256:<hex>`` of the tensors' names, dtypes, shapes and bytes (stored in the metadata, checked on load)."""
+    hasher = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        hasher.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"sha256:{hasher.hexdigest()}"
+
+
 def _save_tensors_atomically(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     contiguous = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    metadata = {**metadata, "digest": tensors_digest(contiguous)}
     atomic_write_bytes(path, _serialise(contiguous, metadata=metadata))
 
 
+_REDO = "restore it from a copy, or train the run again"
+
+
 def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (an interrupted copy?); {_REDO}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as error:
+        reason = str(error).splitlines()[0].lower() if str(error) else type(error).__name__
+        raise CheckpointError(f"{path} is truncated, garbled or not a safetensors file ({reason}); {_REDO}") from None
+    digest = metadata.get("digest")  # files written before the digest have none
+    if digest is not None and digest != tensors_digest(tensors):
+        raise CheckpointError(f"{path} is damaged: its tensors fail the checksum stored with them; {_REDO}")
     return tensors, metadata
 
 
@@ -198,22 +233,88 @@ def load_checkpoint(path: Path) -> TrainingCheckpoint:
     tensors, metadata = _read(path)
     model_state: dict[str, Tensor] = {}
     optimizer_entries: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if name.startswith("model."):
-            model_state[name[len("model.") :]] = value
-        elif name.startswith("optimizer."):
-            _, index, key = name.split(".", 2)
-            optimizer_entries.setdefault(int(index), {})[key] = value
-    for index, values in json.loads(metadata.get("optimizer_scalars", "{}")).items():
-        optimizer_entries.setdefault(int(index), {}).update(values)
-    optimizer_state = {
-        "state": optimizer_entries,
-        "param_groups": json.loads(metadata["optimizer_param_groups"]),
-    }
-    return TrainingCheckpoint(
-        model_state=model_state,
-        optimizer_state=optimizer_state,
-        rng_state=tensors["rng_state"],
-        progress=json.loads(metadata["progress"]),
-        config_json=metadata["config"],
-    )
+    try:
+        for name, value in tensors.items():
+            if name.startswith("model."):
+                model_state[name[len("model.") :]] = value
+            elif name.startswith("optimizer."):
+                _, index, key = name.split(".", 2)
+                optimizer_entries.setdefault(int(index), {})[key] = value
+        for index, values in json.loads(metadata.get("optimizer_scalars", "{}")).items():
+            optimizer_entries.setdefault(int(index), {}).update(values)
+        optimizer_state = {
+            "state": optimizer_entries,
+            "param_groups": json.loads(metadata["optimizer_param_groups"]),
+        }
+        progress = json.loads(metadata["progress"])
+        rng_state, config_json = tensors["rng_state"], metadata["config"]
+    except KeyError as error:
+        raise CheckpointError(f"{path} is not a training checkpoint (it lacks {error}); {_REDO}") from None
+    except (ValueError, TypeError, AttributeError) as error:  # a malformed name or JSON metadata
+        raise CheckpointError(f"{path} has malformed training state ({error}); {_REDO}") from None
+    if not _valid_progress(progress):
+        raise CheckpointError(f"{path} has malformed progress {metadata['progress']!r}; {_REDO}")
+    return TrainingCheckpoint(model_state, optimizer_state, rng_state, progress, config_json)
+
+
+def _valid_progress(progress: Any) -> bool:
+    """``{"epochs_done": whole number >= 0, "seconds": finite number}``."""
+    if not isinstance(progress, dict):
+        return False
+    epochs, seconds = progress.get("epochs_done"), progress.get("seconds", 0.0)
+    whole = isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 0
+    return whole and isinstance(seconds, int | float) and not isinstance(seconds, bool) and math.isfinite(seconds)
+
+
+def nonfinite_tensors(state: dict[str, Tensor]) -> list[str]:
+    """The names of the floating-point tensors of ``state`` that hold a NaN or an infinity."""
+    return [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def check_model_state(path: Path, state: dict[str, Tensor], module: nn.Module) -> None:
+    """Raise :class:`CheckpointError` unless ``state`` (read from ``path``) has exactly ``module``'s tensors, each in
+    its shape: a missing tensor, an extra one or another shape names the first such tensor."""
+    expected = module.state_dict()
+    missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    if missing:
+        raise CheckpointError(
+            f"{path} lacks {len(missing)} tensor(s) of the run's architecture, such as model.{missing[0]}; "
+            f"the file is incomplete or belongs to another run; {_REDO}"
+        )
+    if extra:
+        raise CheckpointError(
+            f"{path} holds {len(extra)} tensor(s) the run's architecture lacks, such as model.{extra[0]}; "
+            f"the file belongs to another architecture (another --layers or --latent-dims?); {_REDO}"
+        )
+    for name, tensor in expected.items():
+        if state[name].shape != tensor.shape:
+            raise CheckpointError(
+                f"{path}: model.{name} has shape {list(state[name].shape)} where the run's architecture needs "
+                f"{list(tensor.shape)}; the file belongs to another architecture; {_REDO}"
+            )
+
+
+def restore_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
+) -> dict[str, Any]:
+    """Load the checkpoint at ``path`` into ``model``, ``optimizer`` and ``generator``, after checking that it fits
+    them (:class:`CheckpointError` otherwise); returns its progress (``epochs_done``, ``seconds``)."""
+    state = load_checkpoint(path)
+    check_model_state(path, state.model_state, model)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entries in state.optimizer_state["state"].items():
+        for key, value in entries.items():
+            if not 0 <= index < len(params) or (
+                isinstance(value, Tensor) and value.dim() > 0 and value.shape != params[index].shape
+            ):
+                raise CheckpointError(
+                    f"{path}: optimiser state optimizer.{index}.{key} does not fit the run's parameters; {_REDO}"
+                )
+    try:
+        model.load_state_dict(state.model_state)
+        optimizer.load_state_dict(state.optimizer_state)
+        generator.set_state(state.rng_state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path} does not fit the run ({reason}); {_REDO}") from None
+    return state.progress

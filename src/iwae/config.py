@@ -27,23 +27,36 @@ def parse_schedule(spec: str | None = None, epochs: int | None = None, lr: float
     ``"burda"`` is Burda's 8 stages (3,280 passes); ``"burda:S"`` its first S stages;
     ``epochs=N`` (with ``lr``, default 1e-3) a single stage of N passes.
     """
+    if lr is not None and not _positive_number(lr):
+        raise ValueError(f"the learning rate must be a finite number > 0, got {lr!r}")
     if epochs is not None:
         if spec is not None:
             raise ValueError("give either a schedule or a number of epochs, not both")
-        if epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a whole number >= 1, got {epochs!r}")
         return ((epochs, 1e-3 if lr is None else lr),)
     spec = spec or "burda"
-    name, _, count = spec.partition(":")
-    if name != "burda":
+    name, colon, count = str(spec).partition(":")
+    if name != "burda" or (colon and not count.strip().isdecimal()):
         raise ValueError(f"unknown schedule {spec!r}; use 'burda' or 'burda:S' (S = 1..8 stages)")
-    n_stages = len(BURDA_STAGES) if not count else int(count)
+    n_stages = len(BURDA_STAGES) if not colon else int(count)
     if not 1 <= n_stages <= len(BURDA_STAGES):
         raise ValueError(f"burda:S needs 1 <= S <= 8, got {spec!r}")
     stages = BURDA_STAGES[:n_stages]
     if lr is not None:
         raise ValueError("--lr goes with --epochs; Burda's schedule sets its own learning rates")
     return stages
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+MAX_SEED = 2**32 - 1  # seeds are 0..MAX_SEED (iwae.cli.common.MAX_SEED checks the same before torch is imported)
 
 
 # The flat fields of configurations written before the objective became one nested value.
@@ -78,10 +91,25 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.objective, Objective):
             object.__setattr__(self, "objective", as_objective(self.objective))
+        if not isinstance(self.model, ModelConfig):
+            raise ValueError(f"model must be a ModelConfig, got {self.model!r}")
+        for name in ("dataset", "estimator"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a name, got {getattr(self, name)!r}")
+        if self.init_from is not None and not isinstance(self.init_from, str):
+            raise ValueError(f"init_from must be a run directory's path, got {self.init_from!r}")
         for name in ("k", "batch_size", "valid_k", "seed"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not _whole(value):
                 raise ValueError(f"{name} must be a whole number, got {value!r}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be 0..{MAX_SEED}, got {self.seed}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1):
+                raise ValueError(f"{name} (Adam) must be a number in [0, 1), got {value!r}")
+        if not _positive_number(self.adam_eps):
+            raise ValueError(f"adam_eps must be a finite number > 0, got {self.adam_eps!r}")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.batch_size < 1:
@@ -92,6 +120,9 @@ class TrainConfig:
             raise ValueError(f"train_limit must be a whole number >= 1, got {self.train_limit!r}")
         if not self.stages:
             raise ValueError("the schedule needs at least one stage")
+        for passes, lr in self.stages:
+            if not _whole(passes) or passes < 1 or not _positive_number(lr):
+                raise ValueError(f"each stage needs passes >= 1 and a finite learning rate > 0, got {[passes, lr]}")
         check_estimator(self.estimator)
         self.objective.check(self.k)
         for name in ("stage_batch_sizes", "stage_k"):
@@ -150,7 +181,15 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """From :meth:`to_dict`'s form, or from a configuration saved before the objective was nested
         (``"objective": "miwae", "M": 5, "beta": null, ...``), which loads as the same run."""
-        values = dict(data)
+        if not isinstance(data, dict):
+            raise ValueError(f"a configuration is a JSON object, got {type(data).__name__}")
+        try:
+            return cls._from_dict(dict(data))
+        except (TypeError, KeyError, AttributeError) as error:  # a value of the wrong kind, say a string for a list
+            raise ValueError(f"malformed configuration ({type(error).__name__}: {error})") from None
+
+    @classmethod
+    def _from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         legacy = {key: values.pop(key) for key in LEGACY_OBJECTIVE_KEYS if key in values}
         if legacy or isinstance(values.get("objective"), str):
             values["objective"] = make_objective(values.get("objective", "iwae"), **legacy)
@@ -163,7 +202,10 @@ class TrainConfig:
         if "model" in values:
             values["model"] = ModelConfig.from_dict(values["model"])
         if "stages" in values:
-            values["stages"] = tuple((int(p), float(lr)) for p, lr in values["stages"])
+            try:
+                values["stages"] = tuple((passes, lr) for passes, lr in values["stages"])
+            except (TypeError, ValueError):
+                raise ValueError(f"stages must be [passes, learning rate] pairs, got {values['stages']!r}") from None
         for name in ("stage_batch_sizes", "stage_k"):
             if values.get(name) is not None:
                 values[name] = tuple(values[name])

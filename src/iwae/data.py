@@ -8,7 +8,8 @@ A file is looked for, in order: in an explicit ``root``, in ``$IWAE_DATA_DIR``, 
 directory (``$XDG_CACHE_HOME/iwae`` or ``~/.cache/iwae``), among the files shipped inside the
 package (MNIST), and finally downloaded from a list of mirrors. Inside each directory a file may
 sit in a sub-directory named after the dataset (``<dir>/mnist/train-images-idx3-ubyte.gz``) or
-directly in it. Every file is checked against its checksum when it is loaded.
+directly in it. Every file is checked against its checksum when it is loaded. An explicit ``root`` that is not a
+folder is an error (:class:`DataError`), not a directory to skip.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import io
 import os
 import struct
+import tempfile
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -137,6 +139,8 @@ def cache_dir() -> Path:
 def _search_dirs(root: str | os.PathLike | None) -> list[Path]:
     dirs = []
     if root is not None:
+        if not Path(root).is_dir():  # a mistyped --data-dir would otherwise be skipped in silence
+            raise DataError(f"data directory {root} does not exist or is not a folder; pass an existing --data-dir")
         dirs.append(Path(root))
     if os.environ.get("IWAE_DATA_DIR"):
         dirs.append(Path(os.environ["IWAE_DATA_DIR"]))
@@ -175,11 +179,13 @@ def _download(remote: RemoteFile, target: Path, progress: bool) -> bool:
     from tqdm import tqdm
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".part")
     for mirror in remote.mirrors:
         url = mirror + remote.name
+        # A fresh, exclusively created temporary in the target's folder: no planted file or link is written through.
+        handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        partial = Path(name)
         try:
-            with urllib.request.urlopen(url, timeout=30) as response, open(partial, "wb") as out:
+            with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=30) as response:
                 total = int(response.headers.get("Content-Length") or 0) or None
                 with tqdm(total=total, unit="B", unit_scale=True, desc=remote.name, disable=not progress) as bar:
                     for block in iter(lambda: response.read(1 << 16), b""):

@@ -8,12 +8,18 @@ Active units (Burda et al., section 5.2): ``A_u = Var_x(E_q[u | x])`` over a spl
 active if ``A_u > 0.01``. For the first layer ``E_q[h_1 | x]`` is q's mean; for deeper layers it
 is a Monte Carlo average of q's mean over samples of the layer below. The alternative
 definition used by some reports, mean KL(q(u | .) || p(u | .)) > 0.01, is reported as well.
+
+:func:`evaluate_run` keeps earlier results: each goes to a file named by its settings,
+``eval-<split>-k<K>-seed<S>[-limit<N>].json`` (the same settings replace their file), and to ``eval.json``, the
+latest. A model with non-finite parameters or a non-finite NLL raises :class:`~iwae.runs.RunError` and writes
+nothing.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -28,7 +34,7 @@ from iwae.checkpoint import atomic_write_text
 from iwae.data import Split, binarize, load_dataset
 from iwae.models import LatentVariableModel
 from iwae.protocol import Model
-from iwae.runs import EVAL_FILE, load_model, resolve_device
+from iwae.runs import EVAL_FILE, RunError, load_model, resolve_device
 
 ACTIVE_THRESHOLD = 0.01
 # Sample rows per chunk of L_k (``[rows, x_dim]`` logits at a time): 16 MB on a CPU, where larger chunks gain
@@ -211,6 +217,8 @@ def evaluate_model(
     tens of seconds. On a CPU where :mod:`iwae.fast.native`'s paths run, the eager model is faster (measured
     20 against 25 s per 1,000 images); compiling is for other devices.
     """
+    if len(split) < 2:
+        raise ValueError(f"evaluation needs at least 2 examples (active units are a variance), got {len(split)}")
     started = time.perf_counter()
     device = next(model.parameters()).device
     split = split.to(device)
@@ -244,7 +252,7 @@ def evaluate_model(
     recon, kl = estimates["recon"].mean().item(), estimates["kl"].mean().item()
     return EvalResult(
         nll=-log_lik.mean().item(),
-        nll_std_err=(log_lik.std().item() / math.sqrt(n)) if n > 1 else float("nan"),
+        nll_std_err=log_lik.std().item() / math.sqrt(n),
         k=k,
         split=split_name,
         n_examples=n,
@@ -280,6 +288,8 @@ def evaluate_run(
     run_dir = Path(run_dir)
     torch_device = resolve_device(device)
     model, config = load_model(run_dir, torch_device)
+    if not os.access(run_dir, os.W_OK | os.X_OK):  # refused now, not after the evaluation
+        raise RunError(f"{run_dir} is not writable, and eval writes its results there; make it writable")
     data = load_dataset(config.dataset, data_dir, progress=progress)
     result = evaluate_model(
         model,
@@ -295,8 +305,18 @@ def evaluate_run(
         compile_model=compile_model,
         accelerate=accelerate,
     )
+    nlls = [result.nll] if result.nll_active_only is None else [result.nll, result.nll_active_only]
+    if not all(math.isfinite(nll) for nll in nlls):
+        raise RunError(f"{run_dir}: the model's NLL is non-finite ({result.nll}): the run diverged; nothing written")
     payload = result.to_dict()
     payload["limit"] = limit
     payload["dataset"] = config.dataset
-    atomic_write_text(run_dir / EVAL_FILE, json.dumps(payload, indent=2) + "\n")
+    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
+    atomic_write_text(run_dir / eval_file_name(split, k, seed, limit), text)
+    atomic_write_text(run_dir / EVAL_FILE, text)
     return result
+
+
+def eval_file_name(split: str, k: int, seed: int, limit: int | None) -> str:
+    """The file of one evaluation's settings, ``eval-<split>-k<K>-seed<S>[-limit<N>].json``."""
+    return f"eval-{split}-k{k}-seed{seed}" + (f"-limit{limit}" if limit is not None else "") + ".json"

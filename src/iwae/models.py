@@ -45,6 +45,17 @@ class ModelConfig:
     likelihood: str = "bernoulli"
 
     def __post_init__(self) -> None:
+        def sizes(value: object) -> bool:  # a tuple of whole numbers >= 1
+            if not isinstance(value, tuple):
+                return False
+            return all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+
+        if not sizes((self.x_dim,)):
+            raise ValueError(f"x_dim must be a whole number >= 1, got {self.x_dim!r}")
+        if not sizes(self.latent_dims):
+            raise ValueError(f"latent_dims must be whole numbers >= 1, got {self.latent_dims!r}")
+        if not isinstance(self.hidden_dims, tuple) or not all(sizes(h) for h in self.hidden_dims):
+            raise ValueError(f"hidden_dims must be tuples of whole numbers >= 1, got {self.hidden_dims!r}")
         if len(self.latent_dims) != len(self.hidden_dims) or not self.latent_dims:
             raise ValueError("latent_dims and hidden_dims need one entry per stochastic layer")
         if self.activation not in ACTIVATIONS:
@@ -70,10 +81,15 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a model configuration is an object, got {data!r}")
         data = dict(data)
-        data["latent_dims"] = tuple(data["latent_dims"])
-        data["hidden_dims"] = tuple(tuple(h) for h in data["hidden_dims"])
-        return cls(**data)
+        try:
+            data["latent_dims"] = tuple(data["latent_dims"])
+            data["hidden_dims"] = tuple(tuple(h) for h in data["hidden_dims"])
+            return cls(**data)
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"malformed model configuration {data!r} ({error})") from None
 
 
 def glorot_uniform_(weight: Tensor) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from iwae.checkpoint import atomic_save_figure
+from iwae.checkpoint import WriteError, atomic_save_figure
 from iwae.data import binarize, load_dataset
 from iwae.models import LatentVariableModel
 from iwae.runs import load_model, resolve_device
@@ -80,7 +80,10 @@ def sample_figure(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise WriteError(out_path.parent, error, existed=False) from error
     atomic_save_figure(out_path, fig, dpi=100)
     plt.close(fig)
     return out_path

@@ -12,7 +12,9 @@ binarisation and noise drawn in the order :func:`iwae.train.fit` draws them, so 
 run's trajectory up to rounding), its optimiser state and its run directory, into which :func:`fit_stacked` writes
 what ``iwae train --seed S`` writes: evaluation, resume and reports take the directories unchanged. The runs'
 checkpoints are committed together (each is written to a staged file first), so a stack killed at any moment resumes
-with every run at the same epoch.
+with every run at the same epoch. As in :func:`iwae.train.fit`, everything is checked before anything is written, and
+a stack in which some runs diverge stops at the end of that epoch with a :class:`~iwae.runs.DivergenceError` naming
+them, before the epoch's metrics or checkpoints are written: every run keeps its last finite checkpoint.
 
 Shape convention: samples first within each model, after the leading model dimension: minibatches
 ``[models, batch, ...]``, noise ``[models, k, batch, d]``, log-weights ``[models, k, batch]``, bounds
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -30,23 +33,25 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from iwae import estimators
-from iwae.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, save_model
+from iwae.checkpoint import atomic_write_text, restore_checkpoint, save_checkpoint, save_model
 from iwae.config import TrainConfig
 from iwae.data import Dataset, binarize, load_dataset
+from iwae.memory import check_memory
 from iwae.objectives import Objective
 from iwae.runs import CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, RunError, resolve_device
 from iwae.train import (
     FitResult,
     build_model,
     build_optimizer,
+    check_progress,
+    check_run_dir,
+    create_run_dir,
+    divergence_error,
     load_initial_weights,
     mean_bound,
-    prepare_run_dir,
-    steps_before,
-    total_steps,
+    progress_bar,
     truncate_metrics,
 )
 
@@ -115,6 +120,12 @@ class ModelStack:
         """Log-weights ``[models, k, batch]`` of minibatches ``x`` ``[models, batch, ...]`` and noise
         ``[models, k, batch, ...]`` per stochastic layer."""
         return self._log_weights[stop_q_params](self.params, self.buffers, x, noise)
+
+    @torch.no_grad()
+    def finite_models(self) -> list[bool]:
+        """Whether each model's parameters are all finite (one host synchronisation)."""
+        finite = [torch.isfinite(p).reshape(self.size, -1).all(dim=1) for p in self.parameters()]
+        return torch.stack(finite).all(dim=0).tolist()
 
     @torch.no_grad()
     def write_to(self, models: Sequence[nn.Module]) -> None:
@@ -408,11 +419,13 @@ def fit_stacked(
     torch_device = resolve_device(device)
     if resume:
         settle_staged_checkpoints([run_dir for run_dir in run_dirs if run_dir.is_dir()])
-    resume_from = [prepare_run_dir(c, run_dir, resume) for c, run_dir in zip(configs, run_dirs, strict=True)]
+    resume_from = [check_run_dir(c, run_dir, resume) for c, run_dir in zip(configs, run_dirs, strict=True)]
     if len({path is None for path in resume_from}) > 1:
         raise RunError("some runs of this stack have a checkpoint and some have not; resume them one by one")
     data = dataset if dataset is not None else load_dataset(config.dataset, data_dir, progress=progress)
-    train_split = data.train.subset(config.train_limit).to(torch_device)
+    train_split = data.train.subset(config.train_limit)
+    check_memory(config, len(train_split), torch_device, models=len(configs))
+    train_split = train_split.to(torch_device)
     valid_split = data.valid.to(torch_device)
 
     models = [build_model(c, train_split.images, torch_device) for c in configs]
@@ -423,37 +436,31 @@ def fit_stacked(
     generators = [torch.Generator(device=torch_device).manual_seed(c.seed) for c in configs]
     epochs_done, elapsed = 0, 0.0
     if resume_from[0] is not None:
-        progress_states = []
-        for model, own, generator, path in zip(models, own_optimizers, generators, resume_from, strict=True):
-            state = load_checkpoint(path)
-            model.load_state_dict(state.model_state)
-            own.load_state_dict(state.optimizer_state)
-            generator.set_state(state.rng_state)
-            progress_states.append(state.progress)
-        if len({p["epochs_done"] for p in progress_states}) != 1:
+        progress_states = [
+            check_progress(path, restore_checkpoint(path, model, own, generator), config)
+            for model, own, generator, path in zip(models, own_optimizers, generators, resume_from, strict=True)
+        ]
+        if len({epochs for epochs, _ in progress_states}) != 1:
             raise RunError("the runs of this stack were saved at different epochs; resume them one by one")
-        epochs_done, elapsed = progress_states[0]["epochs_done"], progress_states[0]["seconds"]
-    for run_dir in run_dirs:
-        truncate_metrics(run_dir / METRICS_FILE, epochs_done)
+        epochs_done, elapsed = progress_states[0]
+    checkpoint_epoch = epochs_done if resume_from[0] is not None else None
 
     stack = ModelStack(models)
     optimizer = stack.build_optimizer(config)
     if resume_from[0] is not None:
         stack.import_optimizer_states(optimizer, models, own_optimizers)
+    # Everything is checked: only now is anything written.
+    for c, run_dir in zip(configs, run_dirs, strict=True):
+        create_run_dir(c, run_dir)
+        truncate_metrics(run_dir / METRICS_FILE, epochs_done)
     step = StackedStep(stack, [c.objective for c in configs], config.estimator, step_mode(torch_device, compile_model))
 
     n_train = len(train_split)
     stop_epoch = config.total_epochs if max_epochs is None else min(config.total_epochs, epochs_done + max_epochs)
     stage_ends = config.stage_ends()
     names = sorted({c.objective.label() for c in configs})
-    bar = tqdm(
-        total=total_steps(config, n_train),
-        initial=steps_before(config, n_train, epochs_done),
-        unit="batch",
-        desc=f"{len(configs)} stacked: {'+'.join(names)}/{config.estimator} k={config.k}",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
+    desc = f"{len(configs)} stacked: {'+'.join(names)}/{config.estimator} k={config.k}"
+    bar = progress_bar(config, n_train, epochs_done, desc, progress)
     last_save = time.monotonic()
     train_bounds: list[float] | None = None
     valid_bounds: list[float] | None = None
@@ -464,6 +471,9 @@ def fit_stacked(
         save_checkpoint(
             path, models[index], own_optimizers[index], generators[index], progress_state, configs[index].to_json()
         )
+
+    def divergence(indices: list[int], epoch: int, lr: float, what: str) -> RunError:
+        return divergence_error([run_dirs[i] for i in indices], epoch, lr, what, checkpoint_epoch, len(models))
 
     try:
         for epoch in range(epochs_done, stop_epoch):
@@ -489,11 +499,19 @@ def fit_stacked(
             elapsed += seconds
             stack.write_to(models)
             train_bounds = (bound_sums / n_train).tolist()
+            finite = stack.finite_models()
+            diverged = [i for i, ok in enumerate(finite) if not (ok and math.isfinite(train_bounds[i]))]
+            if diverged:
+                raise divergence(diverged, epoch + 1, lr, "non-finite training bound or parameters")
             valid_bounds = []
-            for index, (model, c) in enumerate(zip(models, configs, strict=True)):
+            for model, c in zip(models, configs, strict=True):
                 model.eval()
                 valid_generator = torch.Generator(device=torch_device).manual_seed(c.seed + 7919 * epochs_done)
                 valid_bounds.append(mean_bound(model, valid_split, c.valid_k, data.binarization, valid_generator))
+            diverged = [i for i, bound in enumerate(valid_bounds) if not math.isfinite(bound)]
+            if diverged:
+                raise divergence(diverged, epoch + 1, lr, "non-finite validation bound")
+            for index, c in enumerate(configs):
                 record = {
                     "epoch": epoch + 1,
                     "stage": stage,
@@ -507,14 +525,14 @@ def fit_stacked(
                     "stacked": len(models),
                 }
                 with open(run_dirs[index] / METRICS_FILE, "a") as metrics:
-                    metrics.write(json.dumps(record) + "\n")
+                    metrics.write(json.dumps(record, allow_nan=False) + "\n")
             bar.set_postfix(epoch=epoch + 1, lr=lr, bound=f"{max(train_bounds):.2f}")
             epochs_done = epoch + 1
             late = deadline is not None and time.monotonic() >= deadline
             due = time.monotonic() - last_save >= checkpoint_minutes * 60
             if epoch in stage_ends or due or late or epochs_done == stop_epoch:
                 _commit_checkpoints(run_dirs, write_checkpoint)
-                last_save = time.monotonic()
+                last_save, checkpoint_epoch = time.monotonic(), epochs_done
             if late:
                 break
     finally:

@@ -7,6 +7,12 @@ parameters equal those of an uninterrupted run with the same seed. One ``torch.G
 seeded from the config, drives shuffling, binarisation and the latent noise, and its state is
 saved in every checkpoint.
 
+Everything is checked before anything is written (the run directory, its ``config.json`` and checkpoint, the
+``init_from`` run, the data, the memory a step needs: :func:`iwae.memory.check_memory`), so a refused run leaves the
+disk as it was. A run that diverges stops at the end of the epoch in which its summed bound (read once per epoch
+anyway), its parameters or its validation bound became non-finite, with a :class:`~iwae.runs.DivergenceError`, before
+that epoch's metrics or checkpoint are written: the last finite checkpoint stays.
+
 Shape convention: minibatches ``x`` are ``[batch, x_dim]``; log-weights ``[k, batch]``.
 """
 
@@ -15,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +29,32 @@ import torch
 from tqdm import tqdm
 
 from iwae import bounds, estimators
-from iwae.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint, save_model
+from iwae.checkpoint import (
+    WriteError,
+    atomic_write_text,
+    check_model_state,
+    load_model_state,
+    nonfinite_tensors,
+    restore_checkpoint,
+    save_checkpoint,
+    save_model,
+)
 from iwae.config import TrainConfig, config_differences
 from iwae.data import Dataset, Split, binarize, load_dataset
+from iwae.memory import check_memory
 from iwae.models import LatentVariableModel
 from iwae.protocol import Model
-from iwae.runs import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunError, load_config, resolve_device
+from iwae.runs import (
+    CHECKPOINT_FILE,
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    DivergenceError,
+    RunError,
+    load_config,
+    parse_metrics,
+    resolve_device,
+)
 
 
 @dataclass
@@ -51,14 +77,22 @@ def build_model(config: TrainConfig, train_images: torch.Tensor, device: torch.d
 
 
 def load_initial_weights(model: LatentVariableModel, config: TrainConfig) -> None:
-    """Start from the final weights of the finished run ``config.init_from`` (same architecture)."""
+    """Start from the final weights of the finished run ``config.init_from`` (same architecture, all finite)."""
     source = Path(config.init_from)
-    source_config = load_config(source)
+    try:
+        source_config = load_config(source)
+    except RunError as error:
+        raise RunError(f"--init-from: {error}") from None
     if source_config.model != config.model:
-        raise RunError(f"--init-from {source}: its architecture differs from this run's; use the same --layers")
+        raise RunError(
+            f"--init-from {source}: its architecture differs from this run's; use the same --layers and --latent-dims"
+        )
     if not (source / MODEL_FILE).is_file():
         raise RunError(f"--init-from {source}: no {MODEL_FILE}, the run has not finished; finish it first")
     state, _ = load_model_state(source / MODEL_FILE)
+    check_model_state(source / MODEL_FILE, state, model)
+    if nonfinite_tensors(state):
+        raise RunError(f"--init-from {source}: {MODEL_FILE} holds non-finite parameters; start from another run")
     model.load_state_dict(state)
 
 
@@ -186,32 +220,99 @@ def steps_before(config: TrainConfig, n_train: int, epochs_done: int) -> int:
     return sum(math.ceil(n_train / config.batch_size_of_stage(config.stage_of_epoch(e)[0])) for e in range(epochs_done))
 
 
-def prepare_run_dir(config: TrainConfig, run_dir: Path, resume: bool) -> Path | None:
-    """Create the run directory, or check the one to resume; return the checkpoint to resume from."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / CONFIG_FILE
+def progress_bar(config: TrainConfig, n_train: int, epochs_done: int, desc: str, enabled: bool) -> tqdm:
+    """The bar of a run's minibatches over the whole schedule (each stage at its own minibatch), from where it is."""
+    return tqdm(
+        total=total_steps(config, n_train),
+        initial=steps_before(config, n_train, epochs_done),
+        unit="batch",
+        desc=desc,
+        disable=not enabled,
+        dynamic_ncols=True,
+    )
+
+
+def check_run_dir(config: TrainConfig, run_dir: Path, resume: bool) -> Path | None:
+    """Check, reading only, that ``run_dir`` can take this run: a new folder, or with ``resume`` a run of the same
+    settings. Returns the checkpoint to resume from (None: start afresh)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"{run_dir} is a file, not a run directory; choose another --out")
+    if not (run_dir / CONFIG_FILE).is_file():
+        return None
+    if not resume:
+        raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    differences = config_differences(load_config(run_dir), config)
+    if differences:
+        raise RunError(
+            f"{run_dir} was started with different settings ({', '.join(differences)}); "
+            "resume with the same arguments, or choose another --out"
+        )
     checkpoint = run_dir / CHECKPOINT_FILE
-    if config_path.is_file():
-        if not resume:
-            raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
-        saved = TrainConfig.from_json(config_path.read_text())
-        differences = config_differences(saved, config)
-        if differences:
-            raise RunError(
-                f"{run_dir} was started with different settings ({', '.join(differences)}); "
-                "resume with the same arguments, or choose another --out"
-            )
-        return checkpoint if checkpoint.is_file() else None
-    atomic_write_text(config_path, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-    return None
+    return checkpoint if checkpoint.is_file() else None
+
+
+def create_run_dir(config: TrainConfig, run_dir: Path) -> None:
+    """Create the run directory and its ``config.json`` (a resumed run's is kept)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise WriteError(run_dir, error, existed=False) from error
+    if not (run_dir / CONFIG_FILE).is_file():
+        atomic_write_text(run_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def prepare_run_dir(config: TrainConfig, run_dir: Path, resume: bool) -> Path | None:
+    """:func:`check_run_dir`, then :func:`create_run_dir`; returns the checkpoint to resume from."""
+    checkpoint = check_run_dir(config, run_dir, resume)
+    create_run_dir(config, run_dir)
+    return checkpoint
 
 
 def truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (they will be recomputed)."""
+    """Drop metric lines written after the checkpoint we resume from (they will be recomputed), and a last line
+    that an interrupted write left torn."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] <= epochs_done]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    kept = [record for record in parse_metrics(path) if record["epoch"] <= epochs_done]
+    atomic_write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
+
+
+# -- divergence ---------------------------------------------------------------------------------------------------
+def finite_parameters(parameters: Iterable[torch.Tensor]) -> bool:
+    """Whether every value of ``parameters`` is finite (one host synchronisation)."""
+    return bool(torch.stack([torch.isfinite(p).all() for p in parameters]).all())
+
+
+def divergence_error(
+    run_dirs: Sequence[Path], epoch: int, lr: float, what: str, checkpoint_epoch: int | None, stack_size: int = 1
+) -> DivergenceError:
+    """The one-line :class:`~iwae.runs.DivergenceError` of runs (of a stack of ``stack_size``) that diverged in
+    ``epoch`` (1-based); ``checkpoint_epoch`` is the epoch of their last checkpoint (None: none yet)."""
+    if checkpoint_epoch is None:
+        kept = "no checkpoint had been written yet"
+    elif stack_size > 1:
+        kept = f"every run of the stack keeps its last finite checkpoint (epoch {checkpoint_epoch})"
+    else:
+        kept = f"the last finite checkpoint (epoch {checkpoint_epoch}) is kept"
+    if stack_size > 1:
+        where = f"{len(run_dirs)} of the stack's {stack_size} runs: {', '.join(str(run_dir) for run_dir in run_dirs)}"
+        others = " (the others can resume one by one with --resume)" if len(run_dirs) < stack_size else ""
+    else:
+        where, others = str(run_dirs[0]), ""
+    return DivergenceError(
+        f"training diverged in epoch {epoch} at learning rate {lr:g} ({what}) in {where}; {kept}; "
+        f"train again with a lower --lr in a new --out{others}",
+        run_dirs,
+        epoch,
+    )
+
+
+def check_progress(path: Path, progress: dict, config: TrainConfig) -> tuple[int, float]:
+    """The (epochs done, seconds) of a checkpoint's progress, which must lie within the run's schedule."""
+    epochs_done = progress["epochs_done"]
+    if epochs_done > config.total_epochs:
+        raise RunError(f"{path} is at epoch {epochs_done}, past the schedule's {config.total_epochs}; restore it")
+    return epochs_done, float(progress.get("seconds", 0.0))
 
 
 def fit(
@@ -239,9 +340,11 @@ def fit(
     """
     run_dir = Path(run_dir)
     torch_device = resolve_device(device)
-    resume_from = prepare_run_dir(config, run_dir, resume)
+    resume_from = check_run_dir(config, run_dir, resume)
     data = dataset if dataset is not None else load_dataset(config.dataset, data_dir, progress=progress)
-    train_split = data.train.subset(config.train_limit).to(torch_device)
+    train_split = data.train.subset(config.train_limit)
+    check_memory(config, len(train_split), torch_device)
+    train_split = train_split.to(torch_device)
     valid_split = data.valid.to(torch_device)
 
     model = build_model(config, train_split.images, torch_device)
@@ -252,24 +355,18 @@ def fit(
     generator = torch.Generator(device=torch_device).manual_seed(config.seed)
     epochs_done, elapsed = 0, 0.0
     if resume_from is not None:
-        state = load_checkpoint(resume_from)
-        model.load_state_dict(state.model_state)
-        optimizer.load_state_dict(state.optimizer_state)
-        generator.set_state(state.rng_state)
-        epochs_done, elapsed = state.progress["epochs_done"], state.progress["seconds"]
+        state = restore_checkpoint(resume_from, model, optimizer, generator)
+        epochs_done, elapsed = check_progress(resume_from, state, config)
+    checkpoint_epoch = epochs_done if resume_from is not None else None
+    # Everything is checked: only now is anything written.
+    create_run_dir(config, run_dir)
     truncate_metrics(run_dir / METRICS_FILE, epochs_done)
 
     n_train = len(train_split)
     stop_epoch = config.total_epochs if max_epochs is None else min(config.total_epochs, epochs_done + max_epochs)
     stage_ends = config.stage_ends()
-    bar = tqdm(
-        total=total_steps(config, n_train),
-        initial=steps_before(config, n_train, epochs_done),
-        unit="batch",
-        desc=f"{config.objective.label()}/{config.estimator} k={config.k}",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
+    desc = f"{config.objective.label()}/{config.estimator} k={config.k}"
+    bar = progress_bar(config, n_train, epochs_done, desc, progress)
     last_save = time.monotonic()
     train_bound = valid_bound = None
     try:
@@ -293,9 +390,15 @@ def fit(
             elapsed += seconds
             model.eval()
             train_bound = bound_sum.item() / n_train
+            if not math.isfinite(train_bound) or not finite_parameters(model.parameters()):
+                what = f"training bound {train_bound}" if not math.isfinite(train_bound) else "non-finite parameters"
+                raise divergence_error([run_dir], epoch + 1, lr, what, checkpoint_epoch)
             # Monitoring draws from its own generator, so it never changes the training trajectory.
             valid_generator = torch.Generator(device=torch_device).manual_seed(config.seed + 7919 * epochs_done)
             valid_bound = mean_bound(model, valid_split, config.valid_k, data.binarization, valid_generator)
+            if not math.isfinite(valid_bound):
+                what = f"validation bound {valid_bound}"
+                raise divergence_error([run_dir], epoch + 1, lr, what, checkpoint_epoch)
             record = {
                 "epoch": epoch + 1,
                 "stage": stage,
@@ -308,7 +411,7 @@ def fit(
                 "examples_per_second": n_train / seconds,
             }
             with open(run_dir / METRICS_FILE, "a") as metrics:
-                metrics.write(json.dumps(record) + "\n")
+                metrics.write(json.dumps(record, allow_nan=False) + "\n")
             bar.set_postfix(epoch=epoch + 1, lr=lr, bound=f"{train_bound:.2f}", valid=f"{valid_bound:.2f}")
             epochs_done = epoch + 1
             due = time.monotonic() - last_save >= checkpoint_minutes * 60
@@ -317,7 +420,7 @@ def fit(
                 save_checkpoint(
                     run_dir / CHECKPOINT_FILE, model, optimizer, generator, progress_state, config.to_json()
                 )
-                last_save = time.monotonic()
+                last_save, checkpoint_epoch = time.monotonic(), epochs_done
     finally:
         bar.close()
     complete = epochs_done == config.total_epochs

@@ -3,10 +3,13 @@
 Only this package reads ``sys.argv``. Each command lives in a module of ``iwae.cli`` listed in
 :data:`COMMAND_MODULES`; the module's ``register(subparsers)`` adds its parsers, each with
 ``set_defaults(handler=fn)``, where ``fn`` takes the parsed arguments and returns the JSON-serialisable result
-to print. Bad arguments and missing files end with a one-line error on stderr and exit code 2; results go to
-stdout as one JSON object. A file that cannot be written (:class:`iwae.checkpoint.WriteError`: a full disk, a quota,
-a read-only folder) ends with a one-line error and exit code 1, not 2: the command was right and the previous file is
-intact, so the same command succeeds once space is freed; 2 stays the sign of arguments or inputs to change.
+to print. Bad arguments and inputs (flags, configuration files, damaged checkpoints) end with a one-line error on
+stderr and exit code 2, having changed nothing on disk; results go to stdout as one JSON object, strictly JSON: a
+non-finite number (NaN, an infinity) is written as null. A run that diverges (:class:`iwae.runs.DivergenceError`)
+stops with one line and exit code 2, its last finite checkpoint kept. A file that cannot be written
+(:class:`iwae.checkpoint.WriteError`: a full disk, a quota, a read-only folder) ends with a one-line error and exit
+code 1, not 2: the command was right and the previous file is intact, so the same command succeeds once space is
+freed; 2 stays the sign of arguments or inputs to change.
 
 Building the parser imports no torch (the command modules defer it to their handlers), so ``iwae --help`` and
 usage errors answer at once.
@@ -16,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from iwae import __version__
 from iwae.cli import analyses, bench, run, snr, sweep
@@ -59,25 +64,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(error, file=sys.stderr)
         return EXIT_USAGE
-    # Deferred on purpose: iwae.data and iwae.runs import torch (seconds), which --help and usage errors skip.
-    from iwae.checkpoint import WriteError
-    from iwae.data import DataError
-    from iwae.runs import RunError
-
     try:
         payload = args.handler(args)
     except UsageError as error:
         print(error, file=sys.stderr)
         return EXIT_USAGE
-    except WriteError as error:  # its message is one line: the path, the reason, what to do
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_WRITE
-    except (DataError, RunError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; continue with the same command and --resume", file=sys.stderr)
         return 130
+    except Exception as error:
+        code = _exit_code(error)
+        if code is None:
+            raise
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return code
     for item in payload if isinstance(payload, list) else [payload]:  # a list: one JSON line per item
-        print(json.dumps(item))
+        print(json.dumps(finite_json(item), allow_nan=False))
     return 0
+
+
+def _exit_code(error: Exception) -> int | None:
+    """The exit code of an error the handlers report in one line (None: a bug, raised with its traceback)."""
+    # Deferred on purpose: iwae.data and iwae.runs import torch (seconds), which --help and usage errors skip.
+    from iwae.checkpoint import WriteError
+    from iwae.data import DataError
+    from iwae.runs import RunError
+
+    if isinstance(error, WriteError):  # its message is one line: the path, the reason, what to do
+        return EXIT_WRITE
+    if isinstance(error, DataError | RunError | OSError | ValueError):  # OSError: an unreadable input, say
+        return EXIT_USAGE
+    return None
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
+def finite_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, an infinity) replaced by None, which JSON writes as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(item) for item in value]
+    return value

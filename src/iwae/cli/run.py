@@ -8,44 +8,63 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from iwae.cli.common import LazyChoices, UsageError, add_run_options, positive_int, seed_list
+from iwae.cli.common import (
+    UsageError,
+    add_run_options,
+    fraction,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    positive_int_list,
+    schedule,
+    seed,
+    seed_list,
+    writable_location,
+)
+from iwae.names import DATASET_NAMES, ESTIMATOR_NAMES, OBJECTIVE_NAMES
 
-# Deferred on purpose: the registries behind the choices and everything the handlers call (iwae.train,
-# iwae.evaluate, iwae.sampling, iwae.fast) import torch, which takes seconds that ``iwae --help`` and usage
-# errors should not pay. The imports are inside the functions below.
+# Deferred on purpose: everything the handlers call (iwae.train, iwae.evaluate, iwae.sampling, iwae.fast) imports
+# torch, which takes seconds that ``iwae --help`` and usage errors should not pay. The imports are inside the
+# functions below; the choices come from iwae.names, which imports nothing.
+
+# iwae eval's largest --k: L_k costs k samples per example, and at 10^6 the 10,000 MNIST test examples already take
+# about 11 hours on this project's 2-core CPU (20 s per 1,000 examples at k = 5000); memory is bounded whatever k is
+# (iwae.evaluate draws the samples in chunks).
+MAX_EVAL_K = 1_000_000
 
 
-def _dataset_names():
-    from iwae.data import DATASETS
+def eval_k(text: str) -> int:
+    """argparse type: iwae eval's --k, a whole number 1..:data:`MAX_EVAL_K`."""
+    value = positive_int(text)
+    if value > MAX_EVAL_K:
+        raise argparse.ArgumentTypeError(
+            f"expected at most {MAX_EVAL_K:,}, got {value:,}: L_k draws k samples per example, and at {MAX_EVAL_K:,} "
+            "the 10,000 test examples already take hours (Burda's k is 5000)"
+        )
+    return value
 
-    return DATASETS
 
-
-def _objective_names():
-    from iwae.objectives import objective_names
-
-    return objective_names()
-
-
-def _estimator_names():
-    from iwae.estimators import ESTIMATOR_NAMES
-
-    return ESTIMATOR_NAMES
+def at_least_two(text: str) -> int:
+    """argparse type: iwae eval's --limit, a whole number >= 2 (active units are a variance over the examples)."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError("expected a number >= 2 (active units are a variance over examples), got 1")
+    return value
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a VAE or IWAE", description="Train a VAE or IWAE (Burda et al.).")
-    p.add_argument("--dataset", default="mnist", choices=LazyChoices(_dataset_names), metavar="DATASET",
+    p.add_argument("--dataset", default="mnist", choices=DATASET_NAMES, metavar="DATASET",
                    help="%(choices)s (default %(default)s)")  # fmt: skip
     p.add_argument(
         "--objective",
         default="iwae",
-        choices=LazyChoices(_objective_names),
+        choices=OBJECTIVE_NAMES,
         metavar="OBJECTIVE",
         help="bound to train: %(choices)s (default %(default)s; miwae/piwae need --M, ciwae --beta, power --p, "
         "vr --alpha)",
     )
-    p.add_argument("--estimator", default="standard", choices=LazyChoices(_estimator_names), metavar="ESTIMATOR",
+    p.add_argument("--estimator", default="standard", choices=ESTIMATOR_NAMES, metavar="ESTIMATOR",
                    help="gradient estimator: %(choices)s (default %(default)s)")  # fmt: skip
     p.add_argument("--M", type=positive_int, default=1, help="miwae/piwae: split the k samples into M groups")
     p.add_argument("--beta", type=float, help="ciwae: weight of the ELBO, 0..1")
@@ -55,12 +74,13 @@ def register(subparsers) -> None:
     p.add_argument("--layers", type=int, default=1, choices=[1, 2], help="stochastic layers (Burda's nets)")
     when = p.add_mutually_exclusive_group()
     when.add_argument("--epochs", type=positive_int, help="one stage of N passes at --lr")
-    when.add_argument("--schedule", help="'burda' (3,280 passes, default) or 'burda:S' (its first S stages)")
-    p.add_argument("--lr", type=float, help="learning rate with --epochs (default 1e-3)")
+    when.add_argument("--schedule", type=schedule,
+                      help="'burda' (3,280 passes, default) or 'burda:S' (its first S stages)")  # fmt: skip
+    p.add_argument("--lr", type=positive_float, help="learning rate with --epochs (default 1e-3)")
     p.add_argument("--batch-size", type=positive_int, default=20)
-    p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (paper 0.9; the authors' code 0.99)")
+    p.add_argument("--beta1", type=fraction, default=0.9, help="Adam beta1 (paper 0.9; the authors' code 0.99)")
     seeds = p.add_mutually_exclusive_group()
-    seeds.add_argument("--seed", type=int, default=0)
+    seeds.add_argument("--seed", type=seed, default=0)
     seeds.add_argument(
         "--seeds",
         type=seed_list,
@@ -72,11 +92,12 @@ def register(subparsers) -> None:
                    "have fallen (Smith et al. 2018); fixed (default): one minibatch size")  # fmt: skip
     p.add_argument("--lr-scale", choices=["none", "linear", "sqrt"],
                    help="scale the schedule's learning rates for a --batch-size other than Burda's 20")  # fmt: skip
-    p.add_argument("--k-schedule", metavar="K,K,...", help="one k per stage of the schedule, ending at --k")
+    p.add_argument("--k-schedule", type=positive_int_list, metavar="K,K,...",
+                   help="one k per stage of the schedule, ending at --k")  # fmt: skip
     p.add_argument("--train-limit", type=positive_int, help="train on the first N training examples only")
     p.add_argument("--activation", default="tanh", choices=["tanh", "relu", "softplus"])
-    p.add_argument("--latent-dims", help="override latent sizes, e.g. '2' or '100,50'")
-    p.add_argument("--checkpoint-minutes", type=float, default=2.0, help="checkpoint at least this often")
+    p.add_argument("--latent-dims", type=positive_int_list, help="override latent sizes, e.g. '2' or '100,50'")
+    p.add_argument("--checkpoint-minutes", type=non_negative_float, default=2.0, help="checkpoint at least this often")
     p.add_argument("--max-epochs", type=positive_int, help="stop after N epochs of this call (resume later)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     p.add_argument(
@@ -93,10 +114,11 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("eval", help="test NLL (L_k), active units, KL and reconstruction terms")
     p.add_argument("run", help="run directory")
-    p.add_argument("--k", type=positive_int, default=5000, help="samples per example of L_k (default 5000)")
+    p.add_argument("--k", type=eval_k, default=5000,
+                   help=f"samples per example of L_k (default 5000, at most {MAX_EVAL_K:,})")  # fmt: skip
     p.add_argument("--split", default="test", choices=["test", "train", "valid"])
-    p.add_argument("--limit", type=positive_int, help="only the first N examples of the split")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=at_least_two, help="only the first N examples of the split (N >= 2)")
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--batch-size", type=positive_int, default=100)
     p.add_argument("--no-prune", action="store_true", help="skip the NLL with inactive units removed")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for L_k (for GPUs; slower on a CPU)")
@@ -106,7 +128,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("sample", help="PNG of prior samples, reconstructions and interpolations")
     p.add_argument("run", help="run directory")
     p.add_argument("--out", help="PNG path (default RUN/samples.png)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     add_run_options(p)
     p.set_defaults(handler=cmd_sample)
 
@@ -131,9 +153,10 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> dict | list[dict]:
+    writable_location(args.out, "--out", "iwae train")  # before torch is imported, and before anything is created
+    config = _train_config(args)
     from iwae.fast import allocator
 
-    config = _train_config(args)
     # Training starts with glibc's malloc thresholds fixed (iwae.fast.allocator): faster steps with large
     # temporaries, at the cost of freed memory kept resident, which eval and sample would pay for nothing.
     allocator.configure()
@@ -200,6 +223,8 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 
 
 def cmd_sample(args: argparse.Namespace) -> dict:
+    if args.out is not None:
+        writable_location(args.out, "--out", "iwae sample", folder=False)
     from iwae.sampling import sample_run
 
     path = sample_run(args.run, args.out, seed=args.seed, device=args.device, data_dir=args.data_dir)

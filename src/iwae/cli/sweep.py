@@ -1,12 +1,18 @@
 """``iwae sweep``, ``iwae reproduce``, ``iwae results`` and ``iwae report``: grids of runs and their report.
 
-- ``iwae sweep GRID.toml --workers N --out DIR`` runs a grid (a TOML file or a preset name).
+- ``iwae sweep GRID.toml --workers N --out DIR`` runs a grid (a TOML file or a preset name) on this machine;
+  ``--executor slurm`` submits it as Slurm job arrays instead (:mod:`iwae.lab.cluster`). The sweep owns DIR
+  while it runs: a second sweep there stops with one line naming the holder (exit 2), or waits (``--wait``).
 - ``iwae reproduce table1 --preset quick|smoke|full`` (``table2``, ``ksweep``) runs a shipped preset
   and writes ``DIR/report.md`` and ``DIR/report.html``.
-- ``iwae results DIR [--csv FILE]`` lists the runs in a sweep's database and exports them.
+- ``iwae results DIR [--csv FILE] [--rescan]`` lists the runs in a sweep's database and exports them;
+  ``--rescan`` first indexes the runs' result files (what cluster jobs wrote) into it.
 - ``iwae report DIR [DIR ...] --out REPORT`` writes ``REPORT.md`` and a self-contained ``REPORT.html``.
 
-Each handler returns the JSON object the CLI prints; tables and progress go to stderr.
+Each handler returns the JSON object the CLI prints; tables and progress go to stderr. A bad grid is one line
+on stderr and exit code 2, with nothing written. A sweep (or reproduce) some of whose runs failed, diverged or
+were busy (held by another process) prints its JSON summary all the same, then one line on stderr, and exits
+with code 1 (:data:`EXIT_RUNS_FAILED`).
 """
 
 from __future__ import annotations
@@ -19,11 +25,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from iwae.cli.common import add_run_options
+from iwae.cli.common import UsageError, add_run_options, non_negative_int, positive_int
 
 # Deferred on purpose: the lab (iwae.lab.experiments, iwae.lab.store, iwae.lab.reports) imports torch, which takes
 # seconds that ``iwae --help`` and usage errors should not pay; the handlers import what they use.
 
+EXIT_RUNS_FAILED = 1
+# iwae sweep's cluster flags (argparse dest) -> the field of iwae.lab.cluster.ClusterOptions they set.
+CLUSTER_FLAGS = {
+    "partition": "partition",
+    "time_limit": "time_limit_min",
+    "gpus_per_task": "gpus_per_task",
+    "array_parallelism": "array_parallelism",
+}
 REPRODUCIBLE = {"table1": ("smoke", "quick", "full"), "table2": (), "ksweep": (), "schedules": ("smoke", "quick")}
 # Columns of the store copied into the CSV as they are.
 STORE_COLUMNS = (
@@ -72,9 +86,10 @@ def _add_runner_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=_workers, default=1, help="runs at a time, each with cores/N threads")
     parser.add_argument(
         "--stack",
-        choices=["on", "off"],
-        default="on",
-        help="on (default): train runs that differ only in seed, objective or init_from as one stacked computation",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="train runs that differ only in seed, objective or init_from as one stacked computation: on, off, or "
+        "auto (default: on a GPU only; on a CPU the single runs' fast path is as fast)",
     )
     add_run_options(parser)
 
@@ -83,7 +98,19 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("sweep", help="run a grid of experiments (TOML file or preset), resumably")
     p.add_argument("grid", help="grid TOML file, or a preset name (table1-smoke, table1-quick, ...)")
     p.add_argument("--out", required=True, help="sweep directory (runs/ and results.sqlite)")
+    p.add_argument("--wait", action="store_true", help="if another sweep is running in --out, wait for it to end")
     _add_runner_options(p)
+    cluster = p.add_argument_group("cluster (--executor slurm: each phase one Slurm job array, through submitit)")
+    cluster.add_argument("--executor", choices=["local", "slurm"], default="local",
+                         help="local (default): processes on this machine; slurm: a job array per phase")  # fmt: skip
+    cluster.add_argument("--partition", metavar="NAME", help="Slurm partition (default: the cluster's)")
+    # The cluster flags default to None (ClusterOptions' defaults, named in the help), so that one given with
+    # --executor local is seen and refused.
+    cluster.add_argument("--time-limit", type=positive_int, metavar="MINUTES",
+                         help="time limit of each task (default 1440)")  # fmt: skip
+    cluster.add_argument("--gpus-per-task", type=non_negative_int, metavar="N", help="GPUs per task (default 0)")
+    cluster.add_argument("--array-parallelism", type=positive_int, metavar="N",
+                         help="tasks of an array that run at once (default 64)")  # fmt: skip
     p.set_defaults(handler=cmd_sweep)
 
     p = subparsers.add_parser("reproduce", help="run one of Burda et al.'s tables from a preset, then report")
@@ -96,6 +123,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("results", help="list the runs of a sweep; export them as CSV")
     p.add_argument("dir", help="sweep directory")
     p.add_argument("--csv", help="write the runs to this CSV file")
+    p.add_argument("--rescan", action="store_true",
+                   help="first index the runs' result files (runs/*/result.json) into the database")  # fmt: skip
     p.set_defaults(handler=cmd_results)
 
     p = subparsers.add_parser("report", help="Markdown + HTML report: our tables beside the paper's, figures")
@@ -117,7 +146,20 @@ def _preset_for(what: str, preset: str | None) -> str:
     return f"{what}-{preset}"
 
 
-def _run(grid_source: str, out: str, args: argparse.Namespace) -> dict[str, Any]:
+def _runner(args: argparse.Namespace):
+    """The sweep's runner: None (the local one), or a :class:`~iwae.lab.cluster.SubmititRunner` for Slurm."""
+    given = {flag: value for flag in CLUSTER_FLAGS if (value := getattr(args, flag)) is not None}
+    if args.executor == "local":
+        if given:
+            flag = "--" + next(iter(given)).replace("_", "-")
+            raise UsageError(f"iwae sweep: {flag} goes with --executor slurm (see 'iwae sweep --help')")
+        return None
+    from iwae.lab.cluster import ClusterOptions, SubmititRunner
+
+    return SubmititRunner(ClusterOptions(**{CLUSTER_FLAGS[flag]: value for flag, value in given.items()}))
+
+
+def _run(grid_source: str, out: str, args: argparse.Namespace, runner=None) -> dict[str, Any]:
     from iwae.lab.experiments import load_grid, run_sweep
 
     return run_sweep(
@@ -127,12 +169,28 @@ def _run(grid_source: str, out: str, args: argparse.Namespace) -> dict[str, Any]
         device=args.device,
         data_dir=args.data_dir,
         progress=not args.no_progress,
-        stack=args.stack == "on",
+        stack=None if args.stack == "auto" else args.stack == "on",
+        wait=getattr(args, "wait", False),
+        runner=runner,
     )
 
 
+def _finish(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary to print; where runs failed, diverged or were busy, print it here, then one line on stderr,
+    and exit with :data:`EXIT_RUNS_FAILED`."""
+    problems = {status: summary[status] for status in ("failed", "diverged", "busy") if summary.get(status)}
+    if not problems:
+        return summary
+    print(json.dumps(summary))
+    counts = ", ".join(f"{len(names)} {status} ({', '.join(sorted(names))})" for status, names in problems.items())
+    print(f"sweep {summary['out']}: of {summary['runs']} runs, {counts}; see 'iwae results {summary['out']}'",
+          file=sys.stderr)  # fmt: skip
+    raise SystemExit(EXIT_RUNS_FAILED)
+
+
 def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
-    return _run(args.grid, args.out, args)
+    runner = _runner(args)  # before anything runs: a misplaced flag is a usage error
+    return _finish(_run(args.grid, args.out, args, runner))
 
 
 def cmd_reproduce(args: argparse.Namespace) -> dict[str, Any]:
@@ -146,7 +204,7 @@ def cmd_reproduce(args: argparse.Namespace) -> dict[str, Any]:
     _print_table(_summaries(out))
     if args.what == "schedules":
         summary["schedules"] = _write_schedules(out)
-    return summary
+    return _finish(summary)
 
 
 def _write_schedules(directory: str) -> str:
@@ -211,6 +269,14 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def cmd_results(args: argparse.Namespace) -> dict[str, Any]:
+    indexed = None
+    if args.rescan:
+        from iwae.lab.experiments import rescan, sweep_lock
+
+        if not Path(args.dir).is_dir():
+            raise ValueError(f"no sweep directory {args.dir}")
+        with sweep_lock(args.dir):  # the database's one writer while it indexes
+            indexed = rescan(args.dir)
     rows = _summaries(args.dir)
     _print_table(rows)
     if args.csv:
@@ -223,7 +289,8 @@ def cmd_results(args: argparse.Namespace) -> dict[str, Any]:
         writer.writerows(rows)
         atomic_write_text(args.csv, table.getvalue())  # UTF-8, written whole or not at all
     brief = [{key: r[key] for key in ("name", "status", "nll", "active_units", "seconds_per_epoch")} for r in rows]
-    return {"dir": args.dir, "runs": brief, "csv": args.csv}
+    result = {"dir": args.dir, "runs": brief, "csv": args.csv}
+    return result if indexed is None else {**result, "indexed": len(indexed)}
 
 
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:

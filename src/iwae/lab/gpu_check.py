@@ -225,7 +225,9 @@ def _train_column(settings: CheckSettings, out: Path, data_dir: str | None, seco
             "eval_limit": settings.eval_limit,
         }  # fmt: skip
         command = [sys.executable, "-m", "iwae.lab.gpu_check", json.dumps(spec)]
-        log = open(out / f"column-k{k}.log", "w")  # noqa: SIM115 (closed below)
+        log_path = out / f"column-k{k}.log"
+        log_path.unlink(missing_ok=True)  # a fresh file: "x" creates it exclusively, never through a planted link
+        log = open(log_path, "x")  # noqa: SIM115 (closed below)
         processes.append((k, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
     started = time.perf_counter()
     failures = {}

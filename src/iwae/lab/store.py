@@ -1,13 +1,17 @@
 """The results database of a sweep: one SQLite file (``DIR/results.sqlite``), one row per run.
 
-Several worker processes write to it at once. The database runs in WAL mode (readers never block
-the writer), every connection waits up to ``BUSY_TIMEOUT_S`` for a lock, and each write is one short
-transaction retried with back-off if SQLite still reports the database busy or locked. A row holds
-the run's configuration (JSON), status (``pending`` / ``running`` / ``finished`` / ``failed``),
-timestamps (ISO 8601, UTC), timings (``seconds``: training time summed over epochs and resumed calls;
-``seconds_per_epoch`` its mean), final train and validation bounds, the evaluation results
-(the ``eval.json`` object, JSON), the per-epoch metrics (JSON list, for learning curves) and the
-environment it ran in (package and torch versions, device, git commit or NULL).
+A sweep is the database's one writer: its workers and cluster jobs write each run's row to the run's
+``result.json``, which the sweep (or ``iwae results DIR --rescan``) indexes here
+(:mod:`iwae.lab.experiments`), so no process on another machine writes the file over a shared file
+system. Processes on one machine may still write at once (``execute`` called by a launcher, readers
+during a sweep): the database runs in WAL mode (readers never block the writer), every connection
+waits up to ``BUSY_TIMEOUT_S`` for a lock, and each write is one short transaction retried with
+back-off if SQLite still reports the database busy or locked. A row holds the run's configuration
+(JSON), status (``pending`` / ``running`` / ``finished`` / ``failed`` / ``diverged``: a non-finite
+bound stopped it), timestamps (ISO 8601, UTC), timings (``seconds``: training time summed over
+epochs and resumed calls; ``seconds_per_epoch`` its mean), final train and validation bounds, the
+evaluation results (the ``eval.json`` object, JSON), the per-epoch metrics (JSON list, for learning
+curves) and the environment it ran in (package and torch versions, device, git commit or NULL).
 
 No tensors live here; the shape convention of the package does not arise.
 """
@@ -27,7 +31,7 @@ from typing import Any, TypeVar
 DB_FILE = "results.sqlite"
 BUSY_TIMEOUT_S = 60.0
 RETRIES = 20
-STATUSES = ("pending", "running", "finished", "failed")
+STATUSES = ("pending", "running", "finished", "failed", "diverged")
 
 COLUMNS: dict[str, str] = {
     "name": "TEXT PRIMARY KEY",

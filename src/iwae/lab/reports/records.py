@@ -1,6 +1,9 @@
 """Finished runs read from the sweep databases (:mod:`iwae.lab.store`) as :class:`RunRecord`, and how the report
 groups them: runs that differ only in their seed make one :class:`Cell` (mean and sample standard deviation over
-the seeds), the cells of Table 1 and the k-sweeps, and training budgets."""
+the seeds), the cells of Table 1 and the k-sweeps, and training budgets.
+
+A record keeps a sample grid's path only if it resolves inside the sweep folder the row came from: a report embeds
+no file that a database row names elsewhere."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from iwae.config import BURDA_STAGES, TrainConfig
-from iwae.lab.experiments import train_config
+from iwae.lab.experiments import inside, train_config
 from iwae.lab.store import DB_FILE, ResultStore
 from iwae.models import ModelConfig
 
@@ -59,8 +62,9 @@ def is_table1_run(record: RunRecord) -> bool:
     return record.init_from is None and record.estimator == "standard" and record.objective in ("vae", "iwae")
 
 
-def _record(row: dict[str, Any], label: str) -> RunRecord:
+def _record(row: dict[str, Any], label: str, sweep_dir: str | Path) -> RunRecord:
     config = train_config(row["config"])
+    samples = row["samples_png"]
     evaluation = row["eval"]
     return RunRecord(
         label=label,
@@ -86,7 +90,7 @@ def _record(row: dict[str, Any], label: str) -> RunRecord:
         valid_bound=float(row["valid_bound"]),
         log_activity=evaluation.get("log_activity", []),
         metrics=row["metrics"] or [],
-        samples_png=row["samples_png"],
+        samples_png=samples if samples and inside(samples, sweep_dir) else None,
         config=config,
         env={key: row[key] for key in ("package_version", "torch_version", "device", "git_commit")},
     )
@@ -105,7 +109,7 @@ def load_records(sweep_dirs: list[str | Path]) -> tuple[list[RunRecord], list[di
                 if run_dir in seen_dirs:  # one run recorded by several grids (the sweep reused it)
                     continue
                 seen_dirs.add(run_dir)
-                records.append(_record(row, prefix + row["name"]))
+                records.append(_record(row, prefix + row["name"], directory))
             else:
                 unfinished.append(row)
     return records, unfinished

@@ -1,0 +1,94 @@
+"""Advisory locks: a sweep owns its folder (``DIR/.sweep.lock``), a worker the run it trains (``runs/NAME/.lock``).
+
+A lock is ``fcntl.flock`` on an open file, so the kernel drops it when its holder ends, however it ends
+(``kill -9`` included): a lock never outlives its process and there is nothing stale to clean up. The holder writes
+its pid, host and start time into the file, for the one-line message of a process that is refused (the text stays
+after release; only the flock says whether the file is held). The locks keep this package's own processes apart
+and nothing else. On a network file system flock holds across machines where the client maps it to POSIX locks
+(Linux NFS does; Lustre when mounted with ``flock``). Where there is no ``fcntl`` (Windows), ``msvcrt.locking``
+locks one byte far past the holder's text instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
+FAR_BYTE = 2**30  # the byte msvcrt.locking locks (Windows), beyond any holder text
+POLL_S = 0.5
+
+
+class LockBusy(ValueError):
+    """Another process holds the lock; the message names it (pid, host, since when)."""
+
+
+def _try_lock(fd: int, block: bool) -> bool:
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        return True
+    import msvcrt  # Windows only
+
+    os.lseek(fd, FAR_BYTE, os.SEEK_SET)
+    while True:
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            if not block:
+                return False
+            time.sleep(POLL_S)
+
+
+def holder(path: str | Path) -> str:
+    """Who holds (or last held) the lock at ``path``: 'pid P on host H since T', from the text its holder wrote."""
+    try:
+        info = json.loads(Path(path).read_text())
+        return f"pid {info['pid']} on host {info['host']} since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextmanager
+def hold(
+    path: str | Path,
+    *,
+    what: str,
+    hint: str = "",
+    wait: bool = False,
+    on_wait: Callable[[str], None] | None = None,
+) -> Iterator[None]:
+    """Hold the lock ``path`` (created if missing) for the block. If another process holds it, raise
+    :class:`LockBusy` ('``what`` is in use by pid ... on host ... since ...', then ``hint``), or with ``wait``
+    block until it is free (calling ``on_wait`` with that message first)."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the holder's text must survive our attempt
+    try:
+        if not _try_lock(fd, block=False):
+            message = f"{what} is in use by {holder(path)}"
+            if not wait:
+                raise LockBusy(f"{message}; {hint}" if hint else message)
+            if on_wait is not None:
+                on_wait(f"waiting: {message}")
+            _try_lock(fd, block=True)
+        since = datetime.now(UTC).isoformat(timespec="seconds")
+        text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since})
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.ftruncate(fd, 0)
+        os.write(fd, text.encode() + b"\n")
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -188,7 +188,19 @@ def _finish(summary: dict[str, Any]) -> dict[str, Any]:
     raise SystemExit(EXIT_RUNS_FAILED)
 
 
+def _check_grid_source(source: str) -> None:
+    """A grid that is neither a file nor a shipped preset is a usage error, told before torch is imported."""
+    from importlib import resources
+
+    presets = {entry.name.removesuffix(".toml") for entry in (resources.files("iwae") / "presets").iterdir()}
+    if not Path(source).is_file() and source not in presets:
+        raise UsageError(
+            f"iwae sweep: no grid file {source!r} and no such preset; presets: {', '.join(sorted(presets))}"
+        )
+
+
 def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    _check_grid_source(args.grid)
     runner = _runner(args)  # before anything runs: a misplaced flag is a usage error
     return _finish(_run(args.grid, args.out, args, runner))
 

@@ -181,3 +181,27 @@ def test_the_graphs_modes_bookkeeping_matches_the_eager_step() -> None:
     assert len(steps[1]._graphs) == 2  # one entry per shape
     for name in eager.params:
         assert torch.equal(eager.params[name], graphed.params[name]), name
+
+
+def test_a_failed_cuda_graph_capture_falls_back_to_the_eager_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device that refuses the capture must not end the run: the step goes on eagerly, and says so."""
+    import iwae.stacked
+
+    def refuse(self, step, x, noise):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(iwae.stacked._Graphed, "__init__", refuse)
+    configs = [_config(seed=seed) for seed in (0, 1)]
+    images = torch.rand(30, 784)
+    stacks = [ModelStack([build_model(c, images, torch.device("cpu")) for c in configs]) for _ in range(2)]
+    objectives = [c.objective for c in configs]
+    graphed, eager = (
+        StackedStep(stacks[0], objectives, "standard", "graphs"),
+        StackedStep(stacks[1], objectives, "standard"),
+    )
+    x = torch.bernoulli(images[:10].expand(2, 10, 784), generator=torch.Generator().manual_seed(0))
+    noise = [torch.randn(2, 3, 10, 8, generator=torch.Generator().manual_seed(1))]
+    with pytest.warns(UserWarning, match="CUDA graph capture failed"):
+        bounds = graphed(x, noise)
+    assert torch.equal(bounds, eager(x, noise)) and graphed.mode == "eager"
+    assert "CUDA graphs failed: operation not permitted" in graphed.description

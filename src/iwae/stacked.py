@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -262,18 +263,25 @@ class StackedStep:
         self.capture = capture
         self.losses = torch.compile(stacked_losses, dynamic=False) if mode == "compile" else stacked_losses
         self._graphs: dict[tuple, _Graphed] = {}
+        self.graphs_failure: str | None = None  # why a CUDA graph capture failed, where one did (then: eager)
 
     @property
     def description(self) -> str:
         how = {"eager": "", "compile": ", torch.compile", "graphs": ", CUDA graphs"}[self.mode]
-        return f"stacked ({self.stack.size} models): autograd, torch.func.vmap{how}"
+        fallback = f" (CUDA graphs failed: {self.graphs_failure})" if self.graphs_failure else ""
+        return f"stacked ({self.stack.size} models): autograd, torch.func.vmap{how}{fallback}"
 
     def __call__(self, x: Tensor, noise: list[Tensor]) -> Tensor:
         if self.mode == "graphs":
             key = (tuple(x.shape), *(tuple(n.shape) for n in noise))
             graphed = self._graphs.get(key)
             if graphed is None:
-                graphed = self._graphs[key] = _Graphed(self, x, noise)
+                try:
+                    graphed = self._graphs[key] = _Graphed(self, x, noise)
+                except RuntimeError as error:  # a capture the device refuses: the same step, eagerly, and say so
+                    self.mode, self.graphs_failure = "eager", str(error).splitlines()[0][:200]
+                    warnings.warn(f"CUDA graph capture failed, training eagerly: {self.graphs_failure}", stacklevel=2)
+                    return self(x, noise)
             bounds, grads = graphed.replay(x, noise)
         else:
             bounds, grads = stacked_gradients(self.stack, x, noise, self.objectives, self.estimator, self.losses)

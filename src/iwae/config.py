@@ -14,6 +14,7 @@ from typing import Any
 
 from iwae.estimators import check_estimator
 from iwae.models import ModelConfig
+from iwae.names import MAX_SEED
 from iwae.objectives import IWAE, Objective, as_objective, make_objective
 
 # Burda et al.'s schedule: stage i = 0..7 runs 3^i passes at 1e-3 * 10^(-i/7), rounded as in their code.
@@ -54,9 +55,6 @@ def _positive_number(value: Any) -> bool:
 
 def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-MAX_SEED = 2**32 - 1  # seeds are 0..MAX_SEED (iwae.cli.common.MAX_SEED checks the same before torch is imported)
 
 
 # The flat fields of configurations written before the objective became one nested value.
@@ -245,11 +243,7 @@ def _model_config(layers: Any, latent_dims: Any, activation: Any) -> ModelConfig
         raise ValueError(f"layers must be 1 or 2, got {layers!r}")
     model = ModelConfig.burda(layers)
     if latent_dims is not None:
-        parts = latent_dims if isinstance(latent_dims, list | tuple) else str(latent_dims).split(",")
-        try:
-            dims = tuple(int(d) for d in parts)
-        except ValueError:
-            raise ValueError(f"latent_dims takes whole numbers such as '50' or '100,50', got {latent_dims!r}") from None
+        dims = _whole_numbers(latent_dims, "latent_dims takes whole numbers such as '50' or '100,50'")
         if len(dims) != layers:
             raise ValueError(f"latent_dims needs {layers} size(s), got {latent_dims!r}")
         if min(dims) < 1:
@@ -284,13 +278,18 @@ def grow_batch_schedule(
     return tuple((passes, first) for passes, _ in stages), sizes
 
 
-def parse_k_schedule(spec: Any, n_stages: int) -> tuple[int, ...]:
-    """``"1,2,3,5"`` (one k per stage of the schedule) as a tuple of ints."""
+def _whole_numbers(spec: Any, expected: str) -> tuple[int, ...]:
+    """A list of whole numbers, or a string of them separated by commas; else ``ValueError(expected, got spec)``."""
     parts = spec if isinstance(spec, list | tuple) else str(spec).split(",")
     try:
-        values = tuple(int(part) for part in parts)
+        return tuple(int(part) for part in parts)
     except ValueError:
-        raise ValueError(f"k_schedule takes one whole number per stage, such as '1,2,3,5', got {spec!r}") from None
+        raise ValueError(f"{expected}, got {spec!r}") from None
+
+
+def parse_k_schedule(spec: Any, n_stages: int) -> tuple[int, ...]:
+    """``"1,2,3,5"`` (one k per stage of the schedule) as a tuple of ints."""
+    values = _whole_numbers(spec, "k_schedule takes one whole number per stage, such as '1,2,3,5'")
     if len(values) != n_stages:
         raise ValueError(f"k_schedule needs one k per stage of the schedule ({n_stages}), got {spec!r}")
     return values

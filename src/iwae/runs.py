@@ -16,7 +16,6 @@ non-finite parameters raises an error with a one-line message naming the file.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from iwae.checkpoint import check_model_state, load_model_state, nonfinite_tensors
 from iwae.config import TrainConfig
 from iwae.models import LatentVariableModel
+from iwae.names import DEVICE_PATTERN
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -46,9 +46,6 @@ class DivergenceError(RunError):
         super().__init__(message)
         self.run_dirs = tuple(Path(run_dir) for run_dir in run_dirs)
         self.epoch = epoch
-
-
-DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # iwae.cli.common.DEVICE_PATTERN, checked before torch
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

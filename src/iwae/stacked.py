@@ -44,6 +44,8 @@ from iwae.objectives import Objective
 from iwae.runs import CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, RunError, resolve_device
 from iwae.train import (
     FitResult,
+    adam,
+    append_metrics,
     build_model,
     build_optimizer,
     check_progress,
@@ -51,9 +53,9 @@ from iwae.train import (
     create_run_dir,
     divergence_error,
     load_initial_weights,
-    mean_bound,
     progress_bar,
     truncate_metrics,
+    validation_bound,
 )
 
 STAGED_CHECKPOINT = "checkpoint.next.safetensors"
@@ -137,13 +139,9 @@ class ModelStack:
                 tensor.copy_(source[index])
 
     def build_optimizer(self, config: TrainConfig) -> torch.optim.Adam:
-        """One Adam over the stacked tensors: element-wise, so each model's slice moves as its own Adam would."""
-        lr = config.stages[0][1]
-        device = self.parameters()[0].device
-        kernel = {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
-        return torch.optim.Adam(
-            self.parameters(), lr=lr, betas=(config.beta1, config.beta2), eps=config.adam_eps, **kernel
-        )
+        """One Adam over the stacked tensors (:func:`iwae.train.adam`): element-wise, so each model's slice moves as
+        its own Adam would."""
+        return adam(self.parameters(), config)
 
     def import_optimizer_states(
         self, optimizer: torch.optim.Optimizer, models: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer]
@@ -514,26 +512,15 @@ def fit_stacked(
             valid_bounds = []
             for model, c in zip(models, configs, strict=True):
                 model.eval()
-                valid_generator = torch.Generator(device=torch_device).manual_seed(c.seed + 7919 * epochs_done)
-                valid_bounds.append(mean_bound(model, valid_split, c.valid_k, data.binarization, valid_generator))
+                valid_bounds.append(validation_bound(model, c, valid_split, data.binarization, epochs_done))
             diverged = [i for i, bound in enumerate(valid_bounds) if not math.isfinite(bound)]
             if diverged:
                 raise divergence(diverged, epoch + 1, lr, "non-finite validation bound")
             for index, c in enumerate(configs):
-                record = {
-                    "epoch": epoch + 1,
-                    "stage": stage,
-                    "lr": lr,
-                    **({"batch_size": batch_size} if config.stage_batch_sizes is not None else {}),
-                    **({"k": k} if config.stage_k is not None else {}),
-                    "train_bound": train_bounds[index],
-                    f"valid_L{c.valid_k}": valid_bounds[index],
-                    "seconds": seconds,
-                    "examples_per_second": n_train / seconds,
-                    "stacked": len(models),
-                }
-                with open(run_dirs[index] / METRICS_FILE, "a") as metrics:
-                    metrics.write(json.dumps(record, allow_nan=False) + "\n")
+                append_metrics(
+                    run_dirs[index], c, epoch, train_bounds[index], valid_bounds[index], seconds, n_train,
+                    stacked=len(models),
+                )  # fmt: skip
             bar.set_postfix(epoch=epoch + 1, lr=lr, bound=f"{max(train_bounds):.2f}")
             epochs_done = epoch + 1
             late = deadline is not None and time.monotonic() >= deadline

@@ -97,14 +97,16 @@ def load_initial_weights(model: LatentVariableModel, config: TrainConfig) -> Non
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Adam:
-    """Adam with the config's betas and epsilon; the fused kernel (one pass per parameter tensor, several
-    times faster than the multi-tensor loop on the CPU) where the device has one."""
+    """:func:`adam` over the model's parameters."""
+    return adam(list(model.parameters()), config)
+
+
+def adam(parameters: list[torch.Tensor], config: TrainConfig) -> torch.optim.Adam:
+    """Adam with the config's first learning rate, betas and epsilon; the fused kernel (one pass per parameter
+    tensor, several times faster than the multi-tensor loop on the CPU) where the device has one."""
     lr = config.stages[0][1]
-    device = next(model.parameters()).device
-    kernel = {"fused": True} if device.type in ("cpu", "cuda") else {"foreach": True}
-    return torch.optim.Adam(
-        model.parameters(), lr=lr, betas=(config.beta1, config.beta2), eps=config.adam_eps, **kernel
-    )
+    kernel = {"fused": True} if parameters[0].device.type in ("cpu", "cuda") else {"foreach": True}
+    return torch.optim.Adam(parameters, lr=lr, betas=(config.beta1, config.beta2), eps=config.adam_eps, **kernel)
 
 
 def clear_gradients(optimizer: torch.optim.Optimizer) -> None:
@@ -230,6 +232,45 @@ def progress_bar(config: TrainConfig, n_train: int, epochs_done: int, desc: str,
         disable=not enabled,
         dynamic_ncols=True,
     )
+
+
+def validation_bound(
+    model: LatentVariableModel, config: TrainConfig, split: Split, binarization: str, epochs_done: int
+) -> float:
+    """The epoch's monitoring bound L_{valid_k} over ``split``, from its own generator (seeded by the run's seed and
+    the epoch), so that it never changes the training trajectory."""
+    device = split.images.device
+    generator = torch.Generator(device=device).manual_seed(config.seed + 7919 * epochs_done)
+    return mean_bound(model, split, config.valid_k, binarization, generator)
+
+
+def append_metrics(
+    run_dir: Path,
+    config: TrainConfig,
+    epoch: int,
+    train_bound: float,
+    valid_bound: float,
+    seconds: float,
+    n_train: int,
+    **extra: object,
+) -> None:
+    """Append 0-based ``epoch``'s line to the run's ``metrics.jsonl`` (strict JSON): its stage, learning rate, the
+    stage's minibatch and k where they change by stage, the bounds and the time, then ``extra``."""
+    stage, lr = config.stage_of_epoch(epoch)
+    record = {
+        "epoch": epoch + 1,
+        "stage": stage,
+        "lr": lr,
+        **({"batch_size": config.batch_size_of_stage(stage)} if config.stage_batch_sizes is not None else {}),
+        **({"k": config.k_of_stage(stage)} if config.stage_k is not None else {}),
+        "train_bound": train_bound,
+        f"valid_L{config.valid_k}": valid_bound,
+        "seconds": seconds,
+        "examples_per_second": n_train / seconds,
+        **extra,
+    }
+    with open(run_dir / METRICS_FILE, "a") as metrics:
+        metrics.write(json.dumps(record, allow_nan=False) + "\n")
 
 
 def check_run_dir(config: TrainConfig, run_dir: Path, resume: bool) -> Path | None:
@@ -393,25 +434,11 @@ def fit(
             if not math.isfinite(train_bound) or not finite_parameters(model.parameters()):
                 what = f"training bound {train_bound}" if not math.isfinite(train_bound) else "non-finite parameters"
                 raise divergence_error([run_dir], epoch + 1, lr, what, checkpoint_epoch)
-            # Monitoring draws from its own generator, so it never changes the training trajectory.
-            valid_generator = torch.Generator(device=torch_device).manual_seed(config.seed + 7919 * epochs_done)
-            valid_bound = mean_bound(model, valid_split, config.valid_k, data.binarization, valid_generator)
+            valid_bound = validation_bound(model, config, valid_split, data.binarization, epochs_done)
             if not math.isfinite(valid_bound):
                 what = f"validation bound {valid_bound}"
                 raise divergence_error([run_dir], epoch + 1, lr, what, checkpoint_epoch)
-            record = {
-                "epoch": epoch + 1,
-                "stage": stage,
-                "lr": lr,
-                **({"batch_size": batch_size} if config.stage_batch_sizes is not None else {}),
-                **({"k": k} if config.stage_k is not None else {}),
-                "train_bound": train_bound,
-                f"valid_L{config.valid_k}": valid_bound,
-                "seconds": seconds,
-                "examples_per_second": n_train / seconds,
-            }
-            with open(run_dir / METRICS_FILE, "a") as metrics:
-                metrics.write(json.dumps(record, allow_nan=False) + "\n")
+            append_metrics(run_dir, config, epoch, train_bound, valid_bound, seconds, n_train)
             bar.set_postfix(epoch=epoch + 1, lr=lr, bound=f"{train_bound:.2f}", valid=f"{valid_bound:.2f}")
             epochs_done = epoch + 1
             due = time.monotonic() - last_save >= checkpoint_minutes * 60

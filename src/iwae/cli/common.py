@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from iwae.names import DEVICE_PATTERN, MAX_SEED
 
 
 class UsageError(Exception):
@@ -40,22 +41,24 @@ def non_negative_int(text: str) -> int:
     return _whole_number(text, 0)
 
 
+def _comma_separated(text: str, expected: str) -> list[int]:
+    """Whole numbers separated by commas (empty items skipped); else ``expected`` in the argparse error."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
 def positive_int_list(text: str) -> list[int]:
     """argparse type: comma-separated whole numbers >= 1, in the order given."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    values = _comma_separated(text, "comma-separated whole numbers")
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected numbers >= 1, got {text!r}")
     return values
 
 
-MAX_SEED = 2**32 - 1  # the same as iwae.config.MAX_SEED, checked here before torch is imported
-
-
 def seed(text: str) -> int:
-    """argparse type: a seed, a whole number 0..:data:`MAX_SEED`."""
+    """argparse type: a seed, a whole number 0..:data:`iwae.names.MAX_SEED`."""
     try:
         value = int(text)
     except ValueError:
@@ -66,13 +69,8 @@ def seed(text: str) -> int:
 
 
 def seed_list(text: str) -> list[int]:
-    """argparse type: distinct comma-separated seeds (whole numbers 0..:data:`MAX_SEED`), in the order given."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated whole numbers such as 0,1,2, got {text!r}"
-        ) from None
+    """argparse type: distinct comma-separated seeds (0..:data:`iwae.names.MAX_SEED`), in the order given."""
+    values = _comma_separated(text, "comma-separated whole numbers such as 0,1,2")
     if not values or len(set(values)) != len(values) or not 0 <= min(values) <= max(values) <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"expected distinct seeds 0..{MAX_SEED}, got {text!r}")
     return values
@@ -101,9 +99,6 @@ def non_negative_float(text: str) -> float:
 def fraction(text: str) -> float:
     """argparse type: a number in [0, 1)."""
     return _number(text, lambda v: 0 <= v < 1, "a number in [0, 1)")
-
-
-DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # iwae.runs.resolve_device takes the same
 
 
 def device(text: str) -> str:

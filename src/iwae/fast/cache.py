@@ -23,7 +23,7 @@ import os
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 try:
@@ -47,8 +47,8 @@ def _ownership_problem(info: os.stat_result) -> str | None:
     return None
 
 
-def directory_problem(path: Path) -> str | None:
-    """Why ``path`` cannot serve as a private build directory (:data:`MISSING` if it does not exist), or None."""
+def _problem(path: Path, is_kind: Callable[[int], bool], kind: str) -> str | None:
+    """Why ``path`` (not followed if a link) is not a ``kind`` of this user's alone, or None."""
     try:
         info = os.lstat(path)
     except FileNotFoundError:
@@ -57,9 +57,14 @@ def directory_problem(path: Path) -> str | None:
         return f"unreadable ({error.strerror or error})"
     if stat.S_ISLNK(info.st_mode):
         return "a symbolic link"
-    if not stat.S_ISDIR(info.st_mode):
-        return "not a directory"
+    if not is_kind(info.st_mode):
+        return f"not a {kind}"
     return _ownership_problem(info)
+
+
+def directory_problem(path: Path) -> str | None:
+    """Why ``path`` cannot serve as a private build directory (:data:`MISSING` if it does not exist), or None."""
+    return _problem(path, stat.S_ISDIR, "directory")
 
 
 def make_private_directory(path: Path) -> str | None:
@@ -82,17 +87,7 @@ def make_private_directory(path: Path) -> str | None:
 
 def file_problem(path: Path) -> str | None:
     """Why ``path`` is not a regular file of this user's alone (:data:`MISSING` if it does not exist), or None."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return MISSING
-    except OSError as error:
-        return f"unreadable ({error.strerror or error})"
-    if stat.S_ISLNK(info.st_mode):
-        return "a symbolic link"
-    if not stat.S_ISREG(info.st_mode):
-        return "not a regular file"
-    return _ownership_problem(info)
+    return _problem(path, stat.S_ISREG, "regular file")
 
 
 def digest_path(library: Path) -> Path:

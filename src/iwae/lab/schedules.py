@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from iwae.config import BURDA_BATCH_SIZE, TrainConfig
+from iwae.lab.bench.settings import BURDA_TRAIN_IMAGES
 from iwae.lab.experiments import train_config
 from iwae.train import total_steps
 
 MATCH_NATS = 0.3  # the study's criterion: within this many nats of the minibatch-20 cell
-TRAIN_IMAGES = 59_600
 
 
 def schedule_label(config: TrainConfig) -> str:
@@ -78,7 +78,7 @@ def cells(rows: Iterable[dict[str, Any]]) -> list[Cell]:
                 is_baseline(config),
                 [],
                 [],
-                total_steps(config, config.train_limit or TRAIN_IMAGES),
+                total_steps(config, config.train_limit or BURDA_TRAIN_IMAGES),
             ),
         )
         cell.nlls.append(float(evaluation["nll"]))

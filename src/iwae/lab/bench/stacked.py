@@ -16,29 +16,18 @@ Burda's 3,280 passes per model (``single``) and for all N models (``stacked``), 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from iwae.config import TrainConfig
-from iwae.lab.bench.settings import BURDA_BATCH, BURDA_PASSES, BURDA_TRAIN_IMAGES, TRAINING_MIN_SECONDS
+from iwae.lab.bench.cells import binarised_pool, burda_schedule_hours
+from iwae.lab.bench.settings import TRAINING_MIN_SECONDS
 from iwae.lab.bench.timing import Timed, synchronizer, time_round_robin
 from iwae.models import ModelConfig
 from iwae.stacked import ModelStack, StackedStep, step_mode
 from iwae.train import build_model, build_optimizer, choose_step_path, clear_gradients, optimizer_step, training_step
-
-
-def _pool(images: Tensor, batch: int, generator: torch.Generator, count: int = 4) -> list[Tensor]:
-    rows = torch.randint(0, images.shape[0], (count, batch), generator=generator, device=images.device)
-    return [torch.bernoulli(images[index], generator=generator) for index in rows]
-
-
-def _schedule_hours(seconds: float, batch: int) -> float | None:
-    if batch != BURDA_BATCH:
-        return None
-    return seconds * math.ceil(BURDA_TRAIN_IMAGES / batch) * BURDA_PASSES / 3600
 
 
 def measure(
@@ -61,7 +50,7 @@ def measure(
         for index in range(models)
     ]
     generators = [torch.Generator(device=device).manual_seed(c.seed) for c in configs]
-    pool = _pool(images, batch, generators[0])
+    pool = binarised_pool(images, batch, generators[0])
 
     single_model = build_model(configs[0], images, device)
     single_optimizer = build_optimizer(single_model, configs[0])
@@ -106,8 +95,8 @@ def measure(
         "speedup": models * single_s / stacked_s,
         "single_examples_per_second": batch / single_s,
         "stacked_examples_per_second": models * batch / stacked_s,
-        "burda_schedule_hours_single": _schedule_hours(single_s, batch),
-        "burda_schedule_hours_stacked": _schedule_hours(stacked_s, batch),
+        "burda_schedule_hours_single": burda_schedule_hours(1e3 * single_s, batch),
+        "burda_schedule_hours_stacked": burda_schedule_hours(1e3 * stacked_s, batch),
     }
 
 

@@ -86,7 +86,11 @@ CASES = [
         "latent-dims-abc", lambda w: [*TRAIN, "--latent-dims", "abc", "--out", str(w / "new")], expect="--latent-dims"
     ),
     Case("latent-dims-zero", lambda w: [*TRAIN, "--latent-dims", "0", "--out", str(w / "new")], expect=">= 1"),
-    Case("latent-dims-per-layer", lambda w: [*TRAIN, "--latent-dims", "4,4", "--out", str(w / "new")], expect="1 size"),
+    Case(
+        "latent-dims-per-layer",
+        lambda w: [*TRAIN, "--layers", "1", "--latent-dims", "4,4", "--out", str(w / "new")],
+        expect="1 size",
+    ),
     Case(
         "schedule-abc", lambda w: ["train", *TINY, "--schedule", "burda:abc", "--out", str(w / "new")], expect="burda"
     ),

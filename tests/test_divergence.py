@@ -157,7 +157,10 @@ def test_a_stack_in_which_one_run_diverges_names_only_that_one(tmp_path: Path, m
     hot = _finished_run(tmp_path, "hot")  # finite weights so large that the first step's bound is NaN
     _rewrite_model(hot, lambda name, value: value * 1e20)
     base = TrainConfig(k=2, model=ModelConfig(784, (4,), ((200, 200),)), stages=((2, 1e-3),), train_limit=100)
-    configs = [base.replace(seed=0), base.replace(seed=1, init_from=str(hot))]
+    configs = [
+        base.replace(seed=0),
+        base.replace(seed=1, init_from=str(hot), fresh_optimizer=True),  # a fresh run and a fresh optimiser stack
+    ]
     dirs = [tmp_path / "calm", tmp_path / "wild"]
     with pytest.raises(DivergenceError) as raised:
         fit_stacked(configs, dirs, dataset=mnist, progress=False, device="cpu")

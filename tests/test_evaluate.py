@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
-from iwae import bounds
-from iwae.data import binarize
-from iwae.evaluate import activity, count_active, estimate_log_likelihood, evaluate_model
+from iwae import bounds, evaluate
+from iwae.checkpoint import save_model
+from iwae.config import TrainConfig
+from iwae.data import Split, binarize, load_dataset
+from iwae.evaluate import (
+    activity,
+    authors_keep,
+    authors_unit_variances,
+    count_active,
+    estimate_log_likelihood,
+    evaluate_model,
+    evaluate_run,
+)
 from iwae.models import LatentVariableModel, ModelConfig
+from iwae.runs import CONFIG_FILE, EVAL_FILE, MODEL_FILE
 
 
 def _model_with_dead_units(dead: int = 10) -> LatentVariableModel:
@@ -83,3 +97,93 @@ def test_compiled_evaluation_matches_eager(mnist) -> None:
     compiled = evaluate_model(model, split, "dynamic", k=40, batch_size=3, prune_inactive=False, compile_model=True)
     assert compiled.nll == pytest.approx(eager.nll, abs=1e-3)
     assert compiled.active_units == eager.active_units and compiled.kl == pytest.approx(eager.kl, abs=1e-3)
+
+
+# -- whose units the pruned NLL leaves out --------------------------------------------------------------------------
+def _linear_encoder_model() -> LatentVariableModel:
+    """No hidden layers: unit u's mean is W_u . x. Units 0-4 read the image's top half, units 5-9 its bottom half."""
+    torch.manual_seed(0)
+    model = LatentVariableModel(ModelConfig(x_dim=784, latent_dims=(10,), hidden_dims=((),)))
+    with torch.no_grad():
+        weight = model.encoder[0].head.weight  # [mean rows; log-std rows] x 784
+        weight[:10] = 0.2 * torch.randn(10, 784)
+        weight[:5, 392:] = 0
+        weight[5:10, :392] = 0
+        weight[10:] = 0
+    return model
+
+
+def test_units_authors_cuts_the_units_the_authors_variances_drop(mnist) -> None:
+    model, split = _linear_encoder_model(), mnist.test.subset(12)
+    train = mnist.train.subset(500)
+    blank_top = Split(torch.cat([torch.zeros(500, 392), train.images[:, 392:]], dim=1))  # units 0-4 constant here
+    options = {"k": 16, "batch_size": 6, "seed": 3, "authors_split": blank_top}
+    ours = evaluate_model(model, split, "threshold", **options)
+    authors = evaluate_model(model, split, "threshold", units="authors", **options)
+    assert ours.pruned_by == "ours" and authors.pruned_by == "authors"
+    assert ours.active_units == authors.active_units == [10]  # the test images: every unit varies
+    assert ours.active_units_authors == authors.active_units_authors == [5]  # the authors' images: 5 are constant
+    assert ours.nll_active_only == ours.nll  # nothing to prune by our definition
+    assert abs(authors.nll_active_only - authors.nll) > 1  # the 5 cut units mattered
+
+    generator = torch.Generator().manual_seed(3)  # by hand: our activity's draws, then L_k of the cut model
+    activity(model, split, "threshold", generator)
+    variances = authors_unit_variances(model, blank_top.images, "threshold", torch.Generator().manual_seed(3))
+    keep = authors_keep(variances)
+    assert keep[0].tolist() == [False] * 5 + [True] * 5
+    smaller = model.without_units(keep)
+    assert smaller.config.latent_dims == (5,)
+    expected = estimate_log_likelihood(model, split, "threshold", 16, generator, batch_size=6, pruned=smaller)
+    assert authors.nll_active_only == pytest.approx(-expected["log_lik_active"].mean().item(), abs=1e-9)
+    assert authors.nll == pytest.approx(-expected["log_lik"].mean().item(), abs=1e-9)
+    assert len(authors.log_activity_authors[0]) == 10
+    torch.testing.assert_close(
+        torch.tensor(authors.log_activity_authors[0], dtype=torch.float64), variances[0].clamp_min(1e-300).log()
+    )
+
+
+def test_units_authors_masks_a_layer_it_would_empty(mnist) -> None:
+    """Every unit constant on the authors' images: no model has an empty layer, so the units are masked, which
+    leaves log p(x | h_1 = 0), the same for every sample."""
+    model, split = _linear_encoder_model(), mnist.test.subset(6)
+    same_image = Split(mnist.train.images[:1].repeat(500, 1))
+    result = evaluate_model(model, split, "threshold", k=8, authors_split=same_image, units="authors")
+    assert result.active_units_authors == [0] and result.pruned_by == "authors"
+    x = binarize(split.images, "threshold")
+    with torch.no_grad():
+        expected = -model.observation_log_prob(x, torch.zeros(1, 6, 10)).mean().item()
+    assert result.nll_active_only == pytest.approx(expected, abs=1e-4)
+
+
+def test_units_must_be_ours_or_authors_and_authors_needs_the_training_images(mnist) -> None:
+    model, split = _linear_encoder_model(), mnist.test.subset(4)
+    with pytest.raises(ValueError, match="units must be one of ours, authors"):
+        evaluate_model(model, split, "threshold", k=2, units="theirs")
+    with pytest.raises(ValueError, match="needs authors_split"):
+        evaluate_model(model, split, "threshold", k=2, units="authors")
+
+
+def test_evaluate_run_uses_the_runs_binarisation_and_training_split(tmp_path: Path, monkeypatch) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    model = _linear_encoder_model()
+    config = TrainConfig(model=model.config, binarization="threshold", train_split="train+valid")
+    (run / CONFIG_FILE).write_text(config.to_json())
+    save_model(run / MODEL_FILE, model, config.to_json())
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(binarization=args[2], train=len(kwargs["authors_split"]), batch_size=kwargs["batch_size"])
+        return evaluate_model(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_model", spy)
+    result = evaluate_run(run, k=3, limit=4, units="authors", batch_size=20, device="cpu", progress=False)
+    assert seen == {"binarization": "threshold", "train": 60_000, "batch_size": 20}
+    saved = json.loads((run / "eval-test-k3-seed0-limit4-authors.json").read_text())
+    assert saved["pruned_by"] == "authors" and json.loads((run / EVAL_FILE).read_text()) == saved
+    assert saved["active_units_authors"] == result.active_units_authors
+    data = load_dataset("mnist", progress=False)  # the authors' variances: the first 500 images, thresholded
+    variances = authors_unit_variances(model, data.train.images[:500], "threshold", torch.Generator())
+    torch.testing.assert_close(
+        torch.tensor(saved["log_activity_authors"][0], dtype=torch.float64), variances[0].clamp_min(1e-300).log()
+    )

@@ -47,12 +47,13 @@ def test_axes_product_names_and_fixed_settings() -> None:
 
 
 def test_bundled_axis_values_and_phases() -> None:
-    grid = load_grid("table2")
+    grid = load_grid("table2-quick")
     specs = expand_grid(grid)
     assert [s.phase for s in specs] == ["base", "base", "swap", "swap"]
     swap = {s.name: s.options for s in specs if s.phase == "swap"}
     assert swap["swap-iwae-k50-from-base-vae-k1"]["init_from"] == "base-vae-k1"
-    assert swap["swap-vae-k50-from-base-iwae-k50"] == {
+    # as the authors' experiment2 ran it: the IWAE (k = 50) continues as a VAE with k = 1, with its optimiser state
+    assert swap["swap-vae-k1-from-base-iwae-k50"] == {
         "dataset": "mnist",
         "layers": 1,
         "eval_k": 5000,
@@ -61,10 +62,20 @@ def test_bundled_axis_values_and_phases() -> None:
         "epochs": 9,
         "lr": 1e-4,
         "objective": "vae",
-        "k": 50,
+        "k": 1,
         "init_from": "base-iwae-k50",
     }
-    assert train_config(swap["swap-vae-k50-from-base-iwae-k50"]).stages == ((9, 1e-4),)
+    continued = train_config(swap["swap-vae-k1-from-base-iwae-k50"])
+    assert continued.stages == ((9, 1e-4),) and not continued.fresh_optimizer
+    for preset in ("table2-smoke", "table2-full"):
+        pairs = {
+            (s.options["objective"], s.options["k"], s.options.get("init_from")) for s in expand_grid(load_grid(preset))
+        }
+        assert pairs == {("vae", 1, None), ("iwae", 50, None), ("iwae", 50, "base-vae-k1"), ("vae", 1, "base-iwae-k50")}
+    full = {s.name: train_config(s.options) for s in expand_grid(load_grid("table2-full"))}
+    assert full["base-iwae-k50"].stages == BURDA_STAGES and full["swap-iwae-k50-from-base-vae-k1"].stages == (
+        (2187, 1e-4),
+    )
 
 
 @pytest.mark.parametrize(
@@ -102,7 +113,7 @@ def test_expansion_is_the_full_product_with_unique_names(axes: dict[str, list[in
 
 
 def test_presets_expand_to_the_documented_grids() -> None:
-    assert set(preset_names()) >= {"table1-smoke", "table1-quick", "table1-full", "table2", "ksweep"}
+    assert set(preset_names()) >= {"table1-smoke", "table1-quick", "table1-full", "table2-quick", "ksweep"}
     full = expand_grid(load_grid("table1-full"))
     assert len(full) == 24
     assert {train_config(s.options).stages for s in full} == {BURDA_STAGES}
@@ -118,6 +129,12 @@ def test_presets_expand_to_the_documented_grids() -> None:
     )
     assert {train_config(s.options).total_epochs for s in quick} == {13}  # one equal budget
     assert [s.options["k"] for s in expand_grid(load_grid("ksweep"))] == [1, 5, 20, 30, 50, 100]
+    student = [train_config(s.options) for s in expand_grid(load_grid("student-full"))]
+    assert [c.k for c in student] == [1, 5, 20, 30, 50, 100]
+    assert {
+        (c.model.activation, c.model.hidden_dims, c.batch_size, c.total_epochs, c.stages[0][1], c.train_split)
+        for c in student
+    } == {("relu", ((200, 200),), 128, 100, 1e-3, "train+valid")}
     assert len(expand_grid(load_grid("table1-smoke"))) == 4
     compared = [train_config(s.options) for s in expand_grid(load_grid("estimators"))]
     assert {(c.k, c.total_epochs) for c in compared} == {(64, 4)}  # one equal budget for the six

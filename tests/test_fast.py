@@ -18,7 +18,19 @@ from iwae.models import LatentVariableModel, ModelConfig
 from iwae.objectives import IWAE, PIWAE
 from iwae.train import REFERENCE_PATH, choose_step_path
 
-CORE = ("bounds", "objectives", "estimators", "protocol", "models", "data", "evaluate", "checkpoint", "runs", "config")
+CORE = (
+    "bounds",
+    "objectives",
+    "estimators",
+    "protocol",
+    "models",
+    "data",
+    "evaluate",
+    "checkpoint",
+    "runs",
+    "config",
+    "optim",
+)
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "iwae"
 
 

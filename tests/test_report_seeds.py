@@ -65,7 +65,8 @@ def test_table1_shows_mean_sd_and_n_for_several_seeds_and_the_number_for_one(tmp
     assert _line(markdown, "| mnist | 1 | iwae | 1 |")[4:8] == ["89.00", "86.76", "18", "1.500"]
     assert (tmp_path / "REPORT_files" / "nll_vs_k.png").is_file()  # the figure plots the means
 
-    runs = [_cells(x) for x in markdown.splitlines() if x.startswith("| iwae-k5-s")]  # all runs: one row per seed
+    all_runs = markdown.split("## All runs")[1].split("## Active units by definition")[0]
+    runs = [_cells(x) for x in all_runs.splitlines() if x.startswith("| iwae-k5-s")]  # all runs: one row per seed
     assert [(r[1], r[5]) for r in runs] == [(str(seed), f"{nll:.2f}") for seed, nll in IWAE5.items()]
 
 
@@ -101,12 +102,17 @@ def test_only_runs_that_differ_in_their_seed_alone_are_averaged(tmp_path: Path) 
     _row(ResultStore.in_dir(first), "iwae-s0", first, 87.0, objective="iwae", k=5, seed=0)
     _row(ResultStore.in_dir(first), "iwae-s1", first, 88.0, objective="iwae", k=5, seed=1)
     _row(ResultStore.in_dir(second), "iwae-s0", second, 87.2, objective="iwae", k=5, seed=0)  # seed 0 rerun
+    _row(ResultStore.in_dir(second), "iwae-sum", second, 91.0, objective="iwae", k=5, loss_reduction="sum")
     _row(ResultStore.in_dir(second), "iwae-b100", second, 95.0, objective="iwae", k=5, batch_size=100)
     records, _ = load_records([first, second])
-    cell = table1_cells([r for r in records if r.config.batch_size == 20])[("mnist", 1, 5, "iwae")]
-    assert cell.seeds == 2 and cell.nll == statistics.mean([statistics.mean([87.0, 87.2]), 88.0])
+    cell = table1_cells([r for r in records if r.config == records[0].config.replace(seed=r.seed)])
+    assert cell[("mnist", 1, 5, "iwae")].seeds == 2
+    assert cell[("mnist", 1, 5, "iwae")].nll == statistics.mean([statistics.mean([87.0, 87.2]), 88.0])
 
-    headings = [b[1] for b in build_report(records, [], "x").blocks if b[0] == "h2" and b[1].startswith("Table 1")]
-    assert len(headings) == 2 and any("batch_size=100" in h for h in headings)  # another setting: another table
-    markdown = build_report(records, [], "x").markdown("files")
-    assert "| 95.00 | 85.54 | +9.46 |" in markdown and "(n=2)" in markdown and "(n=3)" not in markdown
+    report = build_report(records, [], "x")
+    headings = [b[1] for b in report.blocks if b[0] == "h2" and b[1].startswith("Table 1")]
+    assert len(headings) == 2 and any("loss_reduction=sum" in h for h in headings)  # another setting: another table
+    markdown = report.markdown("files")
+    assert "| 91.00 | 85.54 | +5.46 |" in markdown and "(n=2)" in markdown and "(n=3)" not in markdown
+    assert "95.00 | 85.54" not in markdown  # minibatch 100 is not Burda's setup: not beside the paper's number
+    assert _line(markdown, "| b/iwae-b100 | mnist |")[5] == "95.00"  # in the table of the other runs

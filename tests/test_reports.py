@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import json
 import re
 from pathlib import Path
@@ -224,12 +225,93 @@ def test_smoke_preset_end_to_end(tmp_path: Path, capsys) -> None:
 
     report = _cli(["report", str(out), "--out", str(tmp_path / "report")], capsys)
     markdown = Path(report["markdown"]).read_text()
-    for k, vae_paper, iwae_paper in ((1, "86.76", "86.76"), (5, "86.47", "85.54")):
-        line = next(x for x in markdown.splitlines() if x.startswith(f"| mnist | 1 | {k} |"))
+    # 500 of Burda's 59,600 training images: the runs are not his setup, so they stand apart from the paper's numbers
+    assert "## Table 1" not in markdown and "| paper |" not in markdown
+    block = markdown.split("## Runs not comparable with Burda et al.'s Table 1")[1].split("\n## ")[0]
+    assert "trained on the first 500 training images (Burda: all 59,600)" in block
+    for name in by_name:
+        objective, k = name.split("-k")
+        line = next(x for x in block.splitlines() if x.startswith(f"| {name} |"))
         cells = [c.strip() for c in line.strip("|").split("|")]
-        assert cells[4] == vae_paper and cells[10] == iwae_paper
-        vae_ours = float(by_name[f"vae-k{k}"]["nll"])
-        assert cells[3] == f"{vae_ours:.2f}" and cells[5] == f"{vae_ours - float(vae_paper):+.2f}"
+        assert cells[1:6] == ["mnist", "1", objective, k, f"{float(by_name[name]['nll']):.2f}"]
     assert re.search(r"!\[iwae-k5\]\(report_files/samples_iwae-k5\.png\)", markdown)
     assert (tmp_path / "report.html").stat().st_size > 10_000
     assert (out / "report.md").is_file() and (out / "report.html").is_file()  # written by reproduce
+
+
+# -- which active units a table shows --------------------------------------------------------------------------------
+def _evaluated(store: ResultStore, name: str, directory: Path, evaluation: dict, **options) -> None:
+    """A finished run whose evaluation carries ``evaluation`` beside ours: 12 active units, NLL 88."""
+    store.upsert(
+        name,
+        run_dir=str(directory / name),
+        config={"dataset": "mnist", "layers": 1, "epochs": 2, "eval_k": 10, **options},
+        status="finished",
+        seconds_per_epoch=1.0,
+        train_bound=-100.0,
+        valid_bound=-101.0,
+        eval={"nll": 88.0, "active_units": [12], "k": 10, "n_examples": 30, "recon_log_lik": -80.0, "kl": 20.0}
+        | evaluation,
+        metrics=[],
+    )
+
+
+def test_reports_say_whose_active_units_they_show(tmp_path: Path) -> None:
+    store = ResultStore.in_dir(tmp_path)
+    authors = {"active_units_authors": [15], "active_units_kl": [9], "nll_active_only": 88.3, "pruned_by": "authors"}
+    # an eval.json from before pruned_by: its active_units_authors used our 100-sample definition, not the authors'
+    _evaluated(store, "old", tmp_path, {"active_units_authors": [13], "nll_active_only": 88.1}, objective="vae", k=5)
+    _evaluated(
+        store, "ours", tmp_path, {"active_units_authors": [14], "active_units_kl": [9], "pruned_by": "ours"}, k=1
+    )
+    _evaluated(store, "auth-k1", tmp_path, authors, objective="iwae", k=1)
+    _evaluated(store, "auth-k5", tmp_path, authors, objective="iwae", k=5)
+    _evaluated(store, "swap", tmp_path, authors, objective="iwae", k=50, init_from=str(tmp_path / "old"))
+    records, _ = load_records([tmp_path])
+    assert [(r.label, r.units_authors, r.units_kl, r.pruned_by) for r in records] == [
+        ("old", None, None, "ours"),
+        ("ours", (14,), (9,), "ours"),
+        ("auth-k1", (15,), (9,), "authors"),
+        ("auth-k5", (15,), (9,), "authors"),
+        ("swap", (15,), (9,), "authors"),
+    ]
+    report = build_report(records, [], "x")
+    markdown, page = report.markdown("files"), report.html()
+    ours_note = "units: Var over the evaluated (test) images of E_q[u|x] > 0.01 (ours"
+    authors_note = (
+        "units (authors): the authors' code's definition, the variance (ddof 0) of q's mean over the first 500"
+    )
+
+    # Table 1: one table per definition (the authors' is a budget of its own), each with its note
+    tables = markdown.split("## Table 1")[1:]
+    by_authors = next(t for t in tables if "by the authors' definition" in t.splitlines()[0])
+    by_ours = next(t for t in tables if "by the authors' definition" not in t.splitlines()[0])
+    row = _cells(next(x for x in by_authors.splitlines() if x.startswith("| mnist | 1 | 5 |")))
+    assert row[12:15] == ["15 (authors)", "22", "-7"]
+    assert authors_note in by_authors and ours_note not in by_authors.split("## ")[0]
+    row = _cells(next(x for x in by_ours.splitlines() if x.startswith("| mnist | 1 | 5 |")))
+    assert row[6:9] == ["12", "20", "-8"] and ours_note in by_ours.split("## ")[0]
+    assert "The paper's counts come from the authors' code" in by_ours
+
+    sweep = _cells(next(x for x in markdown.splitlines() if x.startswith("| mnist | 1 | iwae | 5 |")))
+    assert sweep[6] == "15 (authors)"  # the k-sweep of the authors' runs
+    swap = _cells(next(x for x in markdown.splitlines() if x.startswith("| swap |")))
+    assert swap[5] == "12" and swap[10] == "15 (authors)"  # Table 2: the base by ours, the continued run by theirs
+    table2_block = markdown.split("## Table 2")[1].split("## ")[0]
+    assert ours_note in table2_block and authors_note in table2_block
+
+    # every run: the three definitions side by side, and whose units the pruned NLL leaves out
+    block = markdown.split("## Active units by definition")[1]
+    assert (
+        "| run | units: Var E_q[u\\|x] (ours) | units: per-unit KL | units: authors' (500 training images) |" in block
+    )
+    assert "| old | 12 | — | — | 88.00 | 88.10 | ours (units masked) |" in block
+    assert "| ours | 12 | 9 | 14 | 88.00 | — | — |" in block
+    assert "| auth-k5 | 12 | 9 | 15 | 88.00 | 88.30 | authors (units cut out of the weights) |" in block
+    assert "units (KL): mean per-unit KL" in block and authors_note in block
+    assert "units (ours)" in markdown.split("## All runs")[1].splitlines()[2]  # the runs table's column says whose
+    assert "15 (authors)" in page and html.escape(authors_note) in page
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]

@@ -16,7 +16,18 @@ from iwae.cli import main
 from iwae.config import TrainConfig
 from iwae.models import LatentVariableModel, ModelConfig
 from iwae.objectives import IWAE
-from iwae.studies.snr import GradientMoments, gradient_snr, loglog_slope, run_study
+from iwae.studies.snr import (
+    AdaptiveSNRStudy,
+    GradientMoments,
+    RepeatBlocks,
+    clear_of_floor,
+    gradient_snr,
+    loglog_slope,
+    noise_gradients,
+    run_study,
+    snr_floor,
+    stacked_noise,
+)
 from iwae.train import fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,3 +133,85 @@ def test_effective_sample_size_bounds_and_the_study_reports_it() -> None:
     summary = run_study(model, x, [1, 4, 16], ["standard"], repeats=3, progress=False).to_dict()
     assert summary["median_ess"][0] == 1.0 and len(summary["median_ess"]) == 3
     assert summary["ess_slope"] is not None and 0.0 <= summary["ess_slope"] <= 1.0
+
+
+# -- the floor-aware, vectorised study (run_adaptive_study; the Rainforth model itself in test_rainforth.py) -------
+
+
+def test_clear_of_floor_keeps_only_medians_above_factor_times_the_floor() -> None:
+    floor_100, floor_10000 = snr_floor(100), snr_floor(10_000)
+    assert floor_100 == pytest.approx(0.0798, abs=1e-4) and floor_10000 == pytest.approx(floor_100 / 10)
+    medians = [1.0, 0.2, 0.25, 0.02, 0.03, math.nan]
+    repeats = [100, 100, 100, 10_000, 10_000, 10_000]
+    # factor 3: floors x 3 are 0.239 (R = 100) and 0.0239 (R = 10,000)
+    assert clear_of_floor(medians, repeats) == [True, False, True, False, True, False]
+    assert clear_of_floor(medians, repeats, factor=1.0) == [True, True, True, True, True, False]
+    with pytest.raises(ValueError, match="repeat counts"):
+        clear_of_floor([1.0], [10, 10])
+
+
+def _synthetic_study(medians: list[float], repeats: list[int]) -> AdaptiveSNRStudy:
+    """One estimator whose parts have constant per-parameter SNRs (the medians); one block per K (no bootstrap)."""
+    ks = [1, 10, 100, 1000][: len(medians)]
+    study = AdaptiveSNRStudy(ks, ["standard"], repeats[0], 1, repeats_per_k={"standard": repeats}, n_encoder=3)
+    per_k = [np.full(3, m) for m in medians]
+    study.snr = {"standard": {"encoder": per_k, "decoder": per_k}}
+    study.blocks = {"standard": [(np.array([r]), np.zeros((1, 6)), np.ones((1, 6))) for r in repeats]}
+    return study
+
+
+def test_adaptive_slopes_fit_only_the_ks_clear_of_their_floor() -> None:
+    # A K^-1/2 law that sinks into the floor of 1,000 repeats (0.025; 3x: 0.076) at K = 1000.
+    medians = [2.0, 2.0 * 10**-0.5, 0.2, snr_floor(1000)]
+    fit = _synthetic_study(medians, [1000] * 4).slopes()["encoder"]["standard"]
+    assert fit["fit_ks"] == [1, 10, 100] and fit["excluded_ks"] == [1000] and fit["fit_repeats"] == [1000] * 3
+    assert fit["slope"] == pytest.approx(-0.5) and "bootstrap_ci95_low" not in fit  # one block per K: no bootstrap
+    # More repeats at K = 1000 lift it clear of its floor, and it enters the fit.
+    fit = _synthetic_study(medians, [1000, 1000, 1000, 10**6]).slopes()["encoder"]["standard"]
+    assert fit["fit_ks"] == [1, 10, 100, 1000] and fit["excluded_ks"] == []
+    # Fewer than two Ks clear: no slope, and the summary says why.
+    summary = _synthetic_study([0.5, 0.01, 0.01], [1000] * 3).to_dict()
+    fit = summary["slope_fits"]["encoder"]["standard"]
+    assert summary["slopes"]["encoder"]["standard"] is None and "1 K clear" in fit["reason"]
+    assert summary["repeats_per_k"] == {"standard": [1000] * 3}
+    assert summary["snr_floor_per_k"]["standard"][0] == pytest.approx(snr_floor(1000))
+
+
+def test_repeat_blocks_keep_64_blocks_of_about_equal_repeats_with_the_same_sums() -> None:
+    rng = np.random.default_rng(0)
+    blocks = RepeatBlocks()
+    sizes = [5] * 40 + [300] * 100  # two rounds of very different chunk sizes
+    grads = [torch.from_numpy(rng.normal(size=(n, 3))) for n in sizes]
+    for g in grads:
+        blocks.add(g)
+    counts, totals, totals_sq = blocks.grouped()
+    everything = torch.cat(grads)
+    assert len(counts) == 64 and counts.sum() == blocks.count == everything.shape[0]
+    np.testing.assert_allclose(totals.sum(0), everything.sum(0).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(totals_sq.sum(0), everything.square().sum(0).numpy(), rtol=1e-12)
+    assert counts.max() - counts.min() <= 300  # at most one chunk apart
+    torch.testing.assert_close(blocks.moments().snr(), everything.mean(0).abs() / everything.std(0), rtol=1e-10, atol=0)
+    few = RepeatBlocks()
+    few.add(grads[0])
+    assert len(few.grouped()[0]) == 1  # only the blocks that hold repeats
+
+
+@pytest.mark.parametrize("estimator", ["standard", "stl", "dreg"])
+def test_vmapped_gradients_equal_the_estimators_autograd_per_repeat(estimator: str) -> None:
+    """noise_gradients (torch.func over stacked noise) gives, per repeat, what estimate_from_noise and
+    surrogate_gradients give, for Burda's models as for any NoiseModel (float64)."""
+    from iwae.estimators import estimate_from_noise, surrogate_gradients
+
+    torch.manual_seed(0)
+    model = LatentVariableModel(ModelConfig(x_dim=10, latent_dims=(3, 2), hidden_dims=((6,), (4,)))).double()
+    x = torch.bernoulli(torch.full((2, 10), 0.4, dtype=torch.float64), generator=torch.Generator().manual_seed(1))
+    noise = stacked_noise(model, x, 5, 4, torch.Generator().manual_seed(2))
+    assert [tuple(n.shape) for n in noise] == [(4, 5, 2, 3), (4, 5, 2, 2)]
+    encoder_grads, decoder_grads = noise_gradients(model, x, noise, IWAE(), estimator)
+    encoder, decoder = list(model.encoder_parameters()), list(model.decoder_parameters())
+    for r in range(4):
+        terms = estimate_from_noise(model, x, [n[r] for n in noise], IWAE(), estimator)
+        expected_encoder, expected_decoder = surrogate_gradients(terms, encoder, decoder)
+        torch.testing.assert_close(encoder_grads[r], torch.cat([g.reshape(-1) for g in expected_encoder]))
+        torch.testing.assert_close(decoder_grads[r], torch.cat([g.reshape(-1) for g in expected_decoder]))
+    assert all(p.grad is None for p in model.parameters())

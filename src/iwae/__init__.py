@@ -12,7 +12,8 @@ The public API, for your own models and studies:
 - densities to build models from: :func:`gaussian_log_prob`, :func:`bernoulli_log_prob`,
   :func:`standard_normal_log_prob`; Burda's models, :class:`LatentVariableModel` and :class:`ModelConfig`;
 - data, training and evaluation: :func:`load_dataset`, :func:`binarize`, :class:`TrainConfig`,
-  :func:`build_train_config`, :func:`fit`, :func:`estimate_log_likelihood`, :func:`evaluate_model`.
+  :func:`build_train_config`, :func:`fit`, :func:`estimate_log_likelihood`, :func:`evaluate_model`;
+  the authors' Adam, :class:`BurdaAdam` (:mod:`iwae.optim`).
 """
 
 import importlib
@@ -20,6 +21,7 @@ import importlib
 # The public names, imported on first use (PEP 562): ``import iwae`` stays free of torch, so that the command
 # line answers ``--help`` and bad input at once and sweep workers that only touch the results store start fast.
 _EXPORTS = {
+    "BurdaAdam": "iwae.optim",
     "CIWAE": "iwae.objectives",
     "ESTIMATOR_NAMES": "iwae.estimators",
     "EstimatorTerms": "iwae.estimators",
@@ -80,6 +82,7 @@ __all__ = [
     "PIWAE",
     "VAE",
     "VR",
+    "BurdaAdam",
     "EstimatorTerms",
     "ImportanceSample",
     "LatentVariableModel",

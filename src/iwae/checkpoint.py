@@ -294,15 +294,10 @@ def check_model_state(path: Path, state: dict[str, Tensor], module: nn.Module) -
             )
 
 
-def restore_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
-) -> dict[str, Any]:
-    """Load the checkpoint at ``path`` into ``model``, ``optimizer`` and ``generator``, after checking that it fits
-    them (:class:`CheckpointError` otherwise); returns its progress (``epochs_done``, ``seconds``)."""
-    state = load_checkpoint(path)
-    check_model_state(path, state.model_state, model)
+def check_optimizer_state(path: Path, optimizer_state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """Raise :class:`CheckpointError` unless the optimiser state read from ``path`` fits ``optimizer``'s parameters."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    for index, entries in state.optimizer_state["state"].items():
+    for index, entries in optimizer_state["state"].items():
         for key, value in entries.items():
             if not 0 <= index < len(params) or (
                 isinstance(value, Tensor) and value.dim() > 0 and value.shape != params[index].shape
@@ -310,6 +305,16 @@ def restore_checkpoint(
                 raise CheckpointError(
                     f"{path}: optimiser state optimizer.{index}.{key} does not fit the run's parameters; {_REDO}"
                 )
+
+
+def restore_checkpoint(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
+) -> dict[str, Any]:
+    """Load the checkpoint at ``path`` into ``model``, ``optimizer`` and ``generator``, after checking that it fits
+    them (:class:`CheckpointError` otherwise); returns its progress (``epochs_done``, ``seconds``)."""
+    state = load_checkpoint(path)
+    check_model_state(path, state.model_state, model)
+    check_optimizer_state(path, state.optimizer_state, optimizer)
     try:
         model.load_state_dict(state.model_state)
         optimizer.load_state_dict(state.optimizer_state)

@@ -59,6 +59,27 @@ def _whole(value: Any) -> bool:
 
 # The flat fields of configurations written before the objective became one nested value.
 LEGACY_OBJECTIVE_KEYS = ("M", "beta", "p", "alpha")
+OPTIMIZERS = ("adam", "burda-adam")
+DATA_ORDERS = ("shuffled", "fixed")
+LOSS_REDUCTIONS = ("mean", "sum")
+BINARIZATIONS = (None, "dynamic", "threshold")
+TRAIN_SPLITS = ("train", "train+valid")
+CHOICES = {
+    "optimizer": OPTIMIZERS,
+    "data_order": DATA_ORDERS,
+    "loss_reduction": LOSS_REDUCTIONS,
+    "binarization": BINARIZATIONS,
+    "train_split": TRAIN_SPLITS,
+}
+# What ``protocol = "authors"`` sets: the authors' code (github yburda/iwae) as it ran; see docs/protocol.md.
+AUTHORS_PROTOCOL: dict[str, Any] = {
+    "optimizer": "burda-adam",
+    "beta1": 0.99,
+    "data_order": "fixed",
+    "loss_reduction": "sum",
+}
+PROTOCOLS = ("default", "authors")
+BURDA_ADAM_BETA1 = 0.99  # the authors' Adam (optimizers.py); torch's and the paper's is 0.9
 
 
 @dataclass(frozen=True)
@@ -85,6 +106,12 @@ class TrainConfig:
     init_from: str | None = None  # a finished run whose final weights start this one (Burda's Table 2)
     stage_batch_sizes: tuple[int, ...] | None = None  # the minibatch of each stage (None: batch_size throughout)
     stage_k: tuple[int, ...] | None = None  # the samples per example of each stage (None: k throughout)
+    optimizer: str = "adam"  # adam (torch.optim.Adam) or burda-adam (iwae.optim.BurdaAdam, the authors' code)
+    data_order: str = "shuffled"  # shuffled (a fresh permutation every pass) or fixed (the authors' order)
+    loss_reduction: str = "mean"  # the minibatch's loss: mean over examples, or sum (the authors' code)
+    binarization: str | None = None  # None: the dataset's own; dynamic or threshold (pixel >= 0.5) for grey levels
+    fresh_optimizer: bool = False  # with init_from: a new optimiser instead of the base run's state (Table 2)
+    train_split: str = "train"  # train (Burda's 59,600 MNIST images) or train+valid (all 60,000)
 
     def __post_init__(self) -> None:
         if not isinstance(self.objective, Objective):
@@ -123,6 +150,11 @@ class TrainConfig:
                 raise ValueError(f"each stage needs passes >= 1 and a finite learning rate > 0, got {[passes, lr]}")
         check_estimator(self.estimator)
         self.objective.check(self.k)
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {getattr(self, name)!r}")
+        if not isinstance(self.fresh_optimizer, bool):
+            raise ValueError(f"fresh_optimizer must be true or false, got {self.fresh_optimizer!r}")
         for name in ("stage_batch_sizes", "stage_k"):
             values = getattr(self, name)
             if values is None:
@@ -189,6 +221,8 @@ class TrainConfig:
     @classmethod
     def _from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         legacy = {key: values.pop(key) for key in LEGACY_OBJECTIVE_KEYS if key in values}
+        if values.get("init_from") is not None and "fresh_optimizer" not in values:
+            values["fresh_optimizer"] = True  # saved before runs continued their base's optimiser: it started afresh
         if legacy or isinstance(values.get("objective"), str):
             values["objective"] = make_objective(values.get("objective", "iwae"), **legacy)
         elif "objective" in values:
@@ -224,34 +258,71 @@ def config_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
 
 
 # -- the one builder from flat settings ---------------------------------------------------------------------------
-MODEL_KEYS = ("layers", "latent_dims", "activation")
+MODEL_KEYS = ("layers", "latent_dims", "hidden_dims", "activation")
 SCHEDULE_KEYS = ("schedule", "epochs", "lr", "batch_schedule", "lr_scale", "k_schedule")
 BATCH_SCHEDULES = ("fixed", "grow")
 LR_SCALES = ("none", "linear", "sqrt")
 BURDA_BATCH_SIZE = 20
 OBJECTIVE_KEYS = ("objective", *LEGACY_OBJECTIVE_KEYS)
+PROTOCOL_KEY = "protocol"
 
 
 def setting_names() -> set[str]:
     """The flat settings :func:`build_train_config` takes."""
     plain = {f.name for f in fields(TrainConfig)} - {"model", "stages"}
-    return plain | set(MODEL_KEYS) | set(SCHEDULE_KEYS) | set(OBJECTIVE_KEYS)
+    return plain | set(MODEL_KEYS) | set(SCHEDULE_KEYS) | set(OBJECTIVE_KEYS) | {PROTOCOL_KEY}
 
 
-def _model_config(layers: Any, latent_dims: Any, activation: Any) -> ModelConfig:
-    if isinstance(layers, bool) or not isinstance(layers, int):
-        raise ValueError(f"layers must be 1 or 2, got {layers!r}")
-    model = ModelConfig.burda(layers)
+def _model_config(layers: Any, latent_dims: Any, hidden_dims: Any, activation: Any) -> ModelConfig:
+    """Burda's architecture of ``layers`` (1 or 2) stochastic layers, or any depth that ``latent_dims`` gives
+    (``"100,50,20"``). Each stochastic layer's networks have two hidden layers: Burda's sizes for his one- and
+    two-layer models, else ``hidden_dims`` (one size a stochastic layer, ``"200,100,40"``), by default twice the
+    layer's latent size (the rule of Burda's two-layer model: 100 -> 200, 50 -> 100)."""
+    if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
+        raise ValueError(f"layers must be a whole number >= 1, got {layers!r}")
+    dims = None
     if latent_dims is not None:
-        dims = _whole_numbers(latent_dims, "latent_dims takes whole numbers such as '50' or '100,50'")
-        if len(dims) != layers:
-            raise ValueError(f"latent_dims needs {layers} size(s), got {latent_dims!r}")
-        if min(dims) < 1:
-            raise ValueError(f"latent_dims must be >= 1, got {latent_dims!r}")
-        model = replace(model, latent_dims=dims)
+        dims = _whole_numbers(latent_dims, "latent_dims takes whole numbers such as '50' or '100,50,20'")
+        if not dims or min(dims) < 1:
+            raise ValueError(f"latent_dims must be whole numbers >= 1, got {latent_dims!r}")
+        if layers is not None and len(dims) != layers:
+            raise ValueError(f"latent_dims needs {layers} size(s) (one per stochastic layer), got {latent_dims!r}")
+    depth = len(dims) if dims is not None else (1 if layers is None else layers)
+    if depth > 2 and dims is None:
+        raise ValueError(f"a model of {depth} stochastic layers needs its sizes: give latent_dims, such as '100,50,20'")
+    if depth <= 2 and hidden_dims is None:
+        model = ModelConfig.burda(depth)
+        if dims is not None:
+            model = replace(model, latent_dims=dims)
+    else:
+        latent = dims if dims is not None else ModelConfig.burda(depth).latent_dims
+        if hidden_dims is None:
+            sizes = tuple(2 * d for d in latent)
+        else:
+            sizes = _whole_numbers(
+                hidden_dims, "hidden_dims takes one whole number per stochastic layer, such as '200,100'"
+            )
+            if len(sizes) != depth or min(sizes) < 1:
+                raise ValueError(
+                    f"hidden_dims needs {depth} size(s) >= 1 (one per stochastic layer), got {hidden_dims!r}"
+                )
+        model = ModelConfig(latent_dims=latent, hidden_dims=tuple((size, size) for size in sizes))
     if activation is not None and activation != model.activation:
         model = replace(model, activation=activation)
     return model
+
+
+def apply_protocol(given: dict[str, Any]) -> None:
+    """Expand ``protocol`` in flat settings: ``default`` changes nothing; ``authors`` sets :data:`AUTHORS_PROTOCOL`
+    (a setting given otherwise beside it is an error)."""
+    protocol = given.pop(PROTOCOL_KEY, "default")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if protocol == "authors":
+        for key, value in AUTHORS_PROTOCOL.items():
+            if key in given and given[key] != value:
+                raise ValueError(f"protocol 'authors' sets {key} = {value!r}; leave out {key} = {given[key]!r}")
+            given[key] = value
 
 
 def scale_learning_rates(
@@ -300,8 +371,10 @@ def build_train_config(settings: Mapping[str, Any]) -> TrainConfig:
     keys and a report's rows all come through here.
 
     Keys: every :class:`TrainConfig` field but ``model`` and ``stages``; the objective as ``objective`` (a name)
-    with ``M``/``beta``/``p``/``alpha``; the model as ``layers`` (Burda's 1 or 2), ``latent_dims`` and
-    ``activation``; the schedule as ``schedule`` (``burda``, ``burda:S``) or ``epochs`` with ``lr``, and how it
+    with ``M``/``beta``/``p``/``alpha``; the model as ``layers`` (Burda's 1 or 2), ``latent_dims`` (any depth),
+    ``hidden_dims`` and ``activation`` (:func:`_model_config`); ``protocol`` (``default`` or ``authors``:
+    :data:`AUTHORS_PROTOCOL`; ``optimizer = "burda-adam"`` alone also takes the authors' ``beta1`` 0.99 unless
+    ``beta1`` is given); the schedule as ``schedule`` (``burda``, ``burda:S``) or ``epochs`` with ``lr``, and how it
     is run: ``batch_schedule`` (``fixed``, or ``grow``: :func:`grow_batch_schedule`), ``lr_scale`` (``none``,
     ``linear``, ``sqrt``: :func:`scale_learning_rates` for a ``batch_size`` other than 20) and ``k_schedule``
     (one k per stage, ending at ``k``, which it sets when ``k`` is not given). ``None`` values are the defaults.
@@ -311,7 +384,15 @@ def build_train_config(settings: Mapping[str, Any]) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)}; known: {', '.join(sorted(setting_names()))}")
     given = {key: value for key, value in settings.items() if value is not None}
-    model = _model_config(given.pop("layers", 1), given.pop("latent_dims", None), given.pop("activation", None))
+    apply_protocol(given)
+    if given.get("optimizer") == "burda-adam":
+        given.setdefault("beta1", BURDA_ADAM_BETA1)
+    model = _model_config(
+        given.pop("layers", None),
+        given.pop("latent_dims", None),
+        given.pop("hidden_dims", None),
+        given.pop("activation", None),
+    )
     stages = parse_schedule(given.pop("schedule", None), given.pop("epochs", None), given.pop("lr", None))
     batch_size = given.get("batch_size", BURDA_BATCH_SIZE)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

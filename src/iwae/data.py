@@ -22,7 +22,7 @@ import struct
 import tempfile
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -305,8 +305,9 @@ class Dataset:
     train: Split
     valid: Split
     test: Split
-    binarization: str  # "dynamic", "fixed" (pre-binarised) or "none" (continuous data)
+    binarization: str  # "dynamic", "threshold" (pixel >= 0.5), "fixed" (pre-binarised) or "none" (continuous data)
     image_shape: tuple[int, int] = (28, 28)
+    train_split: str = "train"  # "train+valid" once for_run has added the validation images to the training set
 
     def split(self, name: str) -> Split:
         if name not in ("train", "valid", "test"):
@@ -315,11 +316,38 @@ class Dataset:
 
 
 def binarize(images: Tensor, binarization: str, generator: torch.Generator | None = None) -> Tensor:
-    """A fresh Bernoulli(grey level) draw for ``"dynamic"`` binarisation; the data unchanged otherwise
-    (``"fixed"`` for pre-binarised images, ``"none"`` for continuous data)."""
+    """A fresh Bernoulli(grey level) draw for ``"dynamic"`` binarisation; ``pixel >= 0.5`` for ``"threshold"``; the
+    data unchanged otherwise (``"fixed"`` for pre-binarised images, ``"none"`` for continuous data)."""
     if binarization == "dynamic":
         return torch.bernoulli(images, generator=generator)
+    if binarization == "threshold":
+        return (images >= 0.5).to(images.dtype)
     return images
+
+
+def for_run(dataset: Dataset, binarization: str | None = None, train_split: str = "train") -> Dataset:
+    """The dataset as a run sees it: its grey levels binarised ``binarization`` way (None: the dataset's own;
+    ``dynamic`` or ``threshold`` for grey-level data), and trained on ``train`` (Burda's split) or ``train+valid``
+    (every training image, as some reproductions do; the validation images then lie inside the training set).
+    Applied twice, it changes nothing the second time."""
+    if binarization is not None and binarization != dataset.binarization:
+        if dataset.binarization != "dynamic":
+            raise DataError(
+                f"{dataset.name} is {dataset.binarization}-binarised already; binarization {binarization!r} needs "
+                "grey-level data (mnist, fashion-mnist, omniglot)"
+            )
+        dataset = replace(dataset, binarization=binarization)
+    if train_split not in ("train", "train+valid"):
+        raise ValueError(f"train_split must be train or train+valid, got {train_split!r}")
+    if train_split != dataset.train_split:
+        if dataset.train_split != "train":
+            raise ValueError(f"{dataset.name}'s training set is {dataset.train_split} already; load it afresh")
+        train, valid = dataset.train, dataset.valid
+        labels = None if train.labels is None or valid.labels is None else torch.cat([train.labels, valid.labels])
+        dataset = replace(
+            dataset, train=Split(torch.cat([train.images, valid.images]), labels), train_split=train_split
+        )
+    return dataset
 
 
 def _split_tail(images: np.ndarray, labels: np.ndarray | None, n_valid: int) -> tuple[Split, Split]:

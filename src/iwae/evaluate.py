@@ -4,15 +4,28 @@ Shape convention: examples ``[batch, x_dim]``; log-weights ``[k, batch]``. The k
 example are drawn in chunks so memory stays bounded whatever k is, and the log-mean-exp over
 chunks is accumulated in float64 (:class:`iwae.bounds.LogMeanExpAccumulator`).
 
-Active units (Burda et al., section 5.2): ``A_u = Var_x(E_q[u | x])`` over a split; a unit is
-active if ``A_u > 0.01``. For the first layer ``E_q[h_1 | x]`` is q's mean; for deeper layers it
-is a Monte Carlo average of q's mean over samples of the layer below. The alternative
-definition used by some reports, mean KL(q(u | .) || p(u | .)) > 0.01, is reported as well.
+Active units (Burda et al., section 5.2), two definitions, each under its own name:
+
+- ours (``active_units``, :func:`activity`): ``A_u = Var_x(E_q[u | x])`` over the evaluated split (sample
+  variance); a unit is active if ``A_u > 0.01``. For the first layer ``E_q[h_1 | x]`` is q's mean; for deeper
+  layers it is a Monte Carlo average of q's mean over 100 samples of the layer below.
+- the authors' (``active_units_authors``, :func:`authors_unit_variances`), as their code (github yburda/iwae,
+  iwae.py ``get_units_variances``) computes it: the first 500 training images, binarised once; layer j's
+  encoder mean given ONE sample of h_{j-1} (the sample drawn from q for that image); ``np.var`` (population
+  variance, ddof = 0); a unit is kept if its variance is ``>= 0.01``.
+
+The definition some reports use, mean KL(q(u | .) || p(u | .)) > 0.01 (``active_units_kl``), is reported as well.
+
+The pruned NLL (``nll_active_only``, "dead units removed") is L_k of the model without its inactive units; the
+``units`` argument of :func:`evaluate_model` chooses whose: ``"ours"`` masks the units inactive by our definition
+(``unit_masks`` in :meth:`iwae.models.LatentVariableModel.forward`); ``"authors"`` cuts the units the authors'
+variances drop out of the weight matrices (:meth:`iwae.models.LatentVariableModel.without_units`, their
+``chop_units_with_variance_under_threshold``). ``pruned_by`` in the result says which.
 
 :func:`evaluate_run` keeps earlier results: each goes to a file named by its settings,
-``eval-<split>-k<K>-seed<S>[-limit<N>].json`` (the same settings replace their file), and to ``eval.json``, the
-latest. A model with non-finite parameters or a non-finite NLL raises :class:`~iwae.runs.RunError` and writes
-nothing.
+``eval-<split>-k<K>-seed<S>[-limit<N>][-authors].json`` (the same settings replace their file), and to
+``eval.json``, the latest. A model with non-finite parameters or a non-finite NLL raises
+:class:`~iwae.runs.RunError` and writes nothing.
 """
 
 from __future__ import annotations
@@ -31,12 +44,14 @@ from tqdm import tqdm
 
 from iwae.bounds import LogMeanExpAccumulator
 from iwae.checkpoint import atomic_write_text
-from iwae.data import Split, binarize, load_dataset
+from iwae.data import Split, binarize, for_run, load_dataset
 from iwae.models import LatentVariableModel
 from iwae.protocol import Model
 from iwae.runs import EVAL_FILE, RunError, load_model, resolve_device
 
 ACTIVE_THRESHOLD = 0.01
+AUTHORS_IMAGES = 500  # the authors' active units: the first 500 training images
+UNIT_DEFINITIONS = ("ours", "authors")
 # Sample rows per chunk of L_k (``[rows, x_dim]`` logits at a time): 16 MB on a CPU, where larger chunks gain
 # nothing; on a GPU large chunks (0.8 GB for MNIST) keep the device busy, with the log-mean-exp still in float64.
 CHUNK_ROWS = {"cpu": 5_000, "cuda": 250_000}
@@ -64,6 +79,10 @@ class EvalResult:
     elbo: float
     seconds: float
     log_activity: list[list[float]] = field(default_factory=list)
+    # Whose inactive units nll_active_only leaves out: "ours" (masked by active_units' variances over the evaluated
+    # split) or "authors" (cut out of the weights by the authors' variances, active_units_authors).
+    pruned_by: str = "ours"
+    log_activity_authors: list[list[float]] = field(default_factory=list)  # log of the authors' variances
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,7 +148,35 @@ def activity(
 
 
 def count_active(values: list[Tensor]) -> list[int]:
+    """Units per layer with a value ``> 0.01`` (our definitions)."""
     return [int((v > ACTIVE_THRESHOLD).sum().item()) for v in values]
+
+
+@torch.no_grad()
+def authors_unit_variances(
+    model: LatentVariableModel, images: Tensor, binarization: str, generator: torch.Generator
+) -> list[Tensor]:
+    """The authors' unit variances (yburda/iwae, iwae.py ``get_units_variances``), float64 ``[d_j]`` per layer.
+
+    ``images`` ``[n, x_dim]`` (the authors': the first 500 training images) are binarised once; one sample is
+    drawn from q for each image, layer by layer, and layer j's variance is that of q(h_j | h_{j-1})'s mean over
+    the images, with h_{j-1} that one sample (x for the first layer): ``np.var``, the population variance
+    (ddof = 0). The authors keep a unit whose variance is ``>= 0.01`` (:func:`authors_keep`).
+    """
+    x = binarize(images, binarization, generator)
+    sample = model(x, 1, generator)
+    means = [sample.q_params[0][0]] + [mean[0] for mean, _ in sample.q_params[1:]]  # [batch, d_j] each
+    return [mean.double().var(dim=0, correction=0) for mean in means]
+
+
+def count_kept(keep: list[Tensor]) -> list[int]:
+    return [int(kept.sum().item()) for kept in keep]
+
+
+def authors_keep(variances: list[Tensor]) -> list[Tensor]:
+    """The units the authors keep (``chop_units_with_variance_under_threshold``): boolean ``[d_j]``, variance
+    ``>= 0.01``."""
+    return [v >= ACTIVE_THRESHOLD for v in variances]
 
 
 @torch.no_grad()
@@ -143,6 +190,7 @@ def estimate_log_likelihood(
     batch_size: int = 100,
     max_rows: int = 5_000,
     unit_masks: list[Tensor] | None = None,
+    pruned: Model | None = None,
     progress: bool = False,
 ) -> dict[str, Tensor]:
     """Per-example L_k with samples streamed in chunks of ``max_rows // batch`` (float64 log-mean-exp), for any
@@ -152,25 +200,34 @@ def estimate_log_likelihood(
     16 MB for MNIST, whatever k is. q(h_1 | x) is computed once per minibatch, not per chunk (the same
     numbers: the chunks get it as ``first_q``). Each example is binarised once. Returns
     float64 ``[n]`` tensors: ``log_lik`` (L_k), ``recon`` (mean of log p(x | h) over the k samples),
-    ``kl`` (mean of log q - log p(h)) and, if ``unit_masks`` is given, ``log_lik_active`` (L_k of
-    the model with masked units removed, from the same binarised examples).
+    ``kl`` (mean of log q - log p(h)) and, if ``unit_masks`` or ``pruned`` is given, ``log_lik_active``: L_k of
+    the model with masked units removed, or of the model ``pruned`` (say, :meth:`LatentVariableModel.without_units`),
+    from the same binarised examples.
     """
-    burda = isinstance(getattr(model, "_orig_mod", model), LatentVariableModel)  # _orig_mod: under torch.compile
+
+    def is_burda(candidate: Model) -> bool:
+        return isinstance(getattr(candidate, "_orig_mod", candidate), LatentVariableModel)  # _orig_mod: compiled
+
+    burda = is_burda(model)
     if unit_masks is not None and not burda:
         raise ValueError("unit masks apply to iwae.models.LatentVariableModel only")
+    if unit_masks is not None and pruned is not None:
+        raise ValueError("give unit_masks or a pruned model, not both")
+    pruned_burda = pruned is not None and is_burda(pruned)
     chunk = max(1, min(k, max_rows // batch_size))
     out: dict[str, list[Tensor]] = {"log_lik": [], "recon": [], "kl": []}
-    if unit_masks is not None:
+    if unit_masks is not None or pruned is not None:
         out["log_lik_active"] = []
     bar = tqdm(total=len(split), unit="example", desc=f"L_{k}", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(split), batch_size):
         x = binarize(split.images[start : start + batch_size], binarization, generator)
-        full, pruned = LogMeanExpAccumulator(), LogMeanExpAccumulator()
+        full, without = LogMeanExpAccumulator(), LogMeanExpAccumulator()
         recon = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         kl = torch.zeros_like(recon)
         # Burda's models: q(h_1 | x) once per minibatch, the same for every chunk of samples; other models are
         # called as iwae.protocol.Model says.
         extra = {"first_q": model.encoder[0](x)} if burda else {}
+        pruned_extra = {"first_q": pruned.encoder[0](x)} if pruned_burda else {}
         for done in range(0, k, chunk):
             size = min(chunk, k - done)
             sample = model(x, size, generator, **extra)
@@ -178,12 +235,14 @@ def estimate_log_likelihood(
             recon += sample.log_px_given_h.double().sum(dim=0)
             kl += (sample.log_q - sample.log_prior).double().sum(dim=0)
             if unit_masks is not None:
-                pruned.add(model(x, size, generator, unit_masks=unit_masks, **extra).log_w)
+                without.add(model(x, size, generator, unit_masks=unit_masks, **extra).log_w)
+            elif pruned is not None:
+                without.add(pruned(x, size, generator, **pruned_extra).log_w)
         out["log_lik"].append(full.result())
         out["recon"].append(recon / k)
         out["kl"].append(kl / k)
-        if unit_masks is not None:
-            out["log_lik_active"].append(pruned.result())
+        if "log_lik_active" in out:
+            out["log_lik_active"].append(without.result())
         bar.update(x.shape[0])
     bar.close()
     return {name: torch.cat(values).cpu() for name, values in out.items()}
@@ -199,6 +258,7 @@ def evaluate_model(
     split_name: str = "test",
     authors_split: Split | None = None,
     prune_inactive: bool = True,
+    units: str = "ours",
     batch_size: int = 100,
     progress: bool = False,
     compile_model: bool = False,
@@ -206,6 +266,16 @@ def evaluate_model(
     max_rows: int | None = None,
 ) -> EvalResult:
     """NLL = -mean L_k over ``split``, active units, and the reconstruction and KL terms.
+
+    ``authors_split``: the run's training images; the authors' active units (``active_units_authors``) come from
+    its first 500 (:func:`authors_unit_variances`, with a generator of its own seeded ``seed``, so they do not move
+    the L_k draws). None leaves them out.
+
+    ``units``: whose inactive units the pruned NLL (``nll_active_only``, with ``prune_inactive``) leaves out:
+    ``"ours"`` masks the units with ``A_u <= 0.01`` over ``split``; ``"authors"`` (needs ``authors_split``) cuts the
+    units with an authors' variance under 0.01 out of the weights (:meth:`LatentVariableModel.without_units`) and
+    evaluates that smaller model on the same binarised examples. A layer the authors' variances would empty is
+    masked instead (a :class:`~iwae.models.ModelConfig` has no empty layer; the masked model is the same model).
 
     ``max_rows``: sample rows per chunk of L_k (default :func:`chunk_rows` of the model's device).
 
@@ -219,28 +289,43 @@ def evaluate_model(
     """
     if len(split) < 2:
         raise ValueError(f"evaluation needs at least 2 examples (active units are a variance), got {len(split)}")
+    if units not in UNIT_DEFINITIONS:
+        raise ValueError(f"units must be one of {', '.join(UNIT_DEFINITIONS)}, got {units!r}")
+    if units == "authors" and authors_split is None:
+        raise ValueError("units='authors' needs authors_split, the run's training images")
     started = time.perf_counter()
     device = next(model.parameters()).device
     split = split.to(device)
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
     variances, mean_kls = activity(model, split, binarization, generator)
-    authors = None
+    authors_variances: list[Tensor] = []
     if authors_split is not None:
-        authors_variances, _ = activity(model, authors_split.subset(500).to(device), binarization, generator)
-        authors = count_active(authors_variances)
-    masks = [(v > ACTIVE_THRESHOLD).to(torch.float32).to(device) for v in variances]
-    all_active = all(bool(m.all()) for m in masks)
-    sampler = accelerate(model) if accelerate is not None else model
+        images = authors_split.subset(AUTHORS_IMAGES).images.to(device)
+        own = torch.Generator(device=device).manual_seed(seed)
+        authors_variances = authors_unit_variances(model, images, binarization, own)
+    keep = authors_keep(authors_variances) if units == "authors" else [v > ACTIVE_THRESHOLD for v in variances]
+    unit_masks, pruned = None, None
+    if prune_inactive and not all(bool(kept.all()) for kept in keep):
+        if units == "authors" and all(bool(kept.any()) for kept in keep):
+            pruned = model.without_units(keep)
+        else:
+            unit_masks = [kept.to(torch.float32).to(device) for kept in keep]
+
+    def sampler_of(candidate: LatentVariableModel) -> nn.Module:
+        fast = accelerate(candidate) if accelerate is not None else candidate
+        return torch.compile(fast) if compile_model else fast
+
     estimates = estimate_log_likelihood(
-        torch.compile(sampler) if compile_model else sampler,
+        sampler_of(model),
         split,
         binarization,
         k,
         generator,
         batch_size=batch_size,
         max_rows=chunk_rows(device) if max_rows is None else max_rows,
-        unit_masks=masks if prune_inactive and not all_active else None,
+        unit_masks=unit_masks,
+        pruned=None if pruned is None else sampler_of(pruned),
         progress=progress,
     )
     log_lik = estimates["log_lik"]
@@ -258,7 +343,7 @@ def evaluate_model(
         n_examples=n,
         seed=seed,
         active_units=count_active(variances),
-        active_units_authors=authors,
+        active_units_authors=None if authors_split is None else count_kept(authors_keep(authors_variances)),
         active_units_kl=count_active(mean_kls),
         nll_active_only=nll_active,
         recon_log_lik=recon,
@@ -266,6 +351,8 @@ def evaluate_model(
         elbo=recon - kl,
         seconds=time.perf_counter() - started,
         log_activity=[torch.log(v.clamp_min(1e-300)).tolist() for v in variances],
+        pruned_by=units,
+        log_activity_authors=[torch.log(v.clamp_min(1e-300)).tolist() for v in authors_variances],
     )
 
 
@@ -279,18 +366,25 @@ def evaluate_run(
     device: str = "auto",
     data_dir: str | None = None,
     prune_inactive: bool = True,
+    units: str = "ours",
     batch_size: int = 100,
     progress: bool = True,
     compile_model: bool = False,
     accelerate: Callable[[nn.Module], nn.Module] | None = None,
 ) -> EvalResult:
-    """Evaluate a run directory's model and write ``eval.json`` into it (``accelerate``: see :func:`evaluate_model`)."""
+    """Evaluate a run directory's model and write ``eval.json`` into it (``units``, ``accelerate``: see
+    :func:`evaluate_model`; the authors' protocol is ``units="authors", batch_size=20``).
+
+    The data are the run's: its binarisation and its training split (:func:`iwae.data.for_run`), so the authors'
+    active units come from the first 500 images the run trained on, binarised the run's way."""
+    if units not in UNIT_DEFINITIONS:  # refused before the model and the data are loaded
+        raise ValueError(f"units must be one of {', '.join(UNIT_DEFINITIONS)}, got {units!r}")
     run_dir = Path(run_dir)
     torch_device = resolve_device(device)
     model, config = load_model(run_dir, torch_device)
     if not os.access(run_dir, os.W_OK | os.X_OK):  # refused now, not after the evaluation
         raise RunError(f"{run_dir} is not writable, and eval writes its results there; make it writable")
-    data = load_dataset(config.dataset, data_dir, progress=progress)
+    data = for_run(load_dataset(config.dataset, data_dir, progress=progress), config.binarization, config.train_split)
     result = evaluate_model(
         model,
         data.split(split).subset(limit),
@@ -300,6 +394,7 @@ def evaluate_run(
         split_name=split,
         authors_split=data.train,
         prune_inactive=prune_inactive,
+        units=units,
         batch_size=batch_size,
         progress=progress,
         compile_model=compile_model,
@@ -312,11 +407,13 @@ def evaluate_run(
     payload["limit"] = limit
     payload["dataset"] = config.dataset
     text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
-    atomic_write_text(run_dir / eval_file_name(split, k, seed, limit), text)
+    atomic_write_text(run_dir / eval_file_name(split, k, seed, limit, units), text)
     atomic_write_text(run_dir / EVAL_FILE, text)
     return result
 
 
-def eval_file_name(split: str, k: int, seed: int, limit: int | None) -> str:
-    """The file of one evaluation's settings, ``eval-<split>-k<K>-seed<S>[-limit<N>].json``."""
-    return f"eval-{split}-k{k}-seed{seed}" + (f"-limit{limit}" if limit is not None else "") + ".json"
+def eval_file_name(split: str, k: int, seed: int, limit: int | None, units: str = "ours") -> str:
+    """The file of one evaluation's settings, ``eval-<split>-k<K>-seed<S>[-limit<N>][-authors].json`` (``-authors``:
+    the pruned NLL by the authors' units)."""
+    name = f"eval-{split}-k{k}-seed{seed}" + (f"-limit{limit}" if limit is not None else "")
+    return name + ("-authors" if units == "authors" else "") + ".json"

@@ -341,6 +341,66 @@ class LatentVariableModel(nn.Module):
         """``log p(x, h_i) - log q(h_i | x)`` for k samples: ``[batch, x_dim] -> [k, batch]``."""
         return self(x, k, generator).log_w
 
+    # -- pruning ------------------------------------------------------------------------------
+    def without_units(self, keep: list[Tensor]) -> LatentVariableModel:
+        """A smaller copy of this model with the units ``keep`` marks False cut out of the weight matrices, as the
+        authors' ``chop_units_with_variance_under_threshold`` (github yburda/iwae, iwae.py) does.
+
+        ``keep``: per stochastic layer, a ``[d_j]`` boolean (or 0/1) mask of the units to keep. For each layer j,
+        q(h_j | h_{j-1})'s mean and log-std rows of cut units go, and so do the input columns of cut units of
+        h_{j-1} in its first layer; p(h_{j-1} | h_j) (p(x | h_1) for j = 1) loses the input columns of cut units of
+        h_j in its first layer and, where its output is a latent layer, the mean and log-std rows of cut units of
+        h_{j-1}. The copy's :class:`ModelConfig` has the smaller ``latent_dims``; its parameters are new tensors on
+        this model's device and dtype. It is the model of ``forward(..., unit_masks=keep)``: a cut unit there is
+        clamped to 0, which feeds nothing forward, and is left out of every density. Every layer needs a unit
+        kept (a :class:`ModelConfig` has no empty layer).
+        """
+        dims = self.config.latent_dims
+        if len(keep) != len(dims):
+            raise ValueError(f"keep needs one mask per stochastic layer ({len(dims)}), got {len(keep)}")
+        masks = []
+        for j, (mask, d) in enumerate(zip(keep, dims, strict=True)):
+            if tuple(mask.shape) != (d,):
+                raise ValueError(f"keep[{j}] must have shape ({d},), got {tuple(mask.shape)}")
+            masks.append(mask.detach().to(torch.bool).cpu())
+        empty = [j for j, mask in enumerate(masks) if not bool(mask.any())]
+        if empty:
+            raise ValueError(f"every stochastic layer needs a unit kept; layers {empty} (from 0) would have none")
+        config = ModelConfig(
+            x_dim=self.config.x_dim,
+            latent_dims=tuple(int(mask.sum().item()) for mask in masks),
+            hidden_dims=self.config.hidden_dims,
+            activation=self.config.activation,
+            likelihood=self.config.likelihood,
+        )
+
+        def cut(head: MLPHead, inputs: Tensor | None, outputs: Tensor | None) -> dict[str, Tensor]:
+            """The head's parameters with the input columns ``~inputs`` and output units ``~outputs`` removed."""
+            layers = [*head.hidden, head.head]
+            params: dict[str, Tensor] = {}
+            for i, layer in enumerate(layers):
+                name = f"hidden.{i}" if i < len(head.hidden) else "head"
+                weight, bias = layer.weight.detach(), layer.bias.detach()
+                if i == 0 and inputs is not None:
+                    weight = weight[:, inputs.to(weight.device)]
+                if name == "head" and outputs is not None:  # n_params blocks of out_dim rows, each cut alike
+                    rows = outputs.to(weight.device).repeat(head.n_params)
+                    weight, bias = weight[rows], bias[rows]
+                params[f"{name}.weight"], params[f"{name}.bias"] = weight.clone(), bias.clone()
+            return params
+
+        state: dict[str, Tensor] = {}
+        for j in range(len(dims)):
+            below = masks[j - 1] if j > 0 else None  # the layer below this one (None: x, never cut)
+            for key, value in cut(self.encoder[j], below, masks[j]).items():
+                state[f"encoder.{j}.{key}"] = value
+            for key, value in cut(self.decoder[j], masks[j], below).items():
+                state[f"decoder.{j}.{key}"] = value
+        with torch.device("meta"):  # no initialisation (nor draws from the global generator): the cut weights go in
+            smaller = LatentVariableModel(config)
+        smaller.load_state_dict(state, assign=True)
+        return smaller.train(self.training)
+
     # -- generation ---------------------------------------------------------------------------
     def observation_mean(self, h1: Tensor) -> Tensor:
         """E[x | h_1]: Bernoulli means (sigmoid of logits) or the Gaussian mean."""

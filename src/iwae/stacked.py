@@ -38,13 +38,12 @@ from torch import Tensor, nn
 from iwae import estimators
 from iwae.checkpoint import atomic_write_text, restore_checkpoint, save_checkpoint, save_model
 from iwae.config import TrainConfig
-from iwae.data import Dataset, binarize, load_dataset
+from iwae.data import Dataset, binarize
 from iwae.memory import check_memory
 from iwae.objectives import Objective
 from iwae.runs import CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, RunError, resolve_device
 from iwae.train import (
     FitResult,
-    adam,
     append_metrics,
     build_model,
     build_optimizer,
@@ -52,8 +51,13 @@ from iwae.train import (
     check_run_dir,
     create_run_dir,
     divergence_error,
+    load_initial_optimizer,
     load_initial_weights,
+    minibatch_order,
+    optimizer_for,
     progress_bar,
+    run_data,
+    scale_gradients,
     truncate_metrics,
     validation_bound,
 )
@@ -138,26 +142,29 @@ class ModelStack:
                 source = self.params.get(f"model.{name}", self.buffers.get(f"model.{name}"))
                 tensor.copy_(source[index])
 
-    def build_optimizer(self, config: TrainConfig) -> torch.optim.Adam:
-        """One Adam over the stacked tensors (:func:`iwae.train.adam`): element-wise, so each model's slice moves as
-        its own Adam would."""
-        return adam(self.parameters(), config)
+    def build_optimizer(self, config: TrainConfig) -> torch.optim.Optimizer:
+        """One optimiser over the stacked tensors (:func:`iwae.train.optimizer_for`: Adam or BurdaAdam): element-wise,
+        so each model's slice moves as its own optimiser would."""
+        return optimizer_for(self.parameters(), config)
 
     def import_optimizer_states(
         self, optimizer: torch.optim.Optimizer, models: Sequence[nn.Module], optimizers: Sequence[torch.optim.Optimizer]
     ) -> None:
-        """Stack the models' own optimiser states (loaded from their checkpoints) into the stack's optimiser."""
+        """Stack the models' own optimiser states (loaded from their checkpoints, or continued from their
+        ``init_from`` runs) into the stack's optimiser: each per-element tensor stacked, the step count shared."""
         for name, stacked in self.params.items():
             params = [dict(model.named_parameters())[name.removeprefix("model.")] for model in models]
             states = [opt.state.get(param) for opt, param in zip(optimizers, params, strict=True)]
             if all(not state for state in states):
                 continue
             if any(not state for state in states) or len({float(state["step"]) for state in states}) != 1:
-                raise RunError("the runs of this stack were saved at different optimiser steps; resume them one by one")
+                raise RunError(
+                    "the runs of this stack start from different optimiser steps (saved at different steps, or "
+                    "continuing init_from runs of different lengths); train them one by one (--stack off)"
+                )
             optimizer.state[stacked] = {
-                "step": states[0]["step"].clone(),
-                "exp_avg": torch.stack([state["exp_avg"] for state in states]),
-                "exp_avg_sq": torch.stack([state["exp_avg_sq"] for state in states]),
+                key: torch.stack([state[key] for state in states]) if value.dim() > 0 else value.clone()
+                for key, value in states[0].items()
             }
 
     def export_optimizer_state(
@@ -169,9 +176,7 @@ class ModelStack:
             state = optimizer.state.get(stacked)
             if state:
                 target.state[params[name.removeprefix("model.")]] = {
-                    "step": state["step"].clone(),
-                    "exp_avg": state["exp_avg"][index].clone(),
-                    "exp_avg_sq": state["exp_avg_sq"][index].clone(),
+                    key: value[index].clone() if value.dim() > 0 else value.clone() for key, value in state.items()
                 }
         for group, source in zip(target.param_groups, optimizer.param_groups, strict=False):
             group["lr"] = source["lr"]
@@ -346,11 +351,18 @@ def step_mode(device: torch.device, compile_model: bool) -> str:
 
 
 def stack_key(config: TrainConfig) -> str:
-    """What runs of one stack share: every setting but :data:`PER_MODEL_SETTINGS`."""
+    """What runs of one stack share: every setting but :data:`PER_MODEL_SETTINGS`, and whether the run continues its
+    ``init_from`` run's optimiser (one stacked optimiser has one step count: a fresh run and a continued one differ)."""
     data = config.to_dict()
-    for name in PER_MODEL_SETTINGS:
+    for name in (*PER_MODEL_SETTINGS, "fresh_optimizer"):  # fresh_optimizer matters only as continues_optimizer
         data.pop(name)
+    data["continues_optimizer"] = continues_optimizer(config)
     return json.dumps(data, sort_keys=True)
+
+
+def continues_optimizer(config: TrainConfig) -> bool:
+    """Whether the run starts from its ``init_from`` run's optimiser state (Table 2 as the authors ran it)."""
+    return config.init_from is not None and not config.fresh_optimizer
 
 
 def check_stackable(configs: Sequence[TrainConfig]) -> None:
@@ -360,7 +372,10 @@ def check_stackable(configs: Sequence[TrainConfig]) -> None:
     for config in configs[1:]:
         if stack_key(config) != stack_key(configs[0]):
             other = config.to_dict()
-            differ = sorted(k for k in first if k not in PER_MODEL_SETTINGS and first[k] != other[k])
+            same = (*PER_MODEL_SETTINGS, "fresh_optimizer")
+            differ = sorted(k for k in first if k not in same and first[k] != other[k])
+            if continues_optimizer(config) != continues_optimizer(configs[0]):
+                differ.append("whether the optimiser continues an init_from run's")
             raise ValueError(
                 f"runs stacked together may differ only in {', '.join(PER_MODEL_SETTINGS)}; these differ: "
                 + ", ".join(differ)
@@ -428,7 +443,7 @@ def fit_stacked(
     resume_from = [check_run_dir(c, run_dir, resume) for c, run_dir in zip(configs, run_dirs, strict=True)]
     if len({path is None for path in resume_from}) > 1:
         raise RunError("some runs of this stack have a checkpoint and some have not; resume them one by one")
-    data = dataset if dataset is not None else load_dataset(config.dataset, data_dir, progress=progress)
+    data = run_data(config, data_dir, dataset, progress)
     train_split = data.train.subset(config.train_limit)
     check_memory(config, len(train_split), torch_device, models=len(configs))
     train_split = train_split.to(torch_device)
@@ -439,6 +454,10 @@ def fit_stacked(
         if c.init_from is not None:
             load_initial_weights(model, c)
     own_optimizers = [build_optimizer(model, c) for model, c in zip(models, configs, strict=True)]
+    continued = resume_from[0] is None and continues_optimizer(config)  # all or none (check_stackable)
+    if continued:
+        for model, own, c in zip(models, own_optimizers, configs, strict=True):
+            load_initial_optimizer(own, model, c)
     generators = [torch.Generator(device=torch_device).manual_seed(c.seed) for c in configs]
     epochs_done, elapsed = 0, 0.0
     if resume_from[0] is not None:
@@ -453,7 +472,7 @@ def fit_stacked(
 
     stack = ModelStack(models)
     optimizer = stack.build_optimizer(config)
-    if resume_from[0] is not None:
+    if resume_from[0] is not None or continued:
         stack.import_optimizer_states(optimizer, models, own_optimizers)
     # Everything is checked: only now is anything written.
     for c, run_dir in zip(configs, run_dirs, strict=True):
@@ -489,7 +508,7 @@ def fit_stacked(
                 group["lr"] = lr
             started = time.perf_counter()
             bound_sums = torch.zeros(len(models), dtype=torch.float64, device=torch_device)
-            orders = [torch.randperm(n_train, generator=g, device=torch_device) for g in generators]
+            orders = [minibatch_order(config, n_train, g, torch_device) for g in generators]
             for start in range(0, n_train, batch_size):
                 # Each model draws from its own generator in the order a single run draws: binarisation, then noise.
                 xs, noises = [], []
@@ -498,6 +517,8 @@ def fit_stacked(
                     xs.append(x)
                     noises.append(model.draw_noise(x, k, generator))
                 bounds = step(torch.stack(xs), [torch.stack(layer) for layer in zip(*noises, strict=True)])
+                if config.loss_reduction == "sum":
+                    scale_gradients(stack.parameters(), xs[0].shape[0])
                 optimizer.step()
                 bound_sums += bounds.sum(dim=1)
                 bar.update(1)

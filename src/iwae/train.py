@@ -7,6 +7,13 @@ parameters equal those of an uninterrupted run with the same seed. One ``torch.G
 seeded from the config, drives shuffling, binarisation and the latent noise, and its state is
 saved in every checkpoint.
 
+The config also says how the authors' code (github yburda/iwae) differs, item by item (``protocol = "authors"``
+sets them all; docs/protocol.md): the optimiser (``torch.optim.Adam`` or :class:`~iwae.optim.BurdaAdam`,
+:func:`optimizer_for`), the data order (:func:`minibatch_order`), the minibatch's loss (mean or sum,
+:func:`scale_gradients`), the binarisation and the training images (:func:`run_data`). A run continued from
+another (``init_from``) starts from its final weights and, unless ``fresh_optimizer``, its optimiser's state
+(:func:`load_initial_optimizer`), as the authors' Table 2 did.
+
 Everything is checked before anything is written (the run directory, its ``config.json`` and checkpoint, the
 ``init_from`` run, the data, the memory a step needs: :func:`iwae.memory.check_memory`), so a refused run leaves the
 disk as it was. A run that diverges stops at the end of the epoch in which its summed bound (read once per epoch
@@ -18,6 +25,7 @@ Shape convention: minibatches ``x`` are ``[batch, x_dim]``; log-weights ``[k, ba
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -33,6 +41,8 @@ from iwae.checkpoint import (
     WriteError,
     atomic_write_text,
     check_model_state,
+    check_optimizer_state,
+    load_checkpoint,
     load_model_state,
     nonfinite_tensors,
     restore_checkpoint,
@@ -40,9 +50,10 @@ from iwae.checkpoint import (
     save_model,
 )
 from iwae.config import TrainConfig, config_differences
-from iwae.data import Dataset, Split, binarize, load_dataset
+from iwae.data import Dataset, Split, binarize, for_run, load_dataset
 from iwae.memory import check_memory
 from iwae.models import LatentVariableModel
+from iwae.optim import build_optimizer as build_optimizer_named
 from iwae.protocol import Model
 from iwae.runs import (
     CHECKPOINT_FILE,
@@ -96,17 +107,50 @@ def load_initial_weights(model: LatentVariableModel, config: TrainConfig) -> Non
     model.load_state_dict(state)
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Adam:
-    """:func:`adam` over the model's parameters."""
-    return adam(list(model.parameters()), config)
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """:func:`optimizer_for` the model's parameters."""
+    return optimizer_for(list(model.parameters()), config)
 
 
-def adam(parameters: list[torch.Tensor], config: TrainConfig) -> torch.optim.Adam:
-    """Adam with the config's first learning rate, betas and epsilon; the fused kernel (one pass per parameter
-    tensor, several times faster than the multi-tensor loop on the CPU) where the device has one."""
-    lr = config.stages[0][1]
-    kernel = {"fused": True} if parameters[0].device.type in ("cpu", "cuda") else {"foreach": True}
-    return torch.optim.Adam(parameters, lr=lr, betas=(config.beta1, config.beta2), eps=config.adam_eps, **kernel)
+def optimizer_for(parameters: list[torch.Tensor], config: TrainConfig) -> torch.optim.Optimizer:
+    """The config's optimiser (:func:`iwae.optim.build_optimizer`: Adam, with the fused kernel where the device has
+    one, or the authors' :class:`~iwae.optim.BurdaAdam`) at its first learning rate, betas and epsilon."""
+    betas = (config.beta1, config.beta2)
+    return build_optimizer_named(config.optimizer, parameters, config.stages[0][1], betas, config.adam_eps)
+
+
+def load_initial_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, config: TrainConfig) -> None:
+    """Continue the optimiser state of the run ``config.init_from`` (its last checkpoint, saved with its final
+    weights), as the authors' Table 2 did: the moments and the timestep carry over; the learning rate is this run's.
+    Refused where the base used another optimiser, or its checkpoint is not at its end."""
+    source = Path(config.init_from)
+    source_config = load_config(source)
+    if source_config.optimizer != config.optimizer:
+        raise RunError(
+            f"--init-from {source}: it trained with {source_config.optimizer} and this run with {config.optimizer}; "
+            "continue with the same --optimizer, or pass --fresh-optimizer"
+        )
+    checkpoint = source / CHECKPOINT_FILE
+    if not checkpoint.is_file():
+        raise RunError(
+            f"--init-from {source}: no {CHECKPOINT_FILE} to continue its optimiser from; pass --fresh-optimizer"
+        )
+    saved = load_checkpoint(checkpoint)
+    if saved.progress["epochs_done"] != source_config.total_epochs:
+        raise RunError(
+            f"--init-from {source}: its checkpoint is at epoch {saved.progress['epochs_done']} of "
+            f"{source_config.total_epochs}; finish the run first, or pass --fresh-optimizer"
+        )
+    scratch_model = copy.deepcopy(model)  # the base's optimiser, loaded against parameters of the same shapes
+    scratch = optimizer_for(list(scratch_model.parameters()), source_config)
+    check_optimizer_state(checkpoint, saved.optimizer_state, scratch)
+    try:
+        scratch.load_state_dict(saved.optimizer_state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        raise RunError(f"--init-from {source}: its optimiser state does not fit this run ({error})") from None
+    own = dict(zip(scratch_model.parameters(), model.parameters(), strict=True))
+    for param, state in scratch.state.items():
+        optimizer.state[own[param]] = {key: value.clone() for key, value in state.items()}
 
 
 def clear_gradients(optimizer: torch.optim.Optimizer) -> None:
@@ -169,14 +213,43 @@ def training_step(
     """
     k = config.k if k is None else k
     if path.accumulate is not None:
-        return path.accumulate(model, x, model.draw_noise(x, k, generator))
-    if path.compiled_estimate is not None:
-        noise = model.draw_noise(x, k, generator)
-        terms = path.compiled_estimate(model, x, noise, config.objective, config.estimator)
+        bound = path.accumulate(model, x, model.draw_noise(x, k, generator))
     else:
-        terms = estimators.estimate(model, x, k, generator, config.objective, config.estimator)
-    estimators.backward(model, terms)
-    return terms.bound
+        if path.compiled_estimate is not None:
+            noise = model.draw_noise(x, k, generator)
+            terms = path.compiled_estimate(model, x, noise, config.objective, config.estimator)
+        else:
+            terms = estimators.estimate(model, x, k, generator, config.objective, config.estimator)
+        estimators.backward(model, terms)
+        bound = terms.bound
+    if config.loss_reduction == "sum":
+        scale_gradients(model.parameters(), x.shape[0])
+    return bound
+
+
+def scale_gradients(parameters: Iterable[torch.Tensor], factor: float) -> None:
+    """Multiply the accumulated gradients by ``factor``: the minibatch's summed loss (``loss_reduction = "sum"``, the
+    authors' code) has ``batch`` times the gradient of its mean, which every step path computes."""
+    for param in parameters:
+        if param.grad is not None:
+            param.grad.mul_(factor)
+
+
+def minibatch_order(
+    config: TrainConfig, n_train: int, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """The examples of one pass in training order: a fresh permutation from ``generator`` (``shuffled``), or the
+    data's own order (``fixed``: minibatch i of every pass is examples ``b*i .. b*i + b - 1``, the authors' code)."""
+    if config.data_order == "fixed":
+        return torch.arange(n_train, device=device)
+    return torch.randperm(n_train, generator=generator, device=device)
+
+
+def run_data(config: TrainConfig, data_dir: str | None = None, dataset: Dataset | None = None, progress: bool = True):
+    """The run's dataset (``dataset``, else ``config.dataset`` loaded from ``data_dir``) with its binarisation and
+    training split (:func:`iwae.data.for_run`)."""
+    data = dataset if dataset is not None else load_dataset(config.dataset, data_dir, progress=progress)
+    return for_run(data, config.binarization, config.train_split)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, path: StepPath = REFERENCE_PATH) -> None:
@@ -382,7 +455,7 @@ def fit(
     run_dir = Path(run_dir)
     torch_device = resolve_device(device)
     resume_from = check_run_dir(config, run_dir, resume)
-    data = dataset if dataset is not None else load_dataset(config.dataset, data_dir, progress=progress)
+    data = run_data(config, data_dir, dataset, progress)
     train_split = data.train.subset(config.train_limit)
     check_memory(config, len(train_split), torch_device)
     train_split = train_split.to(torch_device)
@@ -392,6 +465,8 @@ def fit(
     if config.init_from is not None:
         load_initial_weights(model, config)
     optimizer = build_optimizer(model, config)
+    if config.init_from is not None and not config.fresh_optimizer and resume_from is None:
+        load_initial_optimizer(optimizer, model, config)
     path = choose_step_path(model, config, compile_model=compile_model, fast=fast)
     generator = torch.Generator(device=torch_device).manual_seed(config.seed)
     epochs_done, elapsed = 0, 0.0
@@ -419,7 +494,7 @@ def fit(
             started = time.perf_counter()
             model.train()
             bound_sum = torch.zeros((), dtype=torch.float64, device=torch_device)
-            order = torch.randperm(n_train, generator=generator, device=torch_device)
+            order = minibatch_order(config, n_train, generator, torch_device)
             for start in range(0, n_train, batch_size):
                 x = binarize(train_split.images[order[start : start + batch_size]], data.binarization, generator)
                 clear_gradients(optimizer)

@@ -31,6 +31,8 @@ from iwae.names import DATASET_NAMES, ESTIMATOR_NAMES, OBJECTIVE_NAMES
 # about 11 hours on this project's 2-core CPU (20 s per 1,000 examples at k = 5000); memory is bounded whatever k is
 # (iwae.evaluate draws the samples in chunks).
 MAX_EVAL_K = 1_000_000
+DEFAULT_EVAL_BATCH = 100
+AUTHORS_EVAL_BATCH = 20  # measure_marginal_log_likelihood's minibatch (yburda/iwae)
 
 
 def eval_k(text: str) -> int:
@@ -71,14 +73,53 @@ def register(subparsers) -> None:
     p.add_argument("--p", type=float, help="power: the power-mean exponent (<= 1; 1 is IWAE, 0 the ELBO)")
     p.add_argument("--alpha", type=float, help="vr: the VR-IWAE alpha (>= 0; 0 is IWAE, 1 the ELBO)")
     p.add_argument("--k", type=positive_int, help="samples per example (default 1, or the --k-schedule's last)")
-    p.add_argument("--layers", type=int, default=1, choices=[1, 2], help="stochastic layers (Burda's nets)")
+    p.add_argument("--layers", type=positive_int,
+                   help="stochastic layers: Burda's nets for 1 (default) and 2; more need --latent-dims")  # fmt: skip
     when = p.add_mutually_exclusive_group()
     when.add_argument("--epochs", type=positive_int, help="one stage of N passes at --lr")
     when.add_argument("--schedule", type=schedule,
                       help="'burda' (3,280 passes, default) or 'burda:S' (its first S stages)")  # fmt: skip
     p.add_argument("--lr", type=positive_float, help="learning rate with --epochs (default 1e-3)")
     p.add_argument("--batch-size", type=positive_int, default=20)
-    p.add_argument("--beta1", type=fraction, default=0.9, help="Adam beta1 (paper 0.9; the authors' code 0.99)")
+    p.add_argument(
+        "--beta1",
+        type=fraction,
+        help="Adam beta1 (default 0.9, the paper's; 0.99 with --optimizer burda-adam, the authors' code)",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=["adam", "burda-adam"],
+        help="adam (default: torch.optim.Adam, as the paper describes) or burda-adam (the authors' code: "
+        "second moments start at 1, the update lags one step; iwae.optim.BurdaAdam)",
+    )
+    p.add_argument(
+        "--data-order",
+        choices=["shuffled", "fixed"],
+        help="shuffled (default: a fresh permutation every pass) or fixed (the authors' code: "
+        "minibatch i of every pass is examples 20i..20i+19)",
+    )
+    p.add_argument(
+        "--loss-reduction",
+        choices=["mean", "sum"],
+        help="the minibatch's loss: mean (default) or sum over its examples (the authors' code)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=["default", "authors"],
+        help="authors: the authors' code as it ran (--optimizer burda-adam, --beta1 0.99, --data-order "
+        "fixed, --loss-reduction sum); see docs/protocol.md",
+    )
+    p.add_argument(
+        "--binarization",
+        choices=["dynamic", "threshold"],
+        help="grey-level data: dynamic (default: a fresh Bernoulli draw at every use) or threshold "
+        "(pixel >= 0.5, fixed)",
+    )
+    p.add_argument(
+        "--train-split",
+        choices=["train", "train+valid"],
+        help="train (default: Burda's 59,600 MNIST images) or train+valid (all 60,000)",
+    )
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=seed, default=0)
     seeds.add_argument(
@@ -96,7 +137,17 @@ def register(subparsers) -> None:
                    help="one k per stage of the schedule, ending at --k")  # fmt: skip
     p.add_argument("--train-limit", type=positive_int, help="train on the first N training examples only")
     p.add_argument("--activation", default="tanh", choices=["tanh", "relu", "softplus"])
-    p.add_argument("--latent-dims", type=positive_int_list, help="override latent sizes, e.g. '2' or '100,50'")
+    p.add_argument(
+        "--latent-dims",
+        type=positive_int_list,
+        help="latent sizes, one per stochastic layer: '2', '100,50', '100,50,20' (any depth)",
+    )
+    p.add_argument(
+        "--hidden-dims",
+        type=positive_int_list,
+        help="with --latent-dims: each stochastic layer's two hidden layers' size, e.g. '200,100,40' "
+        "(default: Burda's for 1 and 2 layers, else twice each latent size)",
+    )
     p.add_argument("--checkpoint-minutes", type=non_negative_float, default=2.0, help="checkpoint at least this often")
     p.add_argument("--max-epochs", type=positive_int, help="stop after N epochs of this call (resume later)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
@@ -107,7 +158,17 @@ def register(subparsers) -> None:
         "torch.compile (model, bound and surrogates as one graph) instead of the default explicit "
         "backpropagation, which was faster on a 2-core CPU",
     )
-    p.add_argument("--init-from", metavar="RUN", help="start from a finished run's final weights (Burda's Table 2)")
+    p.add_argument(
+        "--init-from",
+        metavar="RUN",
+        help="continue a finished run: its final weights and its optimiser's state (Burda's Table 2, "
+        "as the authors' code ran it)",
+    )
+    p.add_argument(
+        "--fresh-optimizer",
+        action="store_true",
+        help="with --init-from: start a new optimiser instead of continuing the run's",
+    )
     p.add_argument("--out", required=True, help="run directory")
     add_run_options(p)
     p.set_defaults(handler=cmd_train)
@@ -119,8 +180,19 @@ def register(subparsers) -> None:
     p.add_argument("--split", default="test", choices=["test", "train", "valid"])
     p.add_argument("--limit", type=at_least_two, help="only the first N examples of the split (N >= 2)")
     p.add_argument("--seed", type=seed, default=0)
-    p.add_argument("--batch-size", type=positive_int, default=100)
+    p.add_argument("--batch-size", type=positive_int, help="examples per minibatch of L_k (default 100)")
     p.add_argument("--no-prune", action="store_true", help="skip the NLL with inactive units removed")
+    p.add_argument(
+        "--units",
+        choices=["ours", "authors"],
+        help="which inactive units the pruned NLL removes: ours (default: Var over the split of E_q[u|x] "
+        "<= 0.01) or authors (their code: 500 training images, one sample of h1, units cut from the weights)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=["default", "authors"],
+        help="authors: their evaluation (--units authors, L_k in minibatches of 20)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model for L_k (for GPUs; slower on a CPU)")
     add_run_options(p)
     p.set_defaults(handler=cmd_eval)
@@ -136,7 +208,8 @@ def register(subparsers) -> None:
 TRAIN_SETTINGS = (  # the iwae train arguments that iwae.config.build_train_config takes, under the same names
     "dataset", "objective", "estimator", "M", "beta", "p", "alpha", "k", "layers", "epochs", "schedule", "lr",
     "batch_size", "beta1", "seed", "train_limit", "activation", "latent_dims", "batch_schedule", "lr_scale",
-    "k_schedule",
+    "k_schedule", "optimizer", "data_order", "loss_reduction", "protocol", "binarization", "train_split",
+    "hidden_dims",
 )  # fmt: skip
 
 
@@ -146,6 +219,10 @@ def _train_config(args: argparse.Namespace):
 
     settings = {name: getattr(args, name) for name in TRAIN_SETTINGS}
     settings["init_from"] = str(Path(args.init_from).resolve()) if args.init_from else None
+    if args.fresh_optimizer:
+        if not args.init_from:
+            raise UsageError("iwae train: --fresh-optimizer goes with --init-from RUN")
+        settings["fresh_optimizer"] = True
     try:
         return build_train_config(settings)
     except ValueError as error:
@@ -200,6 +277,7 @@ def _train_summary(config, result) -> dict:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
+    units, batch_size = eval_protocol(args.protocol, args.units, args.batch_size, "iwae eval")
     from iwae.evaluate import evaluate_run
     from iwae.fast import for_evaluation
 
@@ -212,7 +290,8 @@ def cmd_eval(args: argparse.Namespace) -> dict:
         device=args.device,
         data_dir=args.data_dir,
         prune_inactive=not args.no_prune,
-        batch_size=args.batch_size,
+        units=units,
+        batch_size=batch_size,
         progress=not args.no_progress,
         compile_model=args.compile,
         accelerate=for_evaluation,
@@ -220,6 +299,15 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     summary = result.to_dict()
     summary.pop("log_activity")  # long; it stays in eval.json
     return summary
+
+
+def eval_protocol(protocol: str | None, units: str | None, batch_size: int | None, command: str) -> tuple[str, int]:
+    """(units, batch size) of an evaluation: the authors' protocol takes their units and minibatches of 20."""
+    if protocol == "authors":
+        if units not in (None, "authors") or batch_size not in (None, AUTHORS_EVAL_BATCH):
+            raise UsageError(f"{command}: --protocol authors sets --units authors and --batch-size 20; leave them out")
+        return "authors", AUTHORS_EVAL_BATCH
+    return units or "ours", batch_size or DEFAULT_EVAL_BATCH
 
 
 def cmd_sample(args: argparse.Namespace) -> dict:

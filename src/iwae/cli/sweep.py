@@ -3,7 +3,8 @@
 - ``iwae sweep GRID.toml --workers N --out DIR`` runs a grid (a TOML file or a preset name) on this machine;
   ``--executor slurm`` submits it as Slurm job arrays instead (:mod:`iwae.lab.cluster`). The sweep owns DIR
   while it runs: a second sweep there stops with one line naming the holder (exit 2), or waits (``--wait``).
-- ``iwae reproduce table1 --preset quick|smoke|full`` (``table2``, ``ksweep``) runs a shipped preset
+- ``iwae reproduce table1 --preset quick|smoke|full`` (``table2``, ``ksweep``, ``schedules``, ``student``; with
+  ``--protocol authors`` as the authors' code ran it) runs a shipped preset
   and writes ``DIR/report.md`` and ``DIR/report.html``.
 - ``iwae results DIR [--csv FILE] [--rescan]`` lists the runs in a sweep's database and exports them;
   ``--rescan`` first indexes the runs' result files (what cluster jobs wrote) into it.
@@ -38,7 +39,14 @@ CLUSTER_FLAGS = {
     "gpus_per_task": "gpus_per_task",
     "array_parallelism": "array_parallelism",
 }
-REPRODUCIBLE = {"table1": ("smoke", "quick", "full"), "table2": (), "ksweep": (), "schedules": ("smoke", "quick")}
+REPRODUCIBLE = {
+    "table1": ("smoke", "quick", "full"),
+    "table2": ("smoke", "quick", "full"),
+    "ksweep": (),
+    "schedules": ("smoke", "quick"),
+    "student": ("smoke", "full"),
+}
+DEFAULT_PRESET = {"student": "full"}  # else quick
 # Columns of the store copied into the CSV as they are.
 STORE_COLUMNS = (
     "train_bound",
@@ -114,8 +122,19 @@ def register(subparsers) -> None:
     p.set_defaults(handler=cmd_sweep)
 
     p = subparsers.add_parser("reproduce", help="run one of Burda et al.'s tables from a preset, then report")
-    p.add_argument("what", choices=sorted(REPRODUCIBLE), help="table1, table2, ksweep or schedules")
-    p.add_argument("--preset", help="table1: smoke, quick (default) or full; schedules: smoke or quick (default)")
+    p.add_argument("what", choices=sorted(REPRODUCIBLE), help="table1, table2, ksweep, schedules or student")
+    p.add_argument(
+        "--preset",
+        help="table1, table2: smoke, quick (default) or full; schedules: smoke or quick "
+        "(default); student (a student reproduction's protocol): smoke or full (default)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=["default", "authors"],
+        default="default",
+        help="authors: every run as the authors' code ran it (iwae train --protocol authors) and evaluated "
+        "their way; the default --out gets the suffix -authors",
+    )
     p.add_argument("--out", help="sweep directory (default experiments/<preset>)")
     _add_runner_options(p)
     p.set_defaults(handler=cmd_reproduce)
@@ -140,7 +159,7 @@ def _preset_for(what: str, preset: str | None) -> str:
         if preset is not None:
             raise ValueError(f"'iwae reproduce {what}' has no presets; leave out --preset")
         return what
-    preset = preset or "quick"
+    preset = preset or DEFAULT_PRESET.get(what, "quick")
     if preset not in choices:
         raise ValueError(f"--preset for {what} must be one of {', '.join(choices)}, got {preset!r}")
     return f"{what}-{preset}"
@@ -159,11 +178,16 @@ def _runner(args: argparse.Namespace):
     return SubmititRunner(ClusterOptions(**{CLUSTER_FLAGS[flag]: value for flag, value in given.items()}))
 
 
-def _run(grid_source: str, out: str, args: argparse.Namespace, runner=None) -> dict[str, Any]:
+def _run(
+    grid_source: str, out: str, args: argparse.Namespace, runner=None, protocol: str = "default"
+) -> dict[str, Any]:
     from iwae.lab.experiments import load_grid, run_sweep
 
+    grid = load_grid(grid_source)
+    if protocol != "default":  # every run, every phase: the grid's shared settings
+        grid["fixed"] = {**grid.get("fixed", {}), "protocol": protocol}
     return run_sweep(
-        load_grid(grid_source),
+        grid,
         out,
         workers=args.workers,
         device=args.device,
@@ -209,10 +233,13 @@ def cmd_reproduce(args: argparse.Namespace) -> dict[str, Any]:
     from iwae.lab.reports import write_report
 
     preset = _preset_for(args.what, args.preset)
-    out = args.out or str(Path("experiments") / preset)
-    summary = _run(preset, out, args)
+    authors = args.protocol == "authors"
+    out = args.out or str(Path("experiments") / (preset + ("-authors" if authors else "")))
+    summary = _run(preset, out, args, protocol=args.protocol)
     summary["preset"] = preset
-    summary["report"] = write_report([out], Path(out) / "report", title=f"IWAE experiments: {preset}")
+    summary["protocol"] = args.protocol
+    title = f"IWAE experiments: {preset}" + (" (the authors' protocol)" if authors else "")
+    summary["report"] = write_report([out], Path(out) / "report", title=title)
     _print_table(_summaries(out))
     if args.what == "schedules":
         summary["schedules"] = _write_schedules(out)

@@ -21,7 +21,8 @@ may start from an earlier phase's finished runs with ``init_from = "<run name>"`
 Settings are the options of ``iwae train`` (dataset, objective, k, layers, seed, schedule or
 epochs/lr, batch_size, train_limit, beta1, activation, latent_dims, valid_k, init_from and any
 other :class:`~iwae.config.TrainConfig` field) and of ``iwae eval`` (eval_k, eval_limit,
-eval_split, eval_seed, eval_batch_size), plus ``samples`` (write a sample grid, default true).
+eval_split, eval_seed, eval_batch_size, eval_units; ``protocol = "authors"`` makes the last two 20 and
+``authors`` unless given), plus ``samples`` (write a sample grid, default true).
 Every run's settings are checked before anything is written (:func:`check_settings`: its TrainConfig built,
 the types and ranges of the rest), and so are the names: a phase or run name is one path component
 (:func:`check_name`), and every run directory must resolve inside the sweep folder (:func:`run_dir_of`).
@@ -99,7 +100,11 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "eval_split": "test",
     "eval_seed": 0,
     "eval_batch_size": 100,
+    "eval_units": "ours",
 }
+# What ``protocol = "authors"`` changes in a run's evaluation where the grid leaves it: the authors' inactive units
+# (iwae.evaluate) and their minibatch of 20 for L_5000 (measure_marginal_log_likelihood in yburda/iwae).
+AUTHORS_EVAL: dict[str, Any] = {"eval_units": "authors", "eval_batch_size": 20}
 RUN_DEFAULTS: dict[str, Any] = {"samples": True}
 NAME_FORMATS = {
     "objective": "{}",
@@ -132,7 +137,9 @@ def train_config(options: dict[str, Any]) -> TrainConfig:
 
 
 def eval_options(options: dict[str, Any]) -> dict[str, Any]:
-    return {key: options.get(key, default) for key, default in EVAL_DEFAULTS.items()}
+    """The run's evaluation settings, each given or its default (:data:`AUTHORS_EVAL` under the authors' protocol)."""
+    defaults = {**EVAL_DEFAULTS, **(AUTHORS_EVAL if options.get("protocol") == "authors" else {})}
+    return {key: options.get(key, default) for key, default in defaults.items()}
 
 
 def _whole(value: Any, low: int | None = None) -> bool:
@@ -151,6 +158,7 @@ SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval_split": (lambda v: v in ("train", "valid", "test"), "train, valid or test"),
     "eval_seed": (_whole, "a whole number"),
     "eval_batch_size": (lambda v: _whole(v, 1), "a whole number >= 1"),
+    "eval_units": (lambda v: v in ("ours", "authors"), "ours or authors"),
     "samples": (lambda v: isinstance(v, bool), "true or false"),
     "dataset": (lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}"),
     "epochs": (lambda v: _whole(v, 1), "a whole number >= 1"),
@@ -343,8 +351,8 @@ def _evaluate(run_dir: Path, dataset, settings: dict[str, Any], device) -> dict[
     path = run_dir / EVAL_FILE
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("eval_settings") == settings:
-            return saved
+        if saved.get("eval_settings") is not None and {**EVAL_DEFAULTS, **saved["eval_settings"]} == settings:
+            return saved  # settings saved before a setting existed have its default
     model, config = load_model(run_dir, device)
     result = evaluate_model(
         model,
@@ -354,6 +362,7 @@ def _evaluate(run_dir: Path, dataset, settings: dict[str, Any], device) -> dict[
         seed=settings["eval_seed"],
         split_name=settings["eval_split"],
         authors_split=dataset.train,
+        units=settings["eval_units"],
         batch_size=settings["eval_batch_size"],
         accelerate=for_evaluation,
     )
@@ -383,7 +392,7 @@ def run_one(
     """
     import torch
 
-    from iwae.data import load_dataset
+    from iwae.data import for_run, load_dataset
     from iwae.runs import CONFIG_FILE, MODEL_FILE, read_metrics, resolve_device
     from iwae.sampling import sample_figure
     from iwae.train import fit
@@ -395,6 +404,7 @@ def run_one(
     torch_device = resolve_device(device)
     if dataset is None:
         dataset = load_dataset(config.dataset, data_dir, progress=progress)
+    dataset = for_run(dataset, config.binarization, config.train_split)
     if not (run_dir / MODEL_FILE).is_file():
         resume = (run_dir / CONFIG_FILE).is_file()
         fit(config, run_dir, resume=resume, device=device, data_dir=data_dir, dataset=dataset, progress=progress)

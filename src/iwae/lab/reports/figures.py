@@ -23,9 +23,9 @@ def _figure_bytes(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def plot_against_k(cells: dict[tuple[str, int, int, str], Cell], quantity: str) -> bytes | None:
+def plot_against_k(cells: dict[tuple[str, int, int, str], Cell], quantity: str, paper: bool = True) -> bytes | None:
     """NLL, active units or seconds per epoch against k, ours (solid: means over seeds, error bars one sample
-    standard deviation) and the paper's (dashed)."""
+    standard deviation) and, if ``paper`` (cells of runs in Burda's setup only), the paper's (dashed)."""
     groups = ksweep_groups(cells)
     if not groups:
         return None
@@ -36,14 +36,14 @@ def plot_against_k(cells: dict[tuple[str, int, int, str], Cell], quantity: str) 
         label = f"{objective} {dataset} {layers}L"
         if quantity == "nll":
             ours, spread = [c.nll for c in at_k], [c.nll_sd or 0.0 for c in at_k]
-            paper = [
+            published = [
                 (k, PUBLISHED_TABLE1[(dataset, layers, k, objective)][0])
                 for k in ks
                 if (dataset, layers, k, objective) in PUBLISHED_TABLE1
             ]
         elif quantity == "units":
             ours, spread = [sum(c.units) for c in at_k], [0.0 for _ in at_k]
-            paper = [
+            published = [
                 (k, sum(PUBLISHED_TABLE1[(dataset, layers, k, objective)][1] or ()))
                 for k in ks
                 if (dataset, layers, k, objective) in PUBLISHED_TABLE1
@@ -51,11 +51,11 @@ def plot_against_k(cells: dict[tuple[str, int, int, str], Cell], quantity: str) 
             ]
         else:
             ours, spread = [c.seconds_per_epoch for c in at_k], [c.seconds_sd or 0.0 for c in at_k]
-            paper = []
-        ours_label = label if quantity == "seconds" else f"{label} (ours)"
+            published = []
+        ours_label = label if quantity == "seconds" or not paper else f"{label} (ours)"
         line = axis.errorbar(ks, ours, yerr=spread, fmt="o-", capsize=3, label=ours_label).lines[0]
-        if paper:
-            axis.plot(*zip(*paper, strict=True), "s--", color=line.get_color(), alpha=0.6, label=f"{label} (paper)")
+        if published and paper:
+            axis.plot(*zip(*published, strict=True), "s--", color=line.get_color(), alpha=0.6, label=f"{label} (paper)")
     all_ks = sorted({k for points in groups.values() for k, _ in points})
     axis.set_xscale("log")
     axis.set_xticks(all_ks, [str(k) for k in all_ks])

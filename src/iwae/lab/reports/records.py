@@ -3,7 +3,19 @@ groups them: runs that differ only in their seed make one :class:`Cell` (mean an
 the seeds), the cells of Table 1 and the k-sweeps, and training budgets.
 
 A record keeps a sample grid's path only if it resolves inside the sweep folder the row came from: a report embeds
-no file that a database row names elsewhere."""
+no file that a database row names elsewhere.
+
+Active units come in three definitions (:mod:`iwae.evaluate`): ours (``units``: the variance over the evaluated
+images of E_q[u|x] > 0.01), the authors' (``units_authors``: the first 500 training images, one sample of h_1 for
+layer 2, variance >= 0.01) and the per-unit KL's (``units_kl``). A run evaluated with ``units="authors"``
+(``pruned_by``) shows the authors' counts and pruned NLL in the tables (:attr:`RunRecord.shown_units`); others show
+ours. Evaluations written before ``pruned_by`` existed computed ``active_units_authors`` with our 100-sample
+definition: a record leaves them out (``units_authors`` None) rather than show them under the authors' name.
+
+Only runs in Burda's setup sit beside the paper's numbers (:func:`is_comparable`): :func:`burda_departures` names,
+as a reader reads them, the ways in which a run's setup is not Burda's (architecture, minibatch, binarisation,
+training images); the report's note under the other runs' table quotes it. Both protocols (:func:`protocol_of`:
+ours by default, or the authors' code's) train Burda's setup and are comparable, each in a Table 1 of its own."""
 
 from __future__ import annotations
 
@@ -14,7 +26,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from iwae.config import BURDA_STAGES, TrainConfig
+from iwae.config import AUTHORS_PROTOCOL, BURDA_BATCH_SIZE, BURDA_STAGES, TrainConfig
+from iwae.data import IDX_VALIDATION_IMAGES
 from iwae.lab.experiments import inside, train_config
 from iwae.lab.store import DB_FILE, ResultStore
 from iwae.models import ModelConfig
@@ -50,6 +63,20 @@ class RunRecord:
     samples_png: str | None
     config: TrainConfig
     env: dict[str, Any] = field(default_factory=dict)
+    units_authors: tuple[int, ...] | None = None  # the authors' definition (None: not evaluated, or an old file)
+    units_kl: tuple[int, ...] | None = None  # mean per-unit KL > 0.01
+    nll_pruned: float | None = None  # L_k without the inactive units of ``pruned_by``'s definition
+    pruned_by: str = "ours"  # whose units nll_pruned leaves out, and whose counts the tables show
+
+    @property
+    def unit_definition(self) -> str:
+        """Whose active units the tables show for this run: ``authors`` where it was evaluated so, else ``ours``."""
+        return "authors" if self.pruned_by == "authors" and self.units_authors is not None else "ours"
+
+    @property
+    def shown_units(self) -> tuple[int, ...]:
+        """The active units the tables show: :attr:`unit_definition`'s."""
+        return self.units_authors if self.unit_definition == "authors" and self.units_authors else self.units
 
 
 def objective_variant(config: Any) -> str:
@@ -60,6 +87,114 @@ def objective_variant(config: Any) -> str:
 def is_table1_run(record: RunRecord) -> bool:
     """A cell of Burda's Table 1: VAE or IWAE, standard estimator, trained from scratch."""
     return record.init_from is None and record.estimator == "standard" and record.objective in ("vae", "iwae")
+
+
+# -- Burda's setup: what decides whether a run's numbers can stand beside the paper's ----------------------------------
+ACTIVATION_NAMES = {"tanh": "tanh", "relu": "ReLU", "softplus": "softplus"}
+OWN_BINARIZATION = {"mnist-fixed": "fixed"}  # every other dataset is binarised dynamically (iwae.data)
+IDX_TRAINING_IMAGES = {"mnist": 60_000, "fashion-mnist": 60_000}  # before Burda's last 400 validate
+
+
+def own_binarization(dataset: str) -> str:
+    """How ``dataset`` is binarised when a run leaves ``binarization`` None (Burda's)."""
+    return OWN_BINARIZATION.get(dataset, "dynamic")
+
+
+def _dashed(sizes: tuple[int, ...]) -> str:
+    return "-".join(map(str, sizes))
+
+
+def _model_departures(model: ModelConfig) -> list[str]:
+    found = []
+    if model.activation != "tanh":
+        found.append(f"{ACTIVATION_NAMES.get(model.activation, model.activation)} networks instead of tanh")
+    if model.n_stochastic not in (1, 2):
+        found.append(
+            f"{model.n_stochastic} stochastic layers ({_dashed(model.latent_dims)} units; Burda: 1 or 2 layers)"
+        )
+    else:
+        burda = ModelConfig.burda(model.n_stochastic, model.x_dim)
+        if model.latent_dims != burda.latent_dims:
+            found.append(f"latent sizes {_dashed(model.latent_dims)} instead of {_dashed(burda.latent_dims)}")
+        if model.hidden_dims != burda.hidden_dims:
+            ours, his = (", ".join(map(_dashed, m.hidden_dims)) for m in (model, burda))
+            found.append(f"hidden layers {ours} instead of {his}")
+    if model.likelihood != "bernoulli":
+        found.append(f"a {model.likelihood} likelihood instead of Bernoulli")
+    return found
+
+
+def burda_departures(config: TrainConfig) -> list[str]:
+    """The ways in which a run's setup departs from Burda et al.'s in what decides its numbers, as phrases for a
+    reader ('ReLU networks instead of tanh', 'minibatch 128 instead of 20', ...); empty for Burda's setup.
+
+    Burda's setup: his architecture for the layer count (:meth:`ModelConfig.burda`, tanh), minibatch 20 in every
+    stage, k throughout, the dataset's own binarisation, and his training images (the validation images held out,
+    no ``train_limit``). The objective, estimator and start (Table 1's runs) are judged by :func:`is_table1_run`;
+    the schedule's length and the evaluation are the budget, which the report shows; the protocol (ours or the
+    authors' code's, :func:`protocol_of`) is not a departure."""
+    found = _model_departures(config.model)
+    batches = config.stage_batch_sizes or (config.batch_size,)
+    if set(batches) != {BURDA_BATCH_SIZE}:
+        sizes = ", ".join(map(str, batches))
+        over = " over the stages" if len(batches) > 1 else ""
+        found.append(f"minibatch {sizes}{over} instead of {BURDA_BATCH_SIZE}")
+    if config.stage_k is not None and set(config.stage_k) != {config.k}:
+        found.append(f"k {', '.join(map(str, config.stage_k))} over the stages instead of k = {config.k} throughout")
+    own = own_binarization(config.dataset)
+    if config.binarization is not None and config.binarization != own:
+        found.append(f"{config.binarization} binarisation instead of {own}")
+    total = IDX_TRAINING_IMAGES.get(config.dataset)
+    burda_images = f"{total - IDX_VALIDATION_IMAGES:,}" if total else None
+    if config.train_split != "train":
+        found.append(
+            f"trained on all {total:,} training images (Burda: {burda_images}, the {IDX_VALIDATION_IMAGES} "
+            "validation images held out)"
+            if total
+            else "trained on the training and validation images (Burda: the validation images held out)"
+        )
+    if config.train_limit is not None:
+        found.append(
+            f"trained on the first {config.train_limit:,} training images (Burda: all {burda_images or 'of them'})"
+        )
+    return found
+
+
+def is_comparable(record: RunRecord) -> bool:
+    """Whether a run's numbers may stand beside the paper's: it trained in Burda's setup (no
+    :func:`burda_departures`)."""
+    return not burda_departures(record.config)
+
+
+# How the four settings of ``protocol = "authors"`` (iwae.config.AUTHORS_PROTOCOL) read, by their value.
+PROTOCOL_PHRASES = {
+    ("optimizer", "burda-adam"): "optimizer burda-adam (the authors' Adam)",
+    ("optimizer", "adam"): "optimizer adam (torch's)",
+    ("data_order", "fixed"): "data_order fixed (the same order of training images every pass)",
+    ("data_order", "shuffled"): "data_order shuffled (a fresh order every pass)",
+    ("loss_reduction", "sum"): "loss_reduction sum (the minibatch's loss summed)",
+    ("loss_reduction", "mean"): "loss_reduction mean (the minibatch's loss averaged)",
+}
+DEFAULT_PROTOCOL = {name: getattr(TrainConfig(), name) for name in AUTHORS_PROTOCOL}
+
+
+def protocol_of(config: TrainConfig) -> str:
+    """``authors`` if a run trained as the authors' code does (every setting of ``protocol = "authors"``),
+    ``default`` if by none of them (this package's default), else ``mixed``."""
+    values = {name: getattr(config, name) for name in AUTHORS_PROTOCOL}
+    return "authors" if values == AUTHORS_PROTOCOL else "default" if values == DEFAULT_PROTOCOL else "mixed"
+
+
+def protocol_settings(config: TrainConfig) -> str:
+    """The protocol's settings of a run as a reader reads them: 'optimizer burda-adam (the authors' Adam), beta1
+    0.99, ...'."""
+    phrases = []
+    for name in AUTHORS_PROTOCOL:
+        value = getattr(config, name)
+        phrases.append(
+            PROTOCOL_PHRASES.get((name, value), f"{name} {value:g}" if name == "beta1" else f"{name} {value}")
+        )
+    return ", ".join(phrases)
 
 
 def _record(row: dict[str, Any], label: str, sweep_dir: str | Path) -> RunRecord:
@@ -93,7 +228,15 @@ def _record(row: dict[str, Any], label: str, sweep_dir: str | Path) -> RunRecord
         samples_png=samples if samples and inside(samples, sweep_dir) else None,
         config=config,
         env={key: row[key] for key in ("package_version", "torch_version", "device", "git_commit")},
+        units_authors=_counts(evaluation.get("active_units_authors")) if "pruned_by" in evaluation else None,
+        units_kl=_counts(evaluation.get("active_units_kl")),
+        nll_pruned=None if evaluation.get("nll_active_only") is None else float(evaluation["nll_active_only"]),
+        pruned_by=str(evaluation.get("pruned_by", "ours")),
     )
+
+
+def _counts(values: Any) -> tuple[int, ...] | None:
+    return None if values is None else tuple(int(u) for u in values)
 
 
 def load_records(sweep_dirs: list[str | Path]) -> tuple[list[RunRecord], list[dict[str, Any]]]:
@@ -136,6 +279,8 @@ class Cell:
     seconds_per_epoch: float
     nll_sd: float | None = None
     seconds_sd: float | None = None
+    unit_definition: str = "ours"  # whose active units ``units`` are: "ours" or "authors"
+    units_kl: tuple[float, ...] | None = None  # the per-unit KL's count, the mean (None: a run did not record it)
 
 
 def mean_cell(records: list[RunRecord]) -> Cell:
@@ -150,13 +295,39 @@ def mean_cell(records: list[RunRecord]) -> Cell:
         return statistics.stdev(values) if len(values) > 1 else None
 
     nlls, seconds = over_seeds(lambda r: r.nll), over_seeds(lambda r: r.seconds_per_epoch)
-    seed_units = [[statistics.fmean(u) for u in zip(*(r.units for r in runs), strict=True)] for runs in by_seed]
-    units = tuple(statistics.fmean(u) for u in zip(*seed_units, strict=True))
-    return Cell(statistics.fmean(nlls), units, len(by_seed), statistics.fmean(seconds), sd(nlls), sd(seconds))
+    definitions = {r.unit_definition for r in records}
+    definition = definitions.pop() if len(definitions) == 1 else "ours"  # runs of mixed definitions: ours for all
+
+    def counted(r: RunRecord) -> tuple[int, ...]:
+        return r.shown_units if definition == "authors" else r.units
+
+    def mean_units(count: Callable[[RunRecord], tuple[int, ...]]) -> tuple[float, ...]:
+        seed_units = [[statistics.fmean(u) for u in zip(*map(count, runs), strict=True)] for runs in by_seed]
+        return tuple(statistics.fmean(u) for u in zip(*seed_units, strict=True))
+
+    kl = None
+    if all(r.units_kl is not None for r in records) and len({len(r.units_kl or ()) for r in records}) == 1:
+        kl = mean_units(lambda r: r.units_kl or ())
+    return Cell(
+        statistics.fmean(nlls),
+        mean_units(counted),
+        len(by_seed),
+        statistics.fmean(seconds),
+        sd(nlls),
+        sd(seconds),
+        definition,
+        kl,
+    )
 
 
 def table1_cells(records: list[RunRecord]) -> dict[tuple[str, int, int, str], Cell]:
-    """Table 1's cells of runs of one budget (:func:`budget_groups`), over seeds."""
+    """Table 1's cells of runs of one budget (:func:`budget_groups`), over seeds: the runs in Burda's setup
+    (:func:`is_comparable`) only; :func:`cells_of` gives the others'."""
+    return cells_of([r for r in records if is_comparable(r)])
+
+
+def cells_of(records: list[RunRecord]) -> dict[tuple[str, int, int, str], Cell]:
+    """The cells (dataset, layers, k, objective) of Table 1 runs of one budget, comparable or not, over seeds."""
     groups = group_by([r for r in records if is_table1_run(r)], lambda r: (r.dataset, r.layers, r.k, r.objective))
     return {key: mean_cell(group) for key, group in sorted(groups.items())}
 
@@ -175,12 +346,17 @@ SHOWN_SETTINGS = ("dataset", "objective", "k", "model", "stages", "seed", "train
 
 def other_settings(config: TrainConfig) -> list[str]:
     """The training settings outside the tables and the budget's passes in which ``config`` is not Burda's."""
-    burda_model, default = ModelConfig.burda(config.model.n_stochastic, config.model.x_dim), TrainConfig()
-    notes = [
-        f"{f.name}={getattr(config.model, f.name)}"
-        for f in fields(ModelConfig)
-        if getattr(config.model, f.name) != getattr(burda_model, f.name)
-    ]
+    model, default = config.model, TrainConfig()
+    if model.n_stochastic <= 2:
+        reference = ModelConfig.burda(model.n_stochastic, model.x_dim)
+        differ = [f.name for f in fields(ModelConfig) if getattr(model, f.name) != getattr(reference, f.name)]
+    else:  # no Burda architecture to compare with: its sizes, and what differs from the defaults
+        differ = [
+            f.name
+            for f in fields(ModelConfig)
+            if f.name in ("latent_dims", "hidden_dims") or getattr(model, f.name) != getattr(ModelConfig(), f.name)
+        ]
+    notes = [f"{name}={getattr(model, name)}" for name in differ]
     if len(config.stages) == 1 and config.stages != BURDA_STAGES[:1]:
         notes.append(f"lr {config.stages[0][1]:g}")
     elif config.stages != BURDA_STAGES[: len(config.stages)]:
@@ -197,7 +373,8 @@ def budget_of(record: RunRecord) -> str:
     any other setting that is not Burda's, and the evaluation."""
     examples = "all" if record.train_limit is None else f"{record.train_limit:,}"
     budget = f"{record.epochs:,} passes over {examples} training examples, L_{record.eval_k} on {record.eval_n:,}"
-    return "; ".join([budget, *other_settings(record.config)])
+    units = ["active units and pruned NLL by the authors' definition"] if record.unit_definition == "authors" else []
+    return "; ".join([budget, *units, *other_settings(record.config)])
 
 
 def setting_of(record: RunRecord) -> tuple[str, str, int, str, str, int]:

@@ -13,8 +13,38 @@ from typing import Any
 from iwae.checkpoint import atomic_write_bytes, atomic_write_text
 from iwae.lab.reports.figures import plot_against_k, plot_learning_curves, plot_log_activity
 from iwae.lab.reports.published import BURDA_PASSES, RAINFORTH_SOURCE, SOURCE
-from iwae.lab.reports.records import Cell, RunRecord, budget_groups, load_records, table1_cells
-from iwae.lab.reports.tables import Table, estimators_table, ksweep_table, orderings, runs_table, table1, table2
+from iwae.lab.reports.records import (
+    Cell,
+    RunRecord,
+    budget_groups,
+    cells_of,
+    is_comparable,
+    is_table1_run,
+    load_records,
+    protocol_of,
+    table1_cells,
+)
+from iwae.lab.reports.tables import (
+    Table,
+    estimators_table,
+    ksweep_table,
+    not_comparable_table,
+    orderings,
+    protocol_note,
+    runs_table,
+    table1,
+    table2,
+    units_table,
+)
+
+# How a Table 1's heading names its runs' protocol (records.protocol_of): always where they trained as the authors'
+# code does, and the default where the report holds another protocol's Table 1 too.
+PROTOCOL_TAGS = {
+    "authors": ", runs following the authors' code",
+    "default": ", default protocol",
+    "mixed": ", mixed protocol",
+}
+NOT_COMPARABLE = "Runs not comparable with Burda et al.'s Table 1"
 
 
 @dataclass
@@ -51,6 +81,8 @@ class Report:
                 out += [f"| {header} |", "|" + "---|" * len(content.headers)]
                 out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in content.rows]
                 out += [""]
+                for note in content.notes:
+                    out += [note, ""]
             else:
                 name, _, caption = content
                 out += [f"![{caption}]({files_dir}/{name})", "", f"*{caption}*", ""]
@@ -79,6 +111,7 @@ class Report:
                 head = "".join(f"<th>{esc(h)}</th>" for h in content.headers)
                 body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in content.rows)
                 out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+                out += [f"<p>{esc(note)}</p>" for note in content.notes]
             else:
                 name, data, caption = content
                 encoded = base64.b64encode(data).decode("ascii")
@@ -97,8 +130,9 @@ def _budget_text(records: list[RunRecord]) -> str:
     return (
         f"Budget: {', '.join(map(str, epochs))} pass(es) over {', '.join(limits)} training examples "
         f"(the paper: {BURDA_PASSES:,} passes over all of them); evaluation: {'; '.join(evals)} "
-        "(the paper: L_5000 on the whole test set). Differences are ours minus the paper's; units are "
-        "counted per stochastic layer (A_u > 0.01). A cell of several seeds shows mean ± sample standard deviation "
+        "(the paper: L_5000 on the whole test set). Differences are ours minus the paper's; active units are "
+        "counted per stochastic layer, by the definition the note under each table names. A cell of several seeds "
+        "shows mean ± sample standard deviation "
         "(n = seeds; units: the mean); differences, orderings and figures use the mean."
     )
 
@@ -109,27 +143,50 @@ def _environment_text(records: list[RunRecord]) -> str:
     return "Environment: " + "; ".join(f"{key} {', '.join(values)}" for key, values in seen.items())
 
 
-def _add_table1(report: Report, cells: dict[tuple[str, int, int, str], Cell], suffix: str) -> None:
-    report.heading(f"Table 1: test NLL (nats) and active units, ours | paper | difference{suffix}")
-    report.table(table1(cells))
+def _add_table1(report: Report, runs: list[RunRecord], suffix: str, tag: str) -> None:
+    cells = table1_cells(runs)
+    report.heading(f"Table 1{tag}: test NLL (nats) and active units, ours | paper | difference{suffix}")
+    table = table1(cells)
+    table.notes.insert(0, protocol_note(runs))
+    report.table(table)
+    _add_orderings(report, cells, tag + suffix)
+
+
+def _add_orderings(report: Report, cells: dict[tuple[str, int, int, str], Cell], suffix: str) -> None:
     lines = orderings(cells)
     if lines:
         report.heading(f"The paper's orderings at this budget{suffix}")
         report.bullets(lines)
 
 
-def _add_ksweep(report: Report, cells: dict[tuple[str, int, int, str], Cell], suffix: str, tag: str) -> None:
-    sweep = ksweep_table(cells)
+def _add_not_comparable(report: Report, runs: list[RunRecord], suffix: str) -> None:
+    """The Table 1 runs outside Burda's setup: their own table, no paper columns, the note saying why."""
+    table = not_comparable_table(runs)
+    if table is None:
+        return
+    report.heading(f"{NOT_COMPARABLE}: test NLL (nats) and active units by two definitions{suffix}")
+    report.table(table)
+    _add_orderings(report, cells_of(runs), suffix)
+
+
+def _add_ksweep(
+    report: Report, cells: dict[tuple[str, int, int, str], Cell], suffix: str, tag: str, paper: bool = True
+) -> None:
+    """A k-sweep's table and figures beside the paper's; for runs outside Burda's setup (``paper`` False) the
+    figures alone, without the paper's (their table is :func:`not_comparable_table`)."""
+    sweep = ksweep_table(cells, paper)
     if sweep is None:
         return
-    report.heading(f"k-sweep{suffix}")
-    report.table(sweep)
+    report.heading(f"k-sweep{suffix}" if paper else f"k-sweep, {NOT_COMPARABLE[0].lower()}{NOT_COMPARABLE[1:]}{suffix}")
+    if paper:
+        report.table(sweep)
+    dashed = " (dashed: the paper)" if paper else ""
     for quantity, name, caption in (
-        ("nll", "nll_vs_k", "Test NLL against k (dashed: the paper)"),
-        ("units", "units_vs_k", "Active units against k (dashed: the paper)"),
+        ("nll", "nll_vs_k", f"Test NLL against k{dashed}"),
+        ("units", "units_vs_k", f"Active units against k{dashed}"),
         ("seconds", "seconds_vs_k", "Training seconds per epoch against k"),
     ):
-        data = plot_against_k(cells, quantity)
+        data = plot_against_k(cells, quantity, paper)
         if data:
             report.image(f"{name}{tag}.png", data, caption + suffix)
 
@@ -140,10 +197,17 @@ def build_report(records: list[RunRecord], unfinished: list[dict[str, Any]], tit
     if records:
         report.text(_budget_text(records))
         report.text(_environment_text(records))
-    groups = budget_groups(records)
-    for budget, group in groups.items():
-        suffix = f" ({budget})" if len(groups) > 1 else ""
-        _add_table1(report, table1_cells(group), suffix)
+    table1_runs = [r for r in records if is_table1_run(r)]
+    comparable = budget_groups([r for r in table1_runs if is_comparable(r)])
+    others = budget_groups([r for r in table1_runs if not is_comparable(r)])
+    several = len(comparable) + len(others) > 1
+    protocols = {protocol_of(group[0].config) for group in comparable.values()}
+    for budget, group in comparable.items():
+        protocol = protocol_of(group[0].config)
+        tag = "" if protocols == {"default"} else PROTOCOL_TAGS[protocol]
+        _add_table1(report, group, f" ({budget})" if several else "", tag)
+    for budget, group in others.items():
+        _add_not_comparable(report, group, f" ({budget})" if several else "")
     estimators = estimators_table(records)
     if estimators is not None:
         report.heading("Objectives and estimators")
@@ -153,12 +217,16 @@ def build_report(records: list[RunRecord], unfinished: list[dict[str, Any]], tit
     if swap is not None:
         report.heading("Table 2: objective swap (continue a finished run under the other objective)")
         report.table(swap)
-    for index, (budget, group) in enumerate(groups.items()):
-        suffix, tag = (f" ({budget})", f"_{index + 1}") if len(groups) > 1 else ("", "")
-        _add_ksweep(report, table1_cells(group), suffix, tag)
+    groups = [(budget, group, True) for budget, group in comparable.items()]
+    groups += [(budget, group, False) for budget, group in others.items()]
+    for index, (budget, group, paper) in enumerate(groups):
+        suffix, tag = (f" ({budget})", f"_{index + 1}") if several else ("", "")
+        _add_ksweep(report, cells_of(group), suffix, tag, paper)
     if records:
         report.heading("All runs")
         report.table(runs_table(records))
+        report.heading("Active units by definition")
+        report.table(units_table(records))
         curves = plot_learning_curves(records)
         if curves:
             report.heading("Learning curves")
@@ -167,7 +235,8 @@ def build_report(records: list[RunRecord], unfinished: list[dict[str, Any]], tit
         if activity:
             report.heading("Histograms of log A_u")
             report.text(
-                "A_u = Cov_x(E_q[u|x]); a unit is active if A_u > 0.01 (dotted line). After full training "
+                "A_u = Var over the evaluated images of E_q[u|x] (ours); a unit is active if A_u > 0.01 (dotted "
+                "line). After full training "
                 "the paper finds the histogram bimodal; barely trained models need not be."
             )
             report.image("log_activity.png", activity, "log A_u per model and stochastic layer")

@@ -1,0 +1,97 @@
+"""Optimisers: :class:`BurdaAdam`, the Adam of Burda et al.'s published code, beside ``torch.optim.Adam``.
+
+The authors' ``optimizers.py`` (github yburda/iwae) differs from Kingma and Ba's Adam, which the paper cites and
+``torch.optim.Adam`` implements, in four ways (docs/protocol.md):
+
+- the second moments start at **1**, not 0 (the first moments at 0);
+- ``beta1`` is 0.99 by default, not 0.9;
+- the step size is ``lr * sqrt(1 - beta2^t) / (1 - beta1^t)`` with a timestep t that starts at 1 and grows by one
+  per update, and epsilon (1e-4) is added to ``sqrt(v)`` without bias correction;
+- the parameter moves by the moments **from before this step's gradient** (Theano computes every update from the
+  old values), so the very first update moves nothing and each gradient acts one step late.
+
+Written as a loss minimiser: ``p <- p - step * m / (sqrt(v) + eps)`` where the authors' code ascends the bound
+with ``+``; their moments are of the bound's gradient, ours of the loss's, which is its negative, so the update is
+the same. The state uses ``torch.optim.Adam``'s names (``step``: updates done, ``exp_avg``: m, ``exp_avg_sq``: v),
+so checkpoints and stacked training carry it as they carry Adam's; the learning rate is set per stage through
+``param_groups`` like any optimiser's, and the timestep and moments carry over from stage to stage.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+BURDA_BETAS = (0.99, 0.999)
+BURDA_EPS = 1e-4
+
+
+class BurdaAdam(torch.optim.Optimizer):
+    """The authors' Adam (see the module docstring): element-wise, so it serves stacked parameters too."""
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = BURDA_BETAS,
+        eps: float = BURDA_EPS,
+    ) -> None:
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"the learning rate must be a finite number > 0, got {lr!r}")
+        if not all(0 <= beta < 1 for beta in betas):
+            raise ValueError(f"betas must lie in [0, 1), got {betas!r}")
+        if not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
+
+    @staticmethod
+    def initial_state(param: Tensor) -> dict[str, Tensor]:
+        """A parameter's state before its first update: t = 1 ahead, m = 0, v = 1."""
+        return {
+            "step": torch.zeros((), dtype=torch.float32),
+            "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.ones_like(param, memory_format=torch.preserve_format),
+        }
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Tensor | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    state.update(self.initial_state(param))
+                t = float(state["step"]) + 1.0  # the authors' timestep: 1 at the first update
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                step_size = group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+                # The move first, from the old moments; then the moments take this step's gradient.
+                param.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
+                grad = param.grad
+                m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+                state["step"] += 1
+        return loss
+
+
+def build_optimizer(name: str, parameters: list[Tensor], lr: float, betas: tuple[float, float], eps: float):
+    """The optimiser a run's config names: ``adam`` (``torch.optim.Adam``, the fused kernel where the device has
+    one) or ``burda-adam`` (:class:`BurdaAdam`)."""
+    if name == "burda-adam":
+        return BurdaAdam(parameters, lr=lr, betas=betas, eps=eps)
+    if name != "adam":
+        raise ValueError(f"unknown optimizer {name!r}; choose adam or burda-adam")
+    kernel = {"fused": True} if parameters[0].device.type in ("cpu", "cuda") else {"foreach": True}
+    return torch.optim.Adam(parameters, lr=lr, betas=betas, eps=eps, **kernel)
+
+
+__all__ = ["BURDA_BETAS", "BURDA_EPS", "BurdaAdam", "build_optimizer"]

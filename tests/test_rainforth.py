@@ -1,0 +1,174 @@
+"""Rainforth et al.'s Gaussian model (``iwae.studies.rainforth``) and ``iwae snr --model rainforth``: exact bounds
+and gradients, the slopes' signs on a small configuration, and the command line. Log-weights are ``[k, batch]``.
+
+Every test is seeded, so deterministic; the tolerances are stated in standard errors (SE) where they are
+statistical."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from iwae.cli import main
+from iwae.cli import snr as snr_cli
+from iwae.objectives import IWAE
+from iwae.protocol import NoiseModel
+from iwae.studies import rainforth
+from iwae.studies.snr import noise_gradients, run_adaptive_study, stacked_noise
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LAYOUT = {"ks", "estimators", "repeats", "batch_size", "snr_floor", "slope_method", "slopes", "slope_fits",
+          "median_snr", "median_ess", "ess_slope", "n_parameters", "png", "json"}  # fmt: skip
+
+
+def test_problem_is_seeded_and_starts_near_the_optimum() -> None:
+    problem = rainforth.make_problem(0)
+    model = problem.model
+    assert isinstance(model, NoiseModel)
+    assert problem.data.shape == (rainforth.N_DATA, rainforth.DIM) == (1024, 20)
+    assert snr_cli.RAINFORTH_DATA == rainforth.N_DATA
+    torch.testing.assert_close(problem.mu_opt, problem.data.mean(0))
+    optimum = problem.optimum()
+    for name in ("mu", "A", "b"):
+        offset = getattr(model, name).detach() - optimum[name]
+        assert 0.005 < float(offset.std()) < 0.015  # N(0, 0.01^2) per entry
+    assert [p.numel() for p in model.encoder_parameters()] == [400, 20] and model.mu.numel() == 20
+    again = rainforth.make_problem(0)
+    assert torch.equal(again.data, problem.data) and torch.equal(again.model.A, model.A)
+    assert not torch.equal(rainforth.make_problem(1).data, problem.data)
+
+
+def test_bounds_approach_the_exact_log_marginal() -> None:
+    """L_1's Monte Carlo mean is the analytic ELBO (within 5 SE) and IWAE_1000 is within 0.02 nats of
+    log N(x; mu, 2I) (measured: 0.004 at most, seed 0)."""
+    problem = rainforth.make_problem(0)
+    model, x = problem.model, problem.data[:4]
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        log_w = model(x, 100_000, generator).log_w  # L_1 draws: [100000, 4]
+        stderr = log_w.std(0) / math.sqrt(log_w.shape[0])
+        assert ((log_w.mean(0) - model.elbo(x)).abs() < 5 * stderr).all()
+        k = 1000
+        iwae = torch.stack([model(x, k, generator).log_w.logsumexp(0) - math.log(k) for _ in range(50)]).mean(0)
+    log_px = model.log_marginal(x)
+    expected = torch.distributions.MultivariateNormal(model.mu.detach(), 2 * torch.eye(20, dtype=torch.float64))
+    torch.testing.assert_close(log_px.detach(), expected.log_prob(x))
+    assert ((iwae - log_px).abs() < 0.02).all()
+    assert ((log_px - model.elbo(x)) > 0.3).all()  # the ELBO is far below: the test has teeth
+
+
+def test_gradients_approach_the_analytic_ones() -> None:
+    """Mean gradients over the repeats (loss = -mean over the batch). At K = 1 every estimator is unbiased for the
+    analytic ELBO's gradient (within 5 SE, all 440 parameters). At K = 1000 the decoder's is within 0.01 of the
+    limit ``-(x - mu) / 2`` (measured: 0.002, SE 0.0013), where at K = 1 it is 0.2 away: b is moved 0.1 off the
+    optimum in every dimension so that the two differ."""
+    problem = rainforth.make_problem(0)
+    model, x = problem.model, problem.data[:1]
+    with torch.no_grad():
+        model.b += 0.1
+    generator = torch.Generator().manual_seed(2)
+    params = [*model.encoder_parameters(), *model.decoder_parameters()]
+    elbo_gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(-model.elbo(x).mean(), params)])
+    limit = -model.log_marginal_gradient_mu(x).mean(0)
+    for estimator in ("standard", "stl", "dreg"):
+        noise = stacked_noise(model, x, 1, 20_000, generator)
+        grads = torch.cat(noise_gradients(model, x, noise, IWAE(), estimator), dim=1)
+        stderr = grads.std(0) / math.sqrt(grads.shape[0])
+        assert ((grads.mean(0) - elbo_gradient).abs() < 5 * stderr + 1e-12).all(), estimator
+        assert float((grads.mean(0)[-20:] - limit).abs().max()) > 0.1
+    _, decoder = noise_gradients(model, x, stacked_noise(model, x, 1000, 200, generator), IWAE(), "standard")
+    assert float((decoder.mean(0) - limit).abs().max()) < 0.01
+
+
+def test_small_study_has_the_expected_slope_signs() -> None:
+    """K = 1, 4, 16, repeats grown from 2,000 to at most 10^6 samples per K. Seed 0 measures decoder +0.48,
+    standard encoder -0.52, DReG encoder +0.15; over seeds 0-19 (problem and draws) these ranged over
+    [+0.37, +0.50], [-0.58, -0.34] and [+0.11, +0.19], so the thresholds below failed for none of the 20."""
+    problem = rainforth.make_problem(0)
+    study = run_adaptive_study(
+        problem.model, problem.data[:1], [1, 4, 16], ["standard", "dreg"], 2000,
+        rel_error=0.2, max_samples=10**6, seed=0, progress=False,
+    )  # fmt: skip
+    fits = study.slopes()
+    assert fits["decoder"]["standard"]["slope"] > 0.25
+    assert fits["encoder"]["standard"]["slope"] < -0.25 and fits["encoder"]["standard"]["fit_ks"] == [1, 4, 16]
+    assert fits["encoder"]["dreg"]["slope"] > 0.0
+    low, high = fits["encoder"]["standard"]["bootstrap_ci95_low"], fits["encoder"]["standard"]["bootstrap_ci95_high"]
+    assert low < fits["encoder"]["standard"]["slope"] < high
+    assert study.repeats_per_k["standard"][0] > 2000  # grew: the standard encoder's SNR is about 0.07 at K = 1
+    assert study.repeats_per_k["dreg"] == [2000] * 3  # DReG's is high enough from the start
+
+
+def test_snr_cli_rainforth_writes_the_usual_layout(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    argv = ["snr", "--model", "rainforth", "--ks", "1,10", "--repeats", "100", "--max-samples", "1e4",
+            "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    assert "median SNR" in captured.err and "bootstrap" in captured.err  # the table goes to stderr without --json
+    assert set(summary) >= LAYOUT and summary["model"] == "rainforth"
+    assert set(summary["slopes"]) == {"encoder", "decoder"} and set(summary["slopes"]["encoder"]) == {
+        "standard", "stl", "dreg"
+    }  # fmt: skip
+    assert summary["n_parameters"]["dreg"] == {"encoder": [420, 420], "decoder": [20, 20]}
+    assert all(r >= 100 for reps in summary["repeats_per_k"].values() for r in reps)
+    assert summary["checks"]["log_px_exact"] > summary["checks"]["elbo_exact"]
+    assert json.loads((out / "snr.json").read_text())["slope_fits"] == summary["slope_fits"]
+    assert (out / "snr.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model", "rainforth", "RUN"], "drop the run directory"),
+        (["--model", "gaussian"], "invalid choice"),
+        (["--max-samples", "1e4"], "only with --model rainforth"),
+        (["--model", "rainforth", "--batch-size", "2000"], "between 1 and 1024"),
+        (["--model", "rainforth", "--estimators", "reinforce"], "unknown estimator"),
+        (["--model", "rainforth", "--repeats", "1"], "repeats"),
+        (["--model", "rainforth", "--max-samples", "1.5"], "whole number"),
+        (["--model", "rainforth", "--rel-error", "0"], "> 0"),
+    ],
+)
+def test_snr_cli_rainforth_errors(tmp_path: Path, capsys, extra: list[str], message: str) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    out = tmp_path / "out"
+    argv = ["snr", "--ks", "1,2", "--out", str(out), "--no-progress", *[str(run) if a == "RUN" else a for a in extra]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_snr_cli_rainforth_usage_errors_import_no_torch(tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "from iwae.cli import main\n"
+        f"assert main(['snr', '--model', 'rainforth', {str(tmp_path)!r}]) == 2\n"
+        "assert main(['snr', '--model', 'rainforth', '--estimators', 'nope']) == 2\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr
+
+
+def test_snr_help_names_the_studys_rainforth_defaults() -> None:
+    from iwae.cli import build_parser
+    from iwae.studies.snr import DEFAULT_FLOOR_FACTOR, DEFAULT_MAX_SAMPLES, DEFAULT_REL_ERROR
+
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    parser = commands.choices["snr"]
+    text = " ".join(parser.format_help().split())
+    assert "K at most (default 1e8)" in text and DEFAULT_MAX_SAMPLES == 10**8
+    assert "<= this (default 0.1)" in text and DEFAULT_REL_ERROR == 0.1
+    assert "its repeats (default 3)" in text and DEFAULT_FLOOR_FACTOR == 3

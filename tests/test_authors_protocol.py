@@ -383,3 +383,17 @@ def test_a_continued_run_never_shares_a_stack_with_a_fresh_one() -> None:
     check_stackable([fresh, restarted])
     with pytest.raises(ValueError, match="optimiser continues"):
         check_stackable([fresh, continued])
+
+
+def test_the_student_studys_smoke_preset_reports_both_unit_counts_apart_from_burdas(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "student"
+    argv = ["reproduce", "student", "--preset", "smoke", "--workers", "2", "--out", str(out), "--device", "cpu",
+            "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["runs"] == 2 and summary["failed"] == {} and summary["preset"] == "student-smoke"
+    config = runs.load_config(out / "runs" / "iwae-k5")
+    assert (config.model.activation, config.batch_size, config.train_split) == ("relu", 128, "train+valid")
+    report = (out / "report.md").read_text()
+    assert "units: per-unit KL" in report and "(covariance)" in report
+    assert "ReLU networks instead of tanh" in report and "all 60,000 training images" in report

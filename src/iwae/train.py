@@ -245,7 +245,9 @@ def minibatch_order(
     return torch.randperm(n_train, generator=generator, device=device)
 
 
-def run_data(config: TrainConfig, data_dir: str | None = None, dataset: Dataset | None = None, progress: bool = True):
+def run_data(
+    config: TrainConfig, data_dir: str | None = None, dataset: Dataset | None = None, progress: bool = True
+) -> Dataset:
     """The run's dataset (``dataset``, else ``config.dataset`` loaded from ``data_dir``) with its binarisation and
     training split (:func:`iwae.data.for_run`)."""
     data = dataset if dataset is not None else load_dataset(config.dataset, data_dir, progress=progress)

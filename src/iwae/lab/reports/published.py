@@ -56,7 +56,9 @@ PUBLISHED_TABLE1: dict[tuple[str, int, int, str], tuple[float, tuple[int, ...] |
 # with the base model's and the continued model's (NLL, active units).
 PUBLISHED_TABLE2: dict[tuple[tuple[str, int], tuple[str, int]], dict[str, tuple[float, tuple[int, ...]]]] = {
     (("vae", 1), ("iwae", 50)): {"base": (86.76, (19,)), "continued": (84.88, (22,))},
-    (("iwae", 50), ("vae", 50)): {"base": (84.78, (25,)), "continued": (86.02, (23,))},
+    # The paper says "continued as a VAE" without a k; the authors' code (experiment2), which produced the number,
+    # continues with k = 1.
+    (("iwae", 50), ("vae", 1)): {"base": (84.78, (25,)), "continued": (86.02, (23,))},
 }
 BURDA_PASSES = 3280
 

@@ -397,3 +397,18 @@ def test_the_student_studys_smoke_preset_reports_both_unit_counts_apart_from_bur
     report = (out / "report.md").read_text()
     assert "units: per-unit KL" in report and "(covariance)" in report
     assert "ReLU networks instead of tanh" in report and "all 60,000 training images" in report
+
+
+def test_train_and_eval_as_the_authors_from_the_command_line(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    train = ["train", "--protocol", "authors", "--k", "3", "--epochs", "1", "--train-limit", "60", "--out", str(run),
+             "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert cli.main(train) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["complete"] and runs.load_config(run).optimizer == "burda-adam"
+    evaluate = ["eval", str(run), "--protocol", "authors", "--k", "5", "--limit", "20", "--device", "cpu",
+                "--no-progress"]  # fmt: skip
+    assert cli.main(evaluate) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["pruned_by"] == "authors" and len(result["active_units_authors"]) == 1
+    assert (run / "eval-test-k5-seed0-limit20-authors.json").is_file()

@@ -14,7 +14,15 @@ from typing import Any
 
 from iwae.estimators import check_estimator
 from iwae.models import ModelConfig
-from iwae.names import MAX_SEED
+from iwae.names import (
+    BINARIZATIONS,
+    DATA_ORDERS,
+    LOSS_REDUCTIONS,
+    MAX_SEED,
+    OPTIMIZERS,
+    PROTOCOLS,
+    TRAIN_SPLITS,
+)
 from iwae.objectives import IWAE, Objective, as_objective, make_objective
 from iwae.optim import BURDA_BETAS
 
@@ -60,16 +68,11 @@ def _whole(value: Any) -> bool:
 
 # The flat fields of configurations written before the objective became one nested value.
 LEGACY_OBJECTIVE_KEYS = ("M", "beta", "p", "alpha")
-OPTIMIZERS = ("adam", "burda-adam")
-DATA_ORDERS = ("shuffled", "fixed")
-LOSS_REDUCTIONS = ("mean", "sum")
-BINARIZATIONS = (None, "dynamic", "threshold")
-TRAIN_SPLITS = ("train", "train+valid")
-CHOICES = {
+CHOICES = {  # the TrainConfig fields that take one of a few names (iwae.names)
     "optimizer": OPTIMIZERS,
     "data_order": DATA_ORDERS,
     "loss_reduction": LOSS_REDUCTIONS,
-    "binarization": BINARIZATIONS,
+    "binarization": (None, *BINARIZATIONS),
     "train_split": TRAIN_SPLITS,
 }
 BURDA_ADAM_BETA1 = BURDA_BETAS[0]  # the authors' Adam (optimizers.py): 0.99; torch's and the paper's is 0.9
@@ -80,7 +83,6 @@ AUTHORS_PROTOCOL: dict[str, Any] = {
     "data_order": "fixed",
     "loss_reduction": "sum",
 }
-PROTOCOLS = ("default", "authors")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from iwae.names import TRAIN_SPLITS
+
 PACKAGE_DATA = Path(__file__).parent / "_data"
 IDX_VALIDATION_IMAGES = 400  # MNIST and Fashion-MNIST: the last 400 of the 60,000 training images validate (Burda)
 
@@ -337,8 +339,8 @@ def for_run(dataset: Dataset, binarization: str | None = None, train_split: str 
                 "grey-level data (mnist, fashion-mnist, omniglot)"
             )
         dataset = replace(dataset, binarization=binarization)
-    if train_split not in ("train", "train+valid"):
-        raise ValueError(f"train_split must be train or train+valid, got {train_split!r}")
+    if train_split not in TRAIN_SPLITS:
+        raise ValueError(f"train_split must be one of {', '.join(TRAIN_SPLITS)}, got {train_split!r}")
     if train_split != dataset.train_split:
         if dataset.train_split != "train":
             raise ValueError(f"{dataset.name}'s training set is {dataset.train_split} already; load it afresh")

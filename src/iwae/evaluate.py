@@ -46,12 +46,12 @@ from iwae.bounds import LogMeanExpAccumulator
 from iwae.checkpoint import atomic_write_text
 from iwae.data import Split, binarize, for_run, load_dataset
 from iwae.models import LatentVariableModel
+from iwae.names import UNIT_DEFINITIONS
 from iwae.protocol import Model
 from iwae.runs import EVAL_FILE, RunError, load_model, resolve_device
 
 ACTIVE_THRESHOLD = 0.01
 AUTHORS_IMAGES = 500  # the authors' active units: the first 500 training images
-UNIT_DEFINITIONS = ("ours", "authors")
 # Sample rows per chunk of L_k (``[rows, x_dim]`` logits at a time): 16 MB on a CPU, where larger chunks gain
 # nothing; on a GPU large chunks (0.8 GB for MNIST) keep the device busy, with the log-mean-exp still in float64.
 CHUNK_ROWS = {"cpu": 5_000, "cuda": 250_000}

@@ -1,10 +1,12 @@
-"""The names of the built-in datasets, objectives and gradient estimators, the devices and the seeds' range, in a
-module that imports nothing heavy.
+"""The names of the built-in datasets, objectives and gradient estimators, the devices and the seeds' range, and
+the choices of the training and evaluation protocols, in a module that imports nothing heavy.
 
 The command line offers and checks them before it loads PyTorch, so that ``iwae train --help`` and a mistyped
 ``--objective`` answer at once. The registries are the truth (:data:`iwae.data.DATASETS`,
 :func:`iwae.objectives.objective_names`, :data:`iwae.estimators.ESTIMATOR_NAMES`); ``tests/test_cli_commands.py``
-checks that these lists equal them.
+checks that these lists equal them. The protocol choices below have no other home: the configuration
+(:mod:`iwae.config`), the data (:mod:`iwae.data`), evaluation (:mod:`iwae.evaluate`), the lab and the command line
+take them from here.
 """
 
 from __future__ import annotations
@@ -23,3 +25,15 @@ OBJECTIVE_NAMES: tuple[str, ...] = ("vae", "iwae", "miwae", "piwae", "ciwae", "p
 ESTIMATOR_NAMES: tuple[str, ...] = ("standard", "stl", "dreg")
 MAX_SEED = 2**32 - 1  # seeds are 0..MAX_SEED: the configuration checks them, and the command line before torch
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # the devices iwae.runs.resolve_device takes
+
+# The training protocol's choices (iwae.config.TrainConfig; docs/protocol.md), the first of each the default.
+OPTIMIZERS: tuple[str, ...] = ("adam", "burda-adam")  # torch.optim.Adam, or the authors' iwae.optim.BurdaAdam
+DATA_ORDERS: tuple[str, ...] = ("shuffled", "fixed")  # fixed: the authors' order
+LOSS_REDUCTIONS: tuple[str, ...] = ("mean", "sum")  # the minibatch's loss; sum: the authors' code
+BINARIZATIONS: tuple[str, ...] = ("dynamic", "threshold")  # for grey-level data (None in a config: the dataset's own)
+TRAIN_SPLITS: tuple[str, ...] = ("train", "train+valid")  # Burda's 59,600 MNIST images, or all 60,000
+PROTOCOLS: tuple[str, ...] = ("default", "authors")
+# Evaluation: whose inactive units the pruned NLL leaves out (iwae.evaluate), and the authors' L_k minibatch
+# (measure_marginal_log_likelihood in yburda/iwae).
+UNIT_DEFINITIONS: tuple[str, ...] = ("ours", "authors")
+AUTHORS_EVAL_BATCH = 20

@@ -77,3 +77,16 @@ class NoiseModel(Model, Protocol):
     def draw_noise(self, x: Tensor, k: int, generator: torch.Generator | None = None) -> list[Tensor]: ...
 
     def sample_with_noise(self, x: Tensor, noise: list[Tensor], *, stop_q_params: bool = False) -> ImportanceSample: ...
+
+
+class SampleWithNoise(nn.Module):
+    """A :class:`NoiseModel`'s ``sample_with_noise`` as ``forward`` (its parameters under ``model.``), which is what
+    :func:`torch.func.functional_call` calls: stacked training (:mod:`iwae.stacked`) and the SNR study's vmapped
+    repeats (:mod:`iwae.studies.snr`) take a model's sample as a pure function of its parameters and noise."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, noise: list[Tensor], stop_q_params: bool) -> ImportanceSample:
+        return self.model.sample_with_noise(x, noise, stop_q_params=stop_q_params)

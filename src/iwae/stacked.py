@@ -41,6 +41,7 @@ from iwae.config import TrainConfig
 from iwae.data import Dataset, binarize
 from iwae.memory import check_memory
 from iwae.objectives import Objective
+from iwae.protocol import SampleWithNoise
 from iwae.runs import CHECKPOINT_FILE, METRICS_FILE, MODEL_FILE, RunError, resolve_device
 from iwae.train import (
     FitResult,
@@ -68,17 +69,6 @@ COMMIT_MARKER = "stack-commit.json"
 PER_MODEL_SETTINGS = ("seed", "objective", "init_from")
 
 
-class _SampleWithNoise(nn.Module):
-    """A model's ``sample_with_noise`` as ``forward``, which is what ``functional_call`` calls; returns log-weights."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor, noise: list[Tensor], stop_q_params: bool) -> Tensor:
-        return self.model.sample_with_noise(x, noise, stop_q_params=stop_q_params).log_w
-
-
 class ModelStack:
     """The parameters of several models of one architecture (each a :class:`iwae.protocol.NoiseModel`) as stacked
     leaf tensors ``[models, ...]``, and their log-weights in one vectorised call."""
@@ -86,7 +76,7 @@ class ModelStack:
     def __init__(self, models: Sequence[nn.Module]) -> None:
         if not models:
             raise ValueError("a stack needs at least one model")
-        wrapped = [_SampleWithNoise(model) for model in models]
+        wrapped = [SampleWithNoise(model) for model in models]
         self.params, self.buffers = torch.func.stack_module_state(wrapped)
         self.size = len(models)
         encoder_ids = {id(p) for p in models[0].encoder_parameters()}
@@ -98,7 +88,7 @@ class ModelStack:
 
         def vectorised(stop_q_params: bool) -> Callable[..., Tensor]:
             def one(params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, noise: list[Tensor]) -> Tensor:
-                return torch.func.functional_call(template, (params, buffers), (x, noise, stop_q_params))
+                return torch.func.functional_call(template, (params, buffers), (x, noise, stop_q_params)).log_w
 
             return torch.func.vmap(one)
 

@@ -21,7 +21,19 @@ from iwae.cli.common import (
     seed_list,
     writable_location,
 )
-from iwae.names import DATASET_NAMES, ESTIMATOR_NAMES, OBJECTIVE_NAMES
+from iwae.names import (
+    AUTHORS_EVAL_BATCH,
+    BINARIZATIONS,
+    DATA_ORDERS,
+    DATASET_NAMES,
+    ESTIMATOR_NAMES,
+    LOSS_REDUCTIONS,
+    OBJECTIVE_NAMES,
+    OPTIMIZERS,
+    PROTOCOLS,
+    TRAIN_SPLITS,
+    UNIT_DEFINITIONS,
+)
 
 # Deferred on purpose: everything the handlers call (iwae.train, iwae.evaluate, iwae.sampling, iwae.fast) imports
 # torch, which takes seconds that ``iwae --help`` and usage errors should not pay. The imports are inside the
@@ -32,7 +44,6 @@ from iwae.names import DATASET_NAMES, ESTIMATOR_NAMES, OBJECTIVE_NAMES
 # (iwae.evaluate draws the samples in chunks).
 MAX_EVAL_K = 1_000_000
 DEFAULT_EVAL_BATCH = 100
-AUTHORS_EVAL_BATCH = 20  # measure_marginal_log_likelihood's minibatch (yburda/iwae)
 
 
 def eval_k(text: str) -> int:
@@ -88,36 +99,36 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--optimizer",
-        choices=["adam", "burda-adam"],
+        choices=OPTIMIZERS,
         help="adam (default: torch.optim.Adam, as the paper describes) or burda-adam (the authors' code: "
         "second moments start at 1, the update lags one step; iwae.optim.BurdaAdam)",
     )
     p.add_argument(
         "--data-order",
-        choices=["shuffled", "fixed"],
+        choices=DATA_ORDERS,
         help="shuffled (default: a fresh permutation every pass) or fixed (the authors' code: "
         "minibatch i of every pass is examples 20i..20i+19)",
     )
     p.add_argument(
         "--loss-reduction",
-        choices=["mean", "sum"],
+        choices=LOSS_REDUCTIONS,
         help="the minibatch's loss: mean (default) or sum over its examples (the authors' code)",
     )
     p.add_argument(
         "--protocol",
-        choices=["default", "authors"],
+        choices=PROTOCOLS,
         help="authors: the authors' code as it ran (--optimizer burda-adam, --beta1 0.99, --data-order "
         "fixed, --loss-reduction sum); see docs/protocol.md",
     )
     p.add_argument(
         "--binarization",
-        choices=["dynamic", "threshold"],
+        choices=BINARIZATIONS,
         help="grey-level data: dynamic (default: a fresh Bernoulli draw at every use) or threshold "
         "(pixel >= 0.5, fixed)",
     )
     p.add_argument(
         "--train-split",
-        choices=["train", "train+valid"],
+        choices=TRAIN_SPLITS,
         help="train (default: Burda's 59,600 MNIST images) or train+valid (all 60,000)",
     )
     seeds = p.add_mutually_exclusive_group()
@@ -184,13 +195,13 @@ def register(subparsers) -> None:
     p.add_argument("--no-prune", action="store_true", help="skip the NLL with inactive units removed")
     p.add_argument(
         "--units",
-        choices=["ours", "authors"],
+        choices=UNIT_DEFINITIONS,
         help="which inactive units the pruned NLL removes: ours (default: Var over the split of E_q[u|x] "
         "<= 0.01) or authors (their code: 500 training images, one sample of h1, units cut from the weights)",
     )
     p.add_argument(
         "--protocol",
-        choices=["default", "authors"],
+        choices=PROTOCOLS,
         help="authors: their evaluation (--units authors, L_k in minibatches of 20)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model for L_k (for GPUs; slower on a CPU)")

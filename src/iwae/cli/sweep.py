@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from iwae.cli.common import UsageError, add_run_options, non_negative_int, positive_int
+from iwae.names import PROTOCOLS
 
 # Deferred on purpose: the lab (iwae.lab.experiments, iwae.lab.store, iwae.lab.reports) imports torch, which takes
 # seconds that ``iwae --help`` and usage errors should not pay; the handlers import what they use.
@@ -130,7 +131,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--protocol",
-        choices=["default", "authors"],
+        choices=PROTOCOLS,
         default="default",
         help="authors: every run as the authors' code ran it (iwae train --protocol authors) and evaluated "
         "their way; the default --out gets the suffix -authors",

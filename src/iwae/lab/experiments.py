@@ -75,6 +75,7 @@ from iwae.data import DATASETS
 from iwae.fast import for_evaluation
 from iwae.lab import lifeline, locks
 from iwae.lab.store import COLUMNS, DB_FILE, ResultStore, now
+from iwae.names import AUTHORS_EVAL_BATCH, UNIT_DEFINITIONS
 
 RUNS_SUBDIR = "runs"
 SAMPLES_FILE = "samples.png"
@@ -104,7 +105,7 @@ EVAL_DEFAULTS: dict[str, Any] = {
 }
 # What ``protocol = "authors"`` changes in a run's evaluation where the grid leaves it: the authors' inactive units
 # (iwae.evaluate) and their minibatch of 20 for L_5000 (measure_marginal_log_likelihood in yburda/iwae).
-AUTHORS_EVAL: dict[str, Any] = {"eval_units": "authors", "eval_batch_size": 20}
+AUTHORS_EVAL: dict[str, Any] = {"eval_units": "authors", "eval_batch_size": AUTHORS_EVAL_BATCH}
 RUN_DEFAULTS: dict[str, Any] = {"samples": True}
 NAME_FORMATS = {
     "objective": "{}",
@@ -158,7 +159,7 @@ SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval_split": (lambda v: v in ("train", "valid", "test"), "train, valid or test"),
     "eval_seed": (_whole, "a whole number"),
     "eval_batch_size": (lambda v: _whole(v, 1), "a whole number >= 1"),
-    "eval_units": (lambda v: v in ("ours", "authors"), "ours or authors"),
+    "eval_units": (lambda v: v in UNIT_DEFINITIONS, " or ".join(UNIT_DEFINITIONS)),
     "samples": (lambda v: isinstance(v, bool), "true or false"),
     "dataset": (lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}"),
     "epochs": (lambda v: _whole(v, 1), "a whole number >= 1"),

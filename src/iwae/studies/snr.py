@@ -49,7 +49,7 @@ from iwae import bounds
 from iwae.checkpoint import atomic_save_figure, atomic_write_text
 from iwae.estimators import ESTIMATOR_NAMES, estimate, stops_q_params, surrogate_gradients, terms_from_sample
 from iwae.objectives import IWAE, Objective
-from iwae.protocol import Model, NoiseModel
+from iwae.protocol import Model, NoiseModel, SampleWithNoise
 
 PARTS = ("encoder", "decoder")
 DEFAULT_KS = (1, 3, 10, 30, 100, 300, 1000)
@@ -330,17 +330,6 @@ def clear_of_floor(medians: list[float], repeats: list[int], factor: float = DEF
     return [bool(math.isfinite(m) and m > factor * snr_floor(r)) for m, r in zip(medians, repeats, strict=True)]
 
 
-class _SampleWithNoise(nn.Module):
-    """``model.sample_with_noise`` as a module's forward, for :func:`torch.func.functional_call`."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor, noise: list[Tensor], stop_q_params: bool):
-        return self.model.sample_with_noise(x, noise, stop_q_params=stop_q_params)
-
-
 def stacked_noise(model: NoiseModel, x: Tensor, k: int, repeats: int, generator: torch.Generator) -> list[Tensor]:
     """``repeats`` independent draws of ``model.draw_noise(x, k)``, stacked first: each ``[repeats, k, batch, ...]``.
 
@@ -368,7 +357,7 @@ def noise_gradients(
     :func:`torch.func.grad` (one shared surrogate) or :func:`torch.func.jacrev` (two) under :func:`torch.func.vmap`.
     """
     stop = stops_q_params(estimator)
-    wrapper = _SampleWithNoise(model)
+    wrapper = SampleWithNoise(model)
     names = {id(p): f"model.{name}" for name, p in model.named_parameters()}
     encoder, decoder = list(model.encoder_parameters()), list(model.decoder_parameters())
     encoder_names, decoder_names = [names[id(p)] for p in encoder], [names[id(p)] for p in decoder]

@@ -22,7 +22,7 @@ def _faults_per_allocation(numel: int, repeats: int) -> float:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / repeats
 
 
-@pytest.mark.skipif(not APPLIES, reason="glibc only, and not with IWAE_NATIVE=0")
+@pytest.mark.skipif(not APPLIES, reason="glibc only, and not with IWAE_FAST=0")
 def test_a_large_tensor_freed_and_allocated_again_is_not_faulted_in_again() -> None:
     # 160 MB: above glibc's largest dynamic mmap threshold (32 MiB), so by default each allocation is a fresh
     # mmap whose ~39,000 pages are faulted in by the fill.
@@ -38,8 +38,8 @@ def test_configure_is_applied_once_and_says_what_it_did() -> None:
 
 def test_it_leaves_the_allocator_alone_when_switched_off_or_off_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
     unapplied = allocator.configure.__wrapped__  # the function itself, without the once-per-process cache
-    monkeypatch.setenv("IWAE_NATIVE", "0")
-    assert unapplied() == "the platform's default allocator settings (IWAE_NATIVE=0 in the environment)"
-    monkeypatch.delenv("IWAE_NATIVE")
+    monkeypatch.setenv("IWAE_FAST", "0")
+    assert unapplied() == "the platform's default allocator settings (IWAE_FAST='0' in the environment)"
+    monkeypatch.delenv("IWAE_FAST")
     monkeypatch.setattr(allocator, "_glibc_version", lambda: None)
     assert unapplied() == "the platform's default allocator settings (not glibc)"

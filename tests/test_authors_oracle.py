@@ -13,7 +13,7 @@ The oracle is written from the authors' code alone, without torch and without th
 - Adam (``optimizers.py``): m = 0, v = 1, beta1 = 0.99, beta2 = 0.999, t from 1, ``alpha = lr sqrt(1 - beta2^t) /
   (1 - beta1^t)``, the move ``param + alpha m / (sqrt(v) + 1e-4)`` from the moments before this step's gradient.
 
-Our side is ``protocol = "authors"`` (BurdaAdam, summed loss) through :func:`iwae.train.training_step`, fed the
+Our side is ``protocol = "authors"`` (BurdaAdam, summed loss) through :func:`iwae.steps.training_step`, fed the
 same initial parameters, the same binarised MNIST minibatches and the same noise. The trajectories must agree for
 20 steps, on Burda's architectures (one layer 784-200-200-50, two layers 784-200-200-100-100-100-50).
 """
@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from iwae import train
+from iwae import steps, train
 from iwae.config import build_train_config
 from iwae.data import DataError, load_dataset
 
@@ -254,8 +254,8 @@ def run_both(layers, objective, k, dtype, minibatches, fast):
     assert (config.optimizer, config.beta1, config.beta2, config.adam_eps) == ("burda-adam", 0.99, 0.999, 1e-4)
     assert (config.loss_reduction, config.data_order, config.batch_size) == ("sum", "fixed", BATCH)
     model = train.build_model(config, images.float(), torch.device("cpu")).to(dtype)
-    optimizer = train.build_optimizer(model, config)
-    path = train.choose_step_path(model, config, fast=fast)
+    optimizer = steps.build_optimizer(model, config)
+    path = steps.choose_step_path(model, config, fast=fast)
     generator = torch.Generator().manual_seed(7)
 
     ours = [authors_parameters(model)]
@@ -266,9 +266,9 @@ def run_both(layers, objective, k, dtype, minibatches, fast):
         x = x.to(dtype)
         twin = torch.Generator().set_state(generator.get_state())
         eps = authors_noise(model.draw_noise(x, k, twin))
-        train.clear_gradients(optimizer)
-        bounds.append(train.training_step(model, x, config, generator, path).detach().double().numpy())
-        train.optimizer_step(optimizer, path)
+        steps.clear_gradients(optimizer)
+        bounds.append(steps.training_step(model, x, config, generator, path).detach().double().numpy())
+        steps.optimizer_step(optimizer, path)
         assert torch.equal(generator.get_state(), twin.get_state())  # the step drew exactly the noise we fed
         ours.append(authors_parameters(model))
         grad, log_ws = authors_gradient(oracle[-1], x.double().numpy(), eps, k, objective)

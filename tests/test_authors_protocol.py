@@ -2,7 +2,8 @@
 data order, the summed minibatch loss, threshold binarisation, every training image, Table 2's optimiser
 continuation, and models of any depth; the command line's flags and the table2 smoke preset end to end.
 
-The authors' whole step is checked against an independent NumPy implementation in tests/test_authors_oracle.py.
+The authors' whole step is checked against an independent NumPy implementation in tests/test_authors_oracle.py;
+BurdaAdam's own unit tests are in tests/test_optim.py.
 """
 
 from __future__ import annotations
@@ -19,76 +20,12 @@ from iwae.checkpoint import load_checkpoint
 from iwae.config import AUTHORS_PROTOCOL, TrainConfig, build_train_config
 from iwae.data import DataError, Dataset, Split, binarize, for_run
 from iwae.optim import BurdaAdam
-from iwae.stacked import fit_stacked
-from iwae.train import (
-    REFERENCE_PATH,
-    build_model,
-    build_optimizer,
-    choose_step_path,
-    clear_gradients,
-    fit,
-    load_initial_optimizer,
-    minibatch_order,
-    training_step,
-)
+from iwae.steps import REFERENCE_PATH, build_optimizer, choose_step_path, clear_gradients, training_step
+from iwae.train import build_model, fit, fit_runs, load_initial_optimizer, minibatch_order
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = {"train_limit": 60, "valid_k": 2, "epochs": 2, "lr": 1e-3}
-
-
-# -- BurdaAdam ------------------------------------------------------------------------------------------------------
-def authors_adam(grads: list[float], lr: float, b1: float = 0.99, b2: float = 0.999, eps: float = 1e-4) -> list[float]:
-    """The authors' update for a scalar parameter starting at 0, in plain floats: the move from the moments before
-    each gradient, m0 = 0, v0 = 1, t from 1. (Ascent on the bound = descent on the loss: the signs below are the
-    loss's.)"""
-    p, m, v, path = 0.0, 0.0, 1.0, []
-    for t, g in enumerate(grads, start=1):
-        alpha = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
-        p = p - alpha * m / (math.sqrt(v) + eps)
-        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
-        path.append(p)
-    return path
-
-
-def test_burda_adam_is_the_authors_update_and_its_first_step_moves_nothing() -> None:
-    param = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = BurdaAdam([param], lr=0.01)
-    grads = [3.0, -1.0, 0.5, 2.0, -4.0]
-    path = []
-    for g in grads:
-        param.grad = torch.tensor(g, dtype=torch.float64)
-        optimizer.step()
-        path.append(param.item())
-    assert path[0] == 0.0  # the one-step lag: the first move uses m = 0
-    assert path[1] != 0.0
-    assert path == pytest.approx(authors_adam(grads, 0.01), rel=1e-12, abs=1e-15)
-    state = optimizer.state[param]
-    assert set(state) == {"step", "exp_avg", "exp_avg_sq"} and float(state["step"]) == len(grads)
-    # v started at 1, not 0
-    expected_v = 1.0
-    for g in grads:
-        expected_v = 0.999 * expected_v + 0.001 * g * g
-    assert state["exp_avg_sq"].item() == pytest.approx(expected_v, rel=1e-12)
-
-
-def test_burda_adam_takes_each_stages_learning_rate_and_keeps_its_state() -> None:
-    param = torch.zeros(3, dtype=torch.float64, requires_grad=True)
-    optimizer = BurdaAdam([param], lr=1e-3)
-    lrs = [1e-3, 1e-3, 7.2e-4, 7.2e-4, 5.2e-4]
-    grads = [0.3, -0.2, 0.7, 0.1, -0.5]
-    for lr, g in zip(lrs, grads, strict=True):
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        param.grad = torch.full((3,), g, dtype=torch.float64)
-        optimizer.step()
-    p, m, v = 0.0, 0.0, 1.0
-    for t, (lr, g) in enumerate(zip(lrs, grads, strict=True), start=1):
-        p -= lr * math.sqrt(1 - 0.999**t) / (1 - 0.99**t) * m / (math.sqrt(v) + 1e-4)
-        m, v = 0.99 * m + 0.01 * g, 0.999 * v + 0.001 * g * g
-    assert param.tolist() == pytest.approx([p] * 3, rel=1e-12)
-    with pytest.raises(ValueError, match="learning rate"):
-        BurdaAdam([param], lr=float("nan"))
 
 
 # -- configuration -------------------------------------------------------------------------------------------------
@@ -252,7 +189,8 @@ def test_a_stack_continues_its_bases_optimisers_as_single_runs_do(tmp_path: Path
         bases.append(base.replace(objective="iwae", k=3, init_from=str(tmp_path / f"base{seed}"), stages=((1, 1e-3),)))
     for config in bases:
         fit(config, tmp_path / f"single{config.seed}", dataset=mnist, progress=False, device="cpu", fast=False)
-    fit_stacked(bases, [tmp_path / f"stack{c.seed}" for c in bases], dataset=mnist, progress=False, device="cpu")
+    stacks = [tmp_path / f"stack{c.seed}" for c in bases]
+    fit_runs(bases, stacks, dataset=mnist, progress=False, device="cpu", stack="on")
     for config in bases:
         single, _ = runs.load_model(tmp_path / f"single{config.seed}")
         stacked, _ = runs.load_model(tmp_path / f"stack{config.seed}")
@@ -316,7 +254,8 @@ def test_contradictory_flags_are_one_line_and_exit_2(argv: list[str], message: s
 
 
 def test_the_train_flags_reach_the_config(tmp_path: Path) -> None:
-    from iwae.cli import _train_config, build_parser
+    from iwae.cli import build_parser
+    from iwae.cli.run import _train_config
 
     argv = ["train", "--out", str(tmp_path / "x"), "--protocol", "authors", "--binarization", "threshold",
             "--train-split", "train+valid", "--latent-dims", "100,50,20", "--init-from", "base",
@@ -351,16 +290,17 @@ def test_table2_smoke_reproduces_the_authors_swap(tmp_path: Path, capsys) -> Non
 
 
 def test_reproduce_with_the_authors_protocol_sets_it_on_every_run(tmp_path: Path, monkeypatch, capsys) -> None:
-    from iwae.lab import experiments, reports
+    from iwae.lab import reports, sweep
+    from iwae.lab.grid import eval_options, expand_grid, train_config
 
     seen = {}
 
     def fake_sweep(grid, out, **options):
-        seen["specs"] = experiments.expand_grid(grid)
+        seen["specs"] = expand_grid(grid)
         seen["out"] = out
         return {"runs": len(seen["specs"]), "failed": {}}
 
-    monkeypatch.setattr(experiments, "run_sweep", fake_sweep)
+    monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
     monkeypatch.setattr(reports, "write_report", lambda dirs, out, title: str(out))
     monkeypatch.setattr("iwae.cli.sweep._print_table", lambda rows: None)
     monkeypatch.setattr("iwae.cli.sweep._summaries", lambda directory: [])
@@ -368,9 +308,9 @@ def test_reproduce_with_the_authors_protocol_sets_it_on_every_run(tmp_path: Path
     assert cli.main(["reproduce", "table2", "--preset", "quick", "--protocol", "authors", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["protocol"] == "authors" and seen["out"] == str(Path("experiments") / "table2-quick-authors")
-    configs = [experiments.train_config(spec.options) for spec in seen["specs"]]
+    configs = [train_config(spec.options) for spec in seen["specs"]]
     assert len(configs) == 4 and {c.optimizer for c in configs} == {"burda-adam"}  # both phases
-    assert {experiments.eval_options(spec.options)["eval_units"] for spec in seen["specs"]} == {"authors"}
+    assert {eval_options(spec.options)["eval_units"] for spec in seen["specs"]} == {"authors"}
 
 
 def test_a_continued_run_never_shares_a_stack_with_a_fresh_one() -> None:

@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 
 from iwae import estimators, fast
 from iwae.config import TrainConfig
-from iwae.fast import backprop, native
+from iwae.fast import backprop
 from iwae.models import LatentVariableModel, ModelConfig
 from iwae.objectives import CIWAE, IWAE, MIWAE, PIWAE, VAE, VR, Power
-from iwae.train import choose_step_path, training_step
+from iwae.steps import choose_step_path, training_step
 
 SPECS = {
     "vae": VAE(),
@@ -127,13 +127,13 @@ def test_applies_to_the_library_models_and_the_plan_takes_it_unless_switched_off
     assert fast.training_path(model, SPECS["iwae"], "standard").accumulate is not None
     monkeypatch.setenv("IWAE_FAST", "-backprop,-step")
     assert fast.training_path(model, SPECS["iwae"], "standard").accumulate is None
-    monkeypatch.setenv(native.SWITCH, "0")
+    monkeypatch.setenv("IWAE_FAST", "0")
     assert fast.training_path(model, SPECS["iwae"], "standard").accumulate is None
 
 
 @pytest.mark.parametrize("objective", ["iwae", "vae"])
 def test_training_step_takes_the_explicit_path_and_matches_autograd(objective: str, monkeypatch) -> None:
-    """The default step goes through iwae.fast.backprop; with IWAE_NATIVE=0 through autograd; same gradients."""
+    """The default step goes through iwae.fast.backprop; with IWAE_FAST=0 through autograd; same gradients."""
     config = TrainConfig(objective=objective, k=3, model=SMALL[2])
     x = torch.bernoulli(torch.full((4, 12), 0.4), generator=torch.Generator().manual_seed(0))
     calls = []
@@ -141,7 +141,7 @@ def test_training_step_takes_the_explicit_path_and_matches_autograd(objective: s
     monkeypatch.setattr(backprop, "accumulate_gradients", lambda *args: calls.append(1) or original(*args))
     results = []
     for switch in ("1", "0"):
-        monkeypatch.setenv(native.SWITCH, switch)
+        monkeypatch.setenv("IWAE_FAST", switch)
         model = _model(SMALL[2], "tanh", torch.float32, seed=0)
         path = choose_step_path(model, config)
         bound = training_step(model, x, config, torch.Generator().manual_seed(4), path)

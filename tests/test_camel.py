@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_true_expected_log_density() -> None:
     value = true_expected_log_density()
-    assert abs(value - (-1.3585)) < 5e-4  # -1.35851..., the "-1.358" of REFERENCE section 5
+    assert abs(value - (-1.3585)) < 5e-4  # -1.35851...; the reproduction report quotes -1.358 (docs/references.md)
     # Cross-check with a fine grid (Riemann sum over [-8, 8]).
     grid = np.linspace(-8, 8, 200_001)
     log_p = true_log_density(grid)

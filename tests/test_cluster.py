@@ -1,5 +1,6 @@
-"""Sweeps through submitit (iwae.lab.cluster): tasks write result files and never the database; the sweep, or
-``iwae results --rescan``, indexes them; phases run in order; the Slurm options reach the submission script."""
+"""Sweeps through submitit (iwae.lab.cluster): tasks write result files and never the database (a task alone:
+tests/lab/test_runner.py); the sweep indexes them; phases run in order; the Slurm options reach the submission
+script."""
 
 from __future__ import annotations
 
@@ -8,18 +9,19 @@ import os
 from pathlib import Path
 
 import pytest
-from test_experiments import TINY as EXPERIMENT_TINY
+from tiny_runs import TINY as LAB_TINY
 
 from iwae import runs
 from iwae.cli import main
-from iwae.lab import experiments
+from iwae.lab import runner
 from iwae.lab.cluster import ClusterOptions, SubmititRunner
-from iwae.lab.experiments import RESULT_FILE, Task, resolved_specs, run_sweep, run_task
-from iwae.lab.store import DB_FILE, ResultStore
+from iwae.lab.run import RESULT_FILE
+from iwae.lab.store import ResultStore
+from iwae.lab.sweep import resolved_specs, run_sweep
 
 pytest.importorskip("submitit")
 
-TINY = {**EXPERIMENT_TINY, "epochs": 1, "k": 2}  # test_experiments' tiny run, one pass
+TINY = {**LAB_TINY, "epochs": 1, "k": 2}  # the lab's tiny run, one pass
 PHASES = {
     "fixed": TINY,
     "phase": [
@@ -47,21 +49,6 @@ def test_a_sweep_through_submitit_runs_its_phases_in_order_and_indexes_the_resul
     assert (out / "submitit").is_dir()
     again = run_sweep(PHASES, out, runner=SubmititRunner(ClusterOptions(engine="debug")), device="cpu", progress=False)
     assert (again["ran"], again["skipped"]) == (0, 3)
-
-
-def test_a_task_writes_its_result_file_and_never_the_database_which_rescan_indexes(tmp_path: Path, capsys) -> None:
-    (spec,) = resolved_specs({"fixed": TINY, "axes": {"objective": ["iwae"]}}, tmp_path)
-    task = Task((spec.to_dict(),), str(tmp_path), attempt="a1", device="cpu")
-    assert run_task(task).busy is None and run_task(task).error is None
-    assert not (tmp_path / DB_FILE).exists()
-    written = json.loads((tmp_path / "runs" / "iwae" / RESULT_FILE).read_text())
-    assert (written["status"], written["attempt"], written["epochs_done"]) == ("finished", "a1", 1)
-
-    assert main(["results", str(tmp_path), "--rescan"]) == 0
-    listed = json.loads(capsys.readouterr().out)
-    assert listed["indexed"] == 1 and [(r["name"], r["status"]) for r in listed["runs"]] == [("iwae", "finished")]
-    row = ResultStore.in_dir(tmp_path).get("iwae")
-    assert row["eval"] == written["eval"] and row["metrics"] == written["metrics"]
 
 
 @pytest.mark.slow
@@ -98,7 +85,7 @@ def test_a_task_that_raises_or_a_job_that_fails_fails_its_runs(tmp_path: Path, m
         raise RuntimeError("a bug")
 
     with monkeypatch.context() as patch:
-        patch.setattr(experiments, "run_group", crash)
+        patch.setattr(runner, "run_group", crash)
         summary = run_sweep({"fixed": TINY}, tmp_path, runner=debug, device="cpu", progress=False)
     assert summary["failed"] == {spec.name: "RuntimeError: a bug"}
     monkeypatch.setattr(SubmititRunner, "executor", lambda self, folder: _LostArray())

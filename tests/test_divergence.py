@@ -17,8 +17,7 @@ from iwae.cli import finite_json, main
 from iwae.config import TrainConfig
 from iwae.models import LatentVariableModel, ModelConfig
 from iwae.runs import DivergenceError
-from iwae.stacked import fit_stacked
-from iwae.train import fit
+from iwae.train import fit, fit_runs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,7 +146,7 @@ def test_a_stack_names_the_runs_that_diverged_and_keeps_every_checkpoint(tmp_pat
     configs = [_config(seed=0), _config(seed=1)]
     dirs = [tmp_path / "a", tmp_path / "b"]
     with pytest.raises(DivergenceError) as raised:
-        fit_stacked(configs, dirs, dataset=mnist, progress=False, device="cpu")
+        fit_runs(configs, dirs, dataset=mnist, progress=False, device="cpu", stack="on")
     assert raised.value.epoch == 2 and raised.value.run_dirs == tuple(dirs)
     for run_dir in dirs:
         _assert_kept_at_epoch(run_dir, 1)
@@ -163,7 +162,7 @@ def test_a_stack_in_which_one_run_diverges_names_only_that_one(tmp_path: Path, m
     ]
     dirs = [tmp_path / "calm", tmp_path / "wild"]
     with pytest.raises(DivergenceError) as raised:
-        fit_stacked(configs, dirs, dataset=mnist, progress=False, device="cpu")
+        fit_runs(configs, dirs, dataset=mnist, progress=False, device="cpu", stack="on")
     assert raised.value.run_dirs == (dirs[1],)
     message = str(raised.value)
     assert str(dirs[1]) in message and str(dirs[0]) not in message and "1 of the stack's 2 runs" in message

@@ -16,7 +16,7 @@ from iwae.fast import adam, native, switches
 from iwae.fast import step as native_step
 from iwae.models import LatentVariableModel, ModelConfig
 from iwae.objectives import IWAE, PIWAE
-from iwae.train import REFERENCE_PATH, choose_step_path
+from iwae.steps import REFERENCE_PATH, choose_step_path
 
 CORE = (
     "bounds",
@@ -34,22 +34,32 @@ CORE = (
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "iwae"
 
 
+def _imported_modules(path: Path) -> list[str]:
+    modules = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            modules += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        elif isinstance(node, ast.Import):
+            modules += [a.name for a in node.names]
+    return modules
+
+
 def test_the_core_imports_nothing_above_it() -> None:
-    """Models, bounds, estimators, data, evaluation, ...: no import of iwae.fast, iwae.lab, iwae.studies or iwae.cli;
-    iwae.train only in choose_step_path (the one hook)."""
-    for name in (*CORE, "train", "sampling"):
-        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
-        for node in ast.walk(tree):
-            modules = []
-            if isinstance(node, ast.ImportFrom) and node.module:
-                modules = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
-            elif isinstance(node, ast.Import):
-                modules = [a.name for a in node.names]
-            above = [["iwae", layer] for layer in ("fast", "lab", "studies", "cli")]
-            upward = [m for m in modules if m.split(".")[:2] in above]
-            assert not upward or name == "train", (name, upward)
-    hooks = [line for line in (PACKAGE / "train.py").read_text().splitlines() if "import fast" in line]
+    """Models, bounds, estimators, data, evaluation, the lifecycle, ...: no import of iwae.fast, iwae.lab,
+    iwae.studies or iwae.cli; iwae.steps only in choose_step_path (the one hook)."""
+    above = [["iwae", layer] for layer in ("fast", "lab", "studies", "cli")]
+    for name in (*CORE, "train", "steps", "stacked", "sampling"):
+        upward = [m for m in _imported_modules(PACKAGE / f"{name}.py") if m.split(".")[:2] in above]
+        assert not upward or name == "steps", (name, upward)
+    hooks = [line for line in (PACKAGE / "steps.py").read_text().splitlines() if "import fast" in line]
     assert hooks == ["    from iwae import fast as fast_layer"]
+
+
+def test_the_fast_layer_imports_neither_the_lifecycle_nor_the_selector() -> None:
+    """The hook is one way: nothing in iwae.fast imports iwae.steps or iwae.train, so there is no import cycle."""
+    for path in (PACKAGE / "fast").glob("*.py"):
+        back = [m for m in _imported_modules(path) if m.split(".")[:2] in (["iwae", "steps"], ["iwae", "train"])]
+        assert not back, (path.name, back)
 
 
 def test_switches(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,9 +75,9 @@ def test_switches(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("IWAE_FAST", "warp")
     with pytest.raises(switches.SwitchError, match="unknown feature"):
         switches.enabled("step")
+    monkeypatch.setenv("IWAE_FAST", "0")
+    assert "IWAE_FAST='0'" in switches.why_off("step")
     monkeypatch.delenv("IWAE_FAST")
-    monkeypatch.setenv("IWAE_NATIVE", "0")  # the previous release's switch: everything off
-    assert switches.enabled_features() == frozenset() and "IWAE_NATIVE=0" in switches.why_off("step")
 
 
 def test_status_reports_every_feature() -> None:

@@ -16,7 +16,7 @@ from iwae.config import TrainConfig
 from iwae.fast import backprop, native, step
 from iwae.models import LatentVariableModel, ModelConfig
 from iwae.objectives import Objective
-from iwae.train import choose_step_path, training_step
+from iwae.steps import choose_step_path, training_step
 
 pytestmark = pytest.mark.skipif(
     shutil.which("c++") is None or not native.available(), reason="no C++ compiler or no native kernels"
@@ -42,18 +42,18 @@ def _gradients(function, model, *args) -> tuple[torch.Tensor, list[torch.Tensor]
 
 def _cpp_path(model, x, noise, spec: Objective, estimator: str) -> torch.Tensor:
     log_w, tape = step.forward(model, x, noise)
-    decoder_grad, encoder_grad, bound = backprop._log_weight_gradients(spec, estimator, log_w)
-    step.backward(x, noise, tape, (decoder_grad, encoder_grad), estimator != "standard")
-    return bound
+    grads = estimators.log_weight_gradients(log_w, spec, estimator)
+    step.backward(x, noise, tape, (grads.decoder, grads.encoder), estimators.stops_q_params(estimator))
+    return grads.bound
 
 
 def _python_path(model, x, noise, spec: Objective, estimator: str) -> torch.Tensor:
     """iwae.fast.backprop's explicit backpropagation in Python, as it runs where the C++ step does not apply."""
     tape = backprop._Tape()
     log_w = backprop._forward(model, x, noise, tape)
-    decoder_grad, encoder_grad, bound = backprop._log_weight_gradients(spec, estimator, log_w)
-    backprop._backward(model, x, noise, tape, (decoder_grad, encoder_grad), estimator != "standard")
-    return bound
+    grads = estimators.log_weight_gradients(log_w, spec, estimator)
+    backprop._backward(model, x, noise, tape, (grads.decoder, grads.encoder), estimators.stops_q_params(estimator))
+    return grads.bound
 
 
 @settings(max_examples=60, deadline=None)
@@ -116,7 +116,7 @@ def test_applies_to_burda_models_in_float32_on_the_cpu(monkeypatch: pytest.Monke
     assert not step.applies(model.double(), x)
     assert not step.applies(_model(SMALL[1], 0, activation="relu"), x)
     assert not step.applies(_model(SMALL[1], 0, likelihood="gaussian"), x)
-    monkeypatch.setenv(native.SWITCH, "0")
+    monkeypatch.setenv("IWAE_FAST", "0")
     assert not step.applies(model, x)
 
 

@@ -15,7 +15,6 @@ from iwae.objectives import (
     MIWAE,
     OBJECTIVES,
     PIWAE,
-    VAE,
     Objective,
     make_objective,
     objective_from_dict,
@@ -91,9 +90,3 @@ def test_adding_an_objective_is_one_class() -> None:
             register_objective(type("Other", (Tempered,), {}))
     finally:
         OBJECTIVES.pop("tempered-test")
-
-
-def test_the_previous_release_names_still_work() -> None:
-    assert estimators.BoundSpec("piwae", M=4) == PIWAE(M=4) and estimators.BoundSpec("vae") == VAE()
-    log_w = torch.randn(4, 2)
-    torch.testing.assert_close(estimators.encoder_target(estimators.BoundSpec("iwae"), log_w), bounds.iwae_bound(log_w))

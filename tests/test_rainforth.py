@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -86,6 +87,36 @@ def test_gradients_approach_the_analytic_ones() -> None:
         assert float((grads.mean(0)[-20:] - limit).abs().max()) > 0.1
     _, decoder = noise_gradients(model, x, stacked_noise(model, x, 1000, 200, generator), IWAE(), "standard")
     assert float((decoder.mean(0) - limit).abs().max()) < 0.01
+
+
+class OnDevice(torch.Tensor):
+    """A stand-in for a tensor on a GPU, which the CPU build cannot make: ``.numpy()`` raises as it does on a CUDA
+    tensor, and ``.cpu()`` brings it back as a plain tensor. Everything else computes as on the CPU."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.numpy:
+            raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor")
+        result = super().__torch_function__(func, types, args, kwargs or {})
+        return result.as_subclass(torch.Tensor) if func is torch.Tensor.cpu else result
+
+
+def test_the_gradient_checks_take_the_data_off_the_device_before_numpy() -> None:
+    """``iwae snr --model rainforth --device cuda`` ran the whole study, then failed in ``gradient_checks`` on the
+    ``.numpy()`` of a CUDA tensor and wrote nothing."""
+    problem = rainforth.make_problem(0)
+    x = problem.data[:4]
+    n_encoder = sum(p.numel() for p in problem.model.encoder_parameters())
+    means = {"standard": [np.zeros(n_encoder + rainforth.DIM)] * 2}
+    stderrs = {"standard": [np.ones(n_encoder + rainforth.DIM)] * 2}
+
+    def checks(data: torch.Tensor) -> dict:
+        generator = torch.Generator().manual_seed(3)
+        return rainforth.gradient_checks(problem.model, data, [1, 3], means, stderrs, n_encoder, generator, draws=5)
+
+    on_device = checks(x.as_subclass(OnDevice))
+    assert on_device == checks(x)
+    assert len(on_device["decoder_limit"]) == rainforth.DIM and on_device["iwae_estimate_k"] == 3
 
 
 def test_small_study_has_the_expected_slope_signs() -> None:

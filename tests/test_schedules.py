@@ -8,13 +8,15 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from iwae import runs
 from iwae.cli import main
 from iwae.config import BURDA_LEARNING_RATES, TrainConfig, build_train_config, grow_batch_schedule
 from iwae.lab import schedules
-from iwae.lab.experiments import expand_grid, load_grid, run_sweep, stack_groups, stacks_by_default, train_config
+from iwae.lab.grid import expand_grid, load_grid, train_config
 from iwae.lab.store import ResultStore
+from iwae.lab.sweep import run_sweep, stack_groups, stacks_by_default
 from iwae.models import ModelConfig
 from iwae.train import fit, steps_before, total_steps
 
@@ -128,13 +130,19 @@ def test_a_sweep_stacks_seeds_and_objectives_and_records_each_run(tmp_path: Path
     assert again["skipped"] == 4 and again["ran"] == 0
 
 
-def test_cli_trains_seeds_as_one_stack_with_a_line_per_seed(tmp_path: Path, capsys) -> None:
+def test_cli_trains_seeds_together_with_a_line_per_seed_each_its_single_run_bit_for_bit(tmp_path: Path, capsys) -> None:
+    """On a CPU the seeds share one loop, each model taking its own fast step in turn: every seed ends where its
+    single run ends, bit for bit."""
     argv = ["train", "--objective", "iwae", "--k", "2", "--epochs", "1", "--train-limit", "60", "--latent-dims", "4",
-            "--seeds", "3,5", "--out", str(tmp_path / "seeds"), "--device", "cpu", "--no-progress"]  # fmt: skip
-    assert main(argv) == 0
+            "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main([*argv, "--seeds", "3,5", "--out", str(tmp_path / "seeds")]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["seed"] for line in lines] == [3, 5]
-    assert lines[0]["seconds"] == lines[1]["seconds"] and lines[0]["gradients"].startswith("stacked (2 models)")
+    assert lines[0]["seconds"] == lines[1]["seconds"] and lines[0]["gradients"].endswith("2 models, one after another")
+    assert main([*argv, "--seed", "5", "--out", str(tmp_path / "single")]) == 0
+    single, together = runs.load_model(tmp_path / "single")[0], runs.load_model(tmp_path / "seeds" / "seed-5")[0]
+    pairs = zip(single.state_dict().values(), together.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     for seed in (3, 5):
         assert runs.load_config(tmp_path / "seeds" / f"seed-{seed}").seed == seed
         assert (tmp_path / "seeds" / f"seed-{seed}" / runs.MODEL_FILE).is_file()

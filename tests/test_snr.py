@@ -35,13 +35,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.mark.parametrize("estimator", ["standard", "dreg"])
 def test_snr_through_explicit_backpropagation_equals_autograd(estimator: str, monkeypatch) -> None:
-    """The library's models take iwae.fast.backprop (the same noise); IWAE_NATIVE=0 takes autograd."""
+    """The library's models take iwae.fast.backprop (the same noise); IWAE_FAST=0 takes autograd."""
     torch.manual_seed(0)
     model = LatentVariableModel(ModelConfig(x_dim=10, latent_dims=(3, 2), hidden_dims=((6,), (4,)))).double()
     x = torch.bernoulli(torch.full((4, 10), 0.4, dtype=torch.float64), generator=torch.Generator().manual_seed(1))
     results = []
     for switch in ("1", "0"):
-        monkeypatch.setenv("IWAE_NATIVE", switch)
+        monkeypatch.setenv("IWAE_FAST", switch)
         results.append(gradient_snr(model, x, 4, estimator, 5, torch.Generator().manual_seed(2), IWAE()))
     for part in ("encoder", "decoder"):
         torch.testing.assert_close(results[0][part], results[1][part], rtol=1e-8, atol=1e-10)

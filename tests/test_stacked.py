@@ -13,17 +13,10 @@ from iwae import runs
 from iwae.checkpoint import load_checkpoint
 from iwae.config import TrainConfig
 from iwae.models import ModelConfig
-from iwae.stacked import (
-    COMMIT_MARKER,
-    STAGED_CHECKPOINT,
-    ModelStack,
-    StackedStep,
-    check_stackable,
-    fit_stacked,
-    settle_staged_checkpoints,
-    stacked_step,
-)
-from iwae.train import REFERENCE_PATH, build_model, fit, training_step
+from iwae.objectives import make_objective
+from iwae.stacked import ModelStack, StackedStep, check_stackable, stacked_gradients
+from iwae.steps import REFERENCE_PATH, optimizer_for, training_step
+from iwae.train import COMMIT_MARKER, STAGED_CHECKPOINT, build_model, fit, fit_runs, settle_staged_checkpoints
 
 SMALL = ModelConfig(x_dim=784, latent_dims=(8,), hidden_dims=((32,),))
 TWO_LAYERS = ModelConfig(x_dim=784, latent_dims=(8, 4), hidden_dims=((32,), (16,)))
@@ -53,13 +46,8 @@ def test_one_stacked_step_gives_each_models_own_gradients(estimator: str, model_
     generators = [torch.Generator().manual_seed(i) for i in range(len(models))]
     noises = [m.draw_noise(x, 3, g) for m, x, g in zip(models, xs, generators, strict=True)]
     stack = ModelStack(models)
-    bounds = stacked_step(
-        stack,
-        torch.stack(xs),
-        [torch.stack(layer) for layer in zip(*noises, strict=True)],
-        [c.objective for c in configs],
-        estimator,
-    )
+    step = StackedStep(stack, [c.objective for c in configs], estimator)
+    bounds = step(torch.stack(xs), [torch.stack(layer) for layer in zip(*noises, strict=True)])
     for index, (model, config, x) in enumerate(zip(models, configs, xs, strict=True)):
         bound = training_step(model, x, config, torch.Generator().manual_seed(index), REFERENCE_PATH)  # the same noise
         assert _close(bounds[index], bound, 1e-12)
@@ -75,7 +63,7 @@ def test_stacked_seeds_follow_their_single_runs(tmp_path: Path, mnist) -> None:
         for seed, objective in [(0, "iwae"), (1, "iwae"), (2, "vae")]
     ]
     dirs = [tmp_path / "stack" / f"seed-{c.seed}" for c in configs]
-    results = fit_stacked(configs, dirs, dataset=mnist, progress=False, device="cpu")
+    results = fit_runs(configs, dirs, dataset=mnist, progress=False, device="cpu", stack="on")
     assert all(r.complete and r.epochs_done == 3 for r in results)
     for config, run_dir, result in zip(configs, dirs, results, strict=True):
         single = fit(
@@ -98,12 +86,12 @@ def test_stacked_resume_equals_an_uninterrupted_stack_and_resumes_singly(tmp_pat
     configs = [_config(seed=seed, estimator="dreg") for seed in (4, 5)]
     straight = [tmp_path / "straight" / f"seed-{c.seed}" for c in configs]
     resumed = [tmp_path / "resumed" / f"seed-{c.seed}" for c in configs]
-    fit_stacked(configs, straight, dataset=mnist, progress=False, device="cpu")
-    partial = fit_stacked(configs, resumed, dataset=mnist, progress=False, device="cpu", max_epochs=1)
+    fit_runs(configs, straight, dataset=mnist, progress=False, device="cpu", stack="on")
+    partial = fit_runs(configs, resumed, dataset=mnist, progress=False, device="cpu", stack="on", max_epochs=1)
     assert not partial[0].complete
     # A kill after the staged checkpoints were written but before the commit marker: they are dropped.
     (resumed[0] / STAGED_CHECKPOINT).write_bytes(b"torn")
-    done = fit_stacked(configs, resumed, dataset=mnist, progress=False, device="cpu", resume=True)
+    done = fit_runs(configs, resumed, dataset=mnist, progress=False, device="cpu", stack="on", resume=True)
     assert all(r.complete for r in done)
     assert not list((tmp_path / "resumed").rglob(STAGED_CHECKPOINT))
     for a, b in zip(straight, resumed, strict=True):
@@ -113,7 +101,7 @@ def test_stacked_resume_equals_an_uninterrupted_stack_and_resumes_singly(tmp_pat
         assert [m["train_bound"] for m in runs.read_metrics(a)] == [m["train_bound"] for m in runs.read_metrics(b)]
     # A stacked run's checkpoint is a single run's: one seed of an interrupted stack resumes on its own.
     alone = tmp_path / "alone"
-    fit_stacked(configs, [alone / "a", alone / "b"], dataset=mnist, progress=False, device="cpu", max_epochs=2)
+    fit_runs(configs, [alone / "a", alone / "b"], dataset=mnist, progress=False, device="cpu", stack="on", max_epochs=2)
     fit(configs[0], alone / "a", dataset=mnist, progress=False, device="cpu", resume=True, fast=False)
     first, second = load_file(straight[0] / runs.MODEL_FILE), load_file(alone / "a" / runs.MODEL_FILE)
     for name in first:
@@ -152,7 +140,7 @@ def test_fused_adam_gets_contiguous_gradients() -> None:
     noises = [m.draw_noise(x, 3, g) for m, x, g in zip(models, xs, generators, strict=True)]
     stack = ModelStack(models)
     noise = [torch.stack(layer) for layer in zip(*noises, strict=True)]
-    stacked_step(stack, torch.stack(xs), noise, [c.objective for c in configs], "dreg")
+    StackedStep(stack, [c.objective for c in configs], "dreg")(torch.stack(xs), noise)
     assert all(p.grad.is_contiguous() for p in stack.parameters())
 
 
@@ -169,7 +157,7 @@ def test_the_graphs_modes_bookkeeping_matches_the_eager_step() -> None:
     eager, graphed = ModelStack(eager_models), ModelStack(graphed_models)
     objectives = [c.objective for c in configs]
     steps = [StackedStep(eager, objectives, "dreg"), StackedStep(graphed, objectives, "dreg", "graphs", capture=False)]
-    optimizers = [eager.build_optimizer(configs[0]), graphed.build_optimizer(configs[0])]
+    optimizers = [optimizer_for(eager.parameters(), configs[0]), optimizer_for(graphed.parameters(), configs[0])]
     generator = torch.Generator().manual_seed(0)
     for batch in (10, 7, 10, 7, 10):
         x = torch.bernoulli(images[:batch].expand(2, batch, 784), generator=generator)
@@ -188,7 +176,7 @@ def test_a_failed_cuda_graph_capture_falls_back_to_the_eager_step(monkeypatch: p
     import iwae.stacked
 
     def refuse(self, step, x, noise):
-        raise RuntimeError("operation not permitted when stream is capturing")
+        raise iwae.stacked.CaptureRefused("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(iwae.stacked._Graphed, "__init__", refuse)
     configs = [_config(seed=seed) for seed in (0, 1)]
@@ -205,3 +193,90 @@ def test_a_failed_cuda_graph_capture_falls_back_to_the_eager_step(monkeypatch: p
         bounds = graphed(x, noise)
     assert torch.equal(bounds, eager(x, noise)) and graphed.mode == "eager"
     assert "CUDA graphs failed: operation not permitted" in graphed.description
+
+
+@pytest.mark.parametrize("protocol", ["default", "authors"])
+@pytest.mark.parametrize("estimator", ["standard", "dreg"])
+def test_the_lifecycle_in_the_graphs_bookkeeping_equals_eager_bit_for_bit(
+    tmp_path: Path, mnist, monkeypatch: pytest.MonkeyPatch, protocol: str, estimator: str
+) -> None:
+    """The whole lifecycle with the CUDA-graphs step (its bookkeeping, off CUDA) against the eager stacked step: 210
+    images (a partial last minibatch), VAE beside IWAE, stopped after one epoch and resumed; the same parameters,
+    optimiser states and metrics, bit for bit."""
+    authors = {"optimizer": "burda-adam", "beta1": 0.99, "data_order": "fixed", "loss_reduction": "sum"}
+    base = _config(estimator=estimator, train_limit=210, **(authors if protocol == "authors" else {}))
+    configs = [base.replace(seed=0), base.replace(seed=1, objective="vae")]
+    eager = [tmp_path / "eager" / f"run{i}" for i in range(2)]
+    graphed = [tmp_path / "graphs" / f"run{i}" for i in range(2)]
+    options = {"dataset": mnist, "progress": False, "device": "cpu", "stack": "on"}
+    fit_runs(configs, eager, **options)
+    monkeypatch.setattr("iwae.steps.step_mode", lambda device, compile_model: "graphs")
+    fit_runs(configs, graphed, compile_model=True, max_epochs=1, **options)
+    results = fit_runs(configs, graphed, compile_model=True, resume=True, **options)
+    assert "CUDA graphs" in results[0].gradients
+    for a, b in zip(eager, graphed, strict=True):
+        for name in ("model.safetensors", "checkpoint.safetensors"):
+            left, right = load_file(a / name), load_file(b / name)
+            assert left.keys() == right.keys() and all(torch.equal(left[key], right[key]) for key in left), name
+        timing = ("seconds", "examples_per_second")
+        assert [{k: v for k, v in r.items() if k not in timing} for r in runs.read_metrics(a)] == [
+            {k: v for k, v in r.items() if k not in timing} for r in runs.read_metrics(b)
+        ]
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize(
+    ("objectives", "estimator"),
+    [
+        (("vae", "iwae"), "standard"),
+        (("iwae", "iwae"), "dreg"),
+        (("vae", "iwae"), "stl"),
+        (("piwae", "miwae"), "dreg"),
+        (("power", "vr"), "dreg"),
+        (("ciwae", "iwae"), "standard"),
+    ],
+)
+def test_the_captured_region_runs_on_the_meta_device(layers: int, objectives: tuple[str, ...], estimator: str) -> None:
+    """What a CUDA graph captures (:func:`iwae.stacked.stacked_gradients`) runs whole on ``meta``, which refuses a
+    host synchronisation (``.item()``, ``bool()``, data-dependent shapes) and any CPU tensor: so the capture has none.
+    """
+    settings = {"piwae": {"M": 2}, "miwae": {"M": 2}, "power": {"p": 0.5}, "vr": {"alpha": 0.5}, "ciwae": {"beta": 0.5}}
+    model_config = SMALL if layers == 1 else TWO_LAYERS
+    objective_list = [make_objective(o, **settings.get(o, {})) for o in objectives]
+    configs = [
+        _config(model=model_config, seed=i, estimator=estimator, k=4, objective=objective)
+        for i, objective in enumerate(objective_list)
+    ]
+    models = [build_model(c, torch.rand(20, 784), torch.device("cpu")).to("meta") for c in configs]
+    stack = ModelStack(models)
+    stack.objective_groups([c.objective for c in configs])  # built before a capture, as the warm-up builds it
+    x = torch.empty(2, 6, 784, device="meta")
+    noise = [torch.empty(2, 4, 6, d, device="meta") for d in model_config.latent_dims]
+    bounds, grads = stacked_gradients(stack, x, noise, [c.objective for c in configs], estimator)
+    assert bounds.shape == (2, 6) and bounds.device.type == "meta"
+    assert [g.shape for g in grads] == [p.shape for p in stack.parameters()]
+
+
+def test_running_out_of_memory_in_a_capture_is_not_a_refused_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An out-of-memory error while capturing ends the step as itself; it is not taken for a refusal and trained
+    around eagerly. A refusal is told by its first cause, not by ``capture_end``'s generic follow-up."""
+    import iwae.stacked
+
+    def out_of_memory(self, step, x, noise):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(iwae.stacked._Graphed, "__init__", out_of_memory)
+    configs = [_config(seed=seed) for seed in (0, 1)]
+    images = torch.rand(30, 784)
+    stack = ModelStack([build_model(c, images, torch.device("cpu")) for c in configs])
+    step = StackedStep(stack, [c.objective for c in configs], "standard", "graphs")
+    x = torch.bernoulli(images[:10].expand(2, 10, 784), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(torch.OutOfMemoryError):
+        step(x, [torch.randn(2, 3, 10, 8)])
+    try:
+        try:
+            raise ValueError("operation not permitted when stream is capturing")
+        except ValueError:
+            raise RuntimeError("operation failed due to a previous error during capture") from None
+    except RuntimeError as error:
+        assert "not permitted" in str(iwae.stacked._first_cause(error))

@@ -14,7 +14,8 @@ from iwae.checkpoint import load_checkpoint
 from iwae.config import BURDA_STAGES, TrainConfig, parse_schedule
 from iwae.fast.adam import adam_step
 from iwae.models import ModelConfig
-from iwae.train import StepPath, build_model, build_optimizer, clear_gradients, fit, mean_bound
+from iwae.steps import StepPath, build_optimizer, clear_gradients
+from iwae.train import build_model, fit, mean_bound
 
 SMALL = ModelConfig(x_dim=784, latent_dims=(8,), hidden_dims=((32,),))
 
@@ -112,7 +113,7 @@ def test_config_round_trip() -> None:
 @pytest.mark.slow
 def test_compiled_training_step_matches_eager() -> None:
     """``fit(compile_model=True)`` steps through torch.compile: same bound and gradients up to rounding."""
-    from iwae.train import compile_estimate, training_step
+    from iwae.steps import compile_estimate, training_step
 
     config = _config(k=4)
     model = build_model(config, torch.full((1, 784), 0.3), torch.device("cpu"))

@@ -156,6 +156,9 @@ def _save_tensors_atomically(path: Path, tensors: dict[str, Tensor], metadata: d
 
 
 _REDO = "restore it from a copy, or train the run again"
+# A generator's state by its size in bytes: a CPU generator's (CPUGeneratorImplState) and a CUDA one's (seed and
+# offset, CUDAGeneratorImpl::get_state). Neither sets the other's.
+_GENERATOR_STATE_DEVICES = {5056: "cpu", 16: "cuda"}
 
 
 def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -307,6 +310,22 @@ def check_optimizer_state(path: Path, optimizer_state: dict[str, Any], optimizer
                 )
 
 
+def check_generator_state(path: Path, rng_state: Tensor, generator: torch.Generator) -> None:
+    """Raise :class:`CheckpointError` if the generator state read from ``path`` is another device type's than
+    ``generator``'s (a CPU run resumed on CUDA, or the reverse): no generator takes another device type's state, so
+    the run resumes only on a device of the type that saved it."""
+    saved_bytes = rng_state.numel() * rng_state.element_size()
+    if saved_bytes == generator.get_state().numel():
+        return
+    saved, current = _GENERATOR_STATE_DEVICES.get(saved_bytes), generator.device.type
+    if saved is not None and saved != current:
+        where = "the CPU" if saved == "cpu" else f"a {saved} device"
+        raise CheckpointError(
+            f"{path} was saved by a run on {saved} and this run is on {current}: a generator's state does not carry "
+            f"across device types; resume it on {where}, or train the run again in a new --out"
+        )
+
+
 def restore_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
 ) -> dict[str, Any]:
@@ -315,6 +334,7 @@ def restore_checkpoint(
     state = load_checkpoint(path)
     check_model_state(path, state.model_state, model)
     check_optimizer_state(path, state.optimizer_state, optimizer)
+    check_generator_state(path, state.rng_state, generator)
     try:
         model.load_state_dict(state.model_state)
         optimizer.load_state_dict(state.optimizer_state)

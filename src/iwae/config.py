@@ -1,7 +1,9 @@
 """Run configuration: frozen, typed dataclasses that are saved inside every checkpoint.
 
 The library never reads ``sys.argv``. :func:`build_train_config` is the one place where flat settings (the CLI's
-arguments, a sweep grid's keys, a report's database row) become a :class:`TrainConfig`.
+arguments, a sweep grid's keys, a report's database row) become a :class:`TrainConfig`. The flat settings are
+declared in :mod:`iwae.settings` (torch-free): their defaults, choices and simple checks, which the builder and
+:class:`TrainConfig` apply; what relates settings to each other is checked here.
 """
 
 from __future__ import annotations
@@ -14,17 +16,11 @@ from typing import Any
 
 from iwae.estimators import check_estimator
 from iwae.models import ModelConfig
-from iwae.names import (
-    BINARIZATIONS,
-    DATA_ORDERS,
-    LOSS_REDUCTIONS,
-    MAX_SEED,
-    OPTIMIZERS,
-    PROTOCOLS,
-    TRAIN_SPLITS,
-)
+from iwae.names import MAX_SEED as MAX_SEED  # the seeds' range, which iwae.settings checks
 from iwae.objectives import IWAE, Objective, as_objective, make_objective
 from iwae.optim import BURDA_BETAS
+from iwae.settings import CONFIG_FIELDS, DEFAULTS, check_setting, check_settings
+from iwae.settings import setting_names as setting_names  # the flat settings build_train_config takes
 
 # Burda et al.'s schedule: stage i = 0..7 runs 3^i passes at 1e-3 * 10^(-i/7), rounded as in their code.
 BURDA_LEARNING_RATES = (1e-3, 7.2e-4, 5.2e-4, 3.7e-4, 2.7e-4, 1.9e-4, 1.4e-4, 1e-4)
@@ -37,15 +33,12 @@ def parse_schedule(spec: str | None = None, epochs: int | None = None, lr: float
     ``"burda"`` is Burda's 8 stages (3,280 passes); ``"burda:S"`` its first S stages;
     ``epochs=N`` (with ``lr``, default 1e-3) a single stage of N passes.
     """
-    if lr is not None and not _positive_number(lr):
-        raise ValueError(f"the learning rate must be a finite number > 0, got {lr!r}")
+    check_settings({"schedule": spec, "epochs": epochs, "lr": lr})
     if epochs is not None:
         if spec is not None:
             raise ValueError("give either a schedule or a number of epochs, not both")
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs must be a whole number >= 1, got {epochs!r}")
-        return ((epochs, 1e-3 if lr is None else lr),)
-    spec = spec or "burda"
+        return ((epochs, DEFAULTS["lr"] if lr is None else lr),)
+    spec = spec or DEFAULTS["schedule"]
     name, colon, count = str(spec).partition(":")
     if name != "burda" or (colon and not count.strip().isdecimal()):
         raise ValueError(f"unknown schedule {spec!r}; use 'burda' or 'burda:S' (S = 1..8 stages)")
@@ -68,13 +61,6 @@ def _whole(value: Any) -> bool:
 
 # The flat fields of configurations written before the objective became one nested value.
 LEGACY_OBJECTIVE_KEYS = ("M", "beta", "p", "alpha")
-CHOICES = {  # the TrainConfig fields that take one of a few names (iwae.names)
-    "optimizer": OPTIMIZERS,
-    "data_order": DATA_ORDERS,
-    "loss_reduction": LOSS_REDUCTIONS,
-    "binarization": (None, *BINARIZATIONS),
-    "train_split": TRAIN_SPLITS,
-}
 BURDA_ADAM_BETA1 = BURDA_BETAS[0]  # the authors' Adam (optimizers.py): 0.99; torch's and the paper's is 0.9
 # What ``protocol = "authors"`` sets: the authors' code (github yburda/iwae) as it ran; see docs/protocol.md.
 AUTHORS_PROTOCOL: dict[str, Any] = {
@@ -90,7 +76,9 @@ class TrainConfig:
     """Everything that determines a training run (with the seed, the run is reproducible).
 
     ``objective`` is an :class:`~iwae.objectives.Objective` (``IWAE()``, ``MIWAE(M=5)``, ...); a bare name such as
-    ``"vae"`` is turned into the registered objective without parameters.
+    ``"vae"`` is turned into the registered objective without parameters. Every other field but ``model`` and
+    ``stages`` is a setting of :mod:`iwae.settings`, whose checks it passes (``tests/test_settings.py`` holds the
+    defaults here equal to the table's).
     """
 
     dataset: str = "mnist"
@@ -121,51 +109,19 @@ class TrainConfig:
             object.__setattr__(self, "objective", as_objective(self.objective))
         if not isinstance(self.model, ModelConfig):
             raise ValueError(f"model must be a ModelConfig, got {self.model!r}")
-        for name in ("dataset", "estimator"):
-            if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a name, got {getattr(self, name)!r}")
-        if self.init_from is not None and not isinstance(self.init_from, str):
-            raise ValueError(f"init_from must be a run directory's path, got {self.init_from!r}")
-        for name in ("k", "batch_size", "valid_k", "seed"):
-            value = getattr(self, name)
-            if not _whole(value):
-                raise ValueError(f"{name} must be a whole number, got {value!r}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be 0..{MAX_SEED}, got {self.seed}")
-        for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1):
-                raise ValueError(f"{name} (Adam) must be a number in [0, 1), got {value!r}")
-        if not _positive_number(self.adam_eps):
-            raise ValueError(f"adam_eps must be a finite number > 0, got {self.adam_eps!r}")
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
-        if self.valid_k < 1:
-            raise ValueError(f"valid_k must be >= 1, got {self.valid_k}")
-        if self.train_limit is not None and (not isinstance(self.train_limit, int) or self.train_limit < 1):
-            raise ValueError(f"train_limit must be a whole number >= 1, got {self.train_limit!r}")
+        for setting in CONFIG_FIELDS:  # kinds, ranges and choices, as iwae.settings declares them
+            setting.check(getattr(self, setting.name))
+        check_estimator(self.estimator)  # the registry's names (iwae.names.ESTIMATOR_NAMES is the CLI's copy)
         if not self.stages:
             raise ValueError("the schedule needs at least one stage")
         for passes, lr in self.stages:
             if not _whole(passes) or passes < 1 or not _positive_number(lr):
                 raise ValueError(f"each stage needs passes >= 1 and a finite learning rate > 0, got {[passes, lr]}")
-        check_estimator(self.estimator)
         self.objective.check(self.k)
-        for name, choices in CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {getattr(self, name)!r}")
-        if not isinstance(self.fresh_optimizer, bool):
-            raise ValueError(f"fresh_optimizer must be true or false, got {self.fresh_optimizer!r}")
         for name in ("stage_batch_sizes", "stage_k"):
             values = getattr(self, name)
-            if values is None:
-                continue
-            if len(values) != len(self.stages):
+            if values is not None and len(values) != len(self.stages):
                 raise ValueError(f"{name} needs one value per stage ({len(self.stages)}), got {len(values)}")
-            if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-                raise ValueError(f"{name} must be whole numbers >= 1, got {list(values)}")
         if self.stage_k is not None:
             if self.stage_k[-1] != self.k:
                 raise ValueError(f"the k schedule must end at the run's k ({self.k}), got {list(self.stage_k)}")
@@ -261,19 +217,8 @@ def config_differences(a: TrainConfig, b: TrainConfig) -> list[str]:
 
 
 # -- the one builder from flat settings ---------------------------------------------------------------------------
-MODEL_KEYS = ("layers", "latent_dims", "hidden_dims", "activation")
-SCHEDULE_KEYS = ("schedule", "epochs", "lr", "batch_schedule", "lr_scale", "k_schedule")
-BATCH_SCHEDULES = ("fixed", "grow")
-LR_SCALES = ("none", "linear", "sqrt")
-BURDA_BATCH_SIZE = 20
-OBJECTIVE_KEYS = ("objective", *LEGACY_OBJECTIVE_KEYS)
+BURDA_BATCH_SIZE = 20  # the minibatch of Burda's learning rates, which lr_scale scales from
 PROTOCOL_KEY = "protocol"
-
-
-def setting_names() -> set[str]:
-    """The flat settings :func:`build_train_config` takes."""
-    plain = {f.name for f in fields(TrainConfig)} - {"model", "stages"}
-    return plain | set(MODEL_KEYS) | set(SCHEDULE_KEYS) | set(OBJECTIVE_KEYS) | {PROTOCOL_KEY}
 
 
 def _model_config(layers: Any, latent_dims: Any, hidden_dims: Any, activation: Any) -> ModelConfig:
@@ -281,8 +226,7 @@ def _model_config(layers: Any, latent_dims: Any, hidden_dims: Any, activation: A
     (``"100,50,20"``). Each stochastic layer's networks have two hidden layers: Burda's sizes for his one- and
     two-layer models, else ``hidden_dims`` (one size a stochastic layer, ``"200,100,40"``), by default twice the
     layer's latent size (the rule of Burda's two-layer model: 100 -> 200, 50 -> 100)."""
-    if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
-        raise ValueError(f"layers must be a whole number >= 1, got {layers!r}")
+    check_settings({"layers": layers, "activation": activation})
     dims = None
     if latent_dims is not None:
         dims = _whole_numbers(latent_dims, "latent_dims takes whole numbers such as '50' or '100,50,20'")
@@ -290,7 +234,7 @@ def _model_config(layers: Any, latent_dims: Any, hidden_dims: Any, activation: A
             raise ValueError(f"latent_dims must be whole numbers >= 1, got {latent_dims!r}")
         if layers is not None and len(dims) != layers:
             raise ValueError(f"latent_dims needs {layers} size(s) (one per stochastic layer), got {latent_dims!r}")
-    depth = len(dims) if dims is not None else (1 if layers is None else layers)
+    depth = len(dims) if dims is not None else (DEFAULTS["layers"] if layers is None else layers)
     if depth > 2 and dims is None:
         raise ValueError(f"a model of {depth} stochastic layers needs its sizes: give latent_dims, such as '100,50,20'")
     if depth <= 2 and hidden_dims is None:
@@ -318,9 +262,8 @@ def _model_config(layers: Any, latent_dims: Any, hidden_dims: Any, activation: A
 def apply_protocol(given: dict[str, Any]) -> None:
     """Expand ``protocol`` in flat settings: ``default`` changes nothing; ``authors`` sets :data:`AUTHORS_PROTOCOL`
     (a setting given otherwise beside it is an error)."""
-    protocol = given.pop(PROTOCOL_KEY, "default")
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    protocol = given.pop(PROTOCOL_KEY, DEFAULTS[PROTOCOL_KEY])
+    check_setting(PROTOCOL_KEY, protocol)
     if protocol == "authors":
         for key, value in AUTHORS_PROTOCOL.items():
             if key in given and given[key] != value:
@@ -333,8 +276,7 @@ def scale_learning_rates(
 ) -> tuple[tuple[int, float], ...]:
     """The schedule's learning rates scaled for a minibatch other than Burda's 20: by ``batch_size / 20``
     (``linear``, Goyal et al. 2017) or its square root (``sqrt``, the rule for Adam of Malladi et al. 2022)."""
-    if lr_scale not in LR_SCALES:
-        raise ValueError(f"lr_scale must be one of {', '.join(LR_SCALES)}, got {lr_scale!r}")
+    check_setting("lr_scale", lr_scale)
     ratio = batch_size / BURDA_BATCH_SIZE
     factor = {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[lr_scale]
     return tuple((passes, lr * factor) for passes, lr in stages)
@@ -381,12 +323,14 @@ def build_train_config(settings: Mapping[str, Any]) -> TrainConfig:
     is run: ``batch_schedule`` (``fixed``, or ``grow``: :func:`grow_batch_schedule`), ``lr_scale`` (``none``,
     ``linear``, ``sqrt``: :func:`scale_learning_rates` for a ``batch_size`` other than 20) and ``k_schedule``
     (one k per stage, ending at ``k``, which it sets when ``k`` is not given). ``None`` values are the defaults.
-    Raises a one-line ``ValueError`` for an unknown key or a bad value.
+    Raises a one-line ``ValueError`` for an unknown key or a bad value. The keys, their defaults and their simple
+    checks are :mod:`iwae.settings`'.
     """
     unknown = set(settings) - setting_names()
     if unknown:
         raise ValueError(f"unknown settings {sorted(unknown)}; known: {', '.join(sorted(setting_names()))}")
     given = {key: value for key, value in settings.items() if value is not None}
+    check_settings(given)
     apply_protocol(given)
     if given.get("optimizer") == "burda-adam":
         given.setdefault("beta1", BURDA_ADAM_BETA1)
@@ -397,13 +341,9 @@ def build_train_config(settings: Mapping[str, Any]) -> TrainConfig:
         given.pop("activation", None),
     )
     stages = parse_schedule(given.pop("schedule", None), given.pop("epochs", None), given.pop("lr", None))
-    batch_size = given.get("batch_size", BURDA_BATCH_SIZE)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
-    stages = scale_learning_rates(stages, batch_size, given.pop("lr_scale", "none"))
-    batch_schedule = given.pop("batch_schedule", "fixed")
-    if batch_schedule not in BATCH_SCHEDULES:
-        raise ValueError(f"batch_schedule must be one of {', '.join(BATCH_SCHEDULES)}, got {batch_schedule!r}")
+    batch_size = given.get("batch_size", DEFAULTS["batch_size"])
+    stages = scale_learning_rates(stages, batch_size, given.pop("lr_scale", DEFAULTS["lr_scale"]))
+    batch_schedule = given.pop("batch_schedule", DEFAULTS["batch_schedule"])
     if batch_schedule == "grow":
         if "stage_batch_sizes" in given:
             raise ValueError("give batch_schedule = 'grow' or stage_batch_sizes, not both")
@@ -416,5 +356,5 @@ def build_train_config(settings: Mapping[str, Any]) -> TrainConfig:
         if isinstance(given.get(name), list):
             given[name] = tuple(given[name])
     params = {key: given.pop(key) for key in LEGACY_OBJECTIVE_KEYS if key in given}
-    objective = make_objective(given.pop("objective", "iwae"), **params)
+    objective = make_objective(given.pop("objective", DEFAULTS["objective"]), **params)
     return TrainConfig(objective=objective, model=model, stages=stages, **given)

@@ -10,8 +10,10 @@ returns :class:`EstimatorTerms`: the bound to report and the surrogates whose gr
 :func:`backward` stores the result in ``.grad``. What each bound is, and its DReG coefficients, comes from
 its :class:`~iwae.objectives.Objective`.
 
-Estimators (all reparameterised, h = mu + sigma * eps), in the style of google-research's
-``dreg_estimators``: each returns (objective, decoder surrogate, encoder surrogate) with named stop-gradients.
+Each estimator is one registered :class:`Estimator` (all reparameterised, h = mu + sigma * eps) that gives two
+equivalent descriptions of its gradient: surrogates for autograd (:meth:`Estimator.terms`) and the loss's gradients
+in the log-weights for explicit backpropagation (:meth:`Estimator.log_weight_gradients`), with ``stop_q_params``
+saying how the log-weights are computed. Every backend (autograd, :mod:`iwae.fast`, the stacked step) takes these.
 
 * ``standard``: the gradient of the target itself.
 * ``stl`` (sticking the landing, Roeder et al. 2017): the target evaluated on
@@ -26,27 +28,14 @@ Estimators (all reparameterised, h = mu + sigma * eps), in the style of google-r
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from iwae.objectives import Objective, as_objective, make_objective, objective_names
+from iwae.objectives import Objective, as_objective
 from iwae.protocol import ImportanceSample, Model, NoiseModel
-
-ESTIMATOR_NAMES: tuple[str, ...] = ("standard", "stl", "dreg")
-
-
-def check_estimator(estimator: str) -> None:
-    if estimator not in ESTIMATOR_NAMES:
-        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATOR_NAMES)}")
-
-
-def stops_q_params(estimator: str) -> bool:
-    """Whether the estimator needs log q with the encoder's parameters stopped (STL, DReG)."""
-    check_estimator(estimator)
-    return estimator != "standard"
 
 
 @dataclass(frozen=True)
@@ -59,40 +48,131 @@ class EstimatorTerms:
     shared: bool = False  # one surrogate serves both parts (a single backward pass suffices)
 
 
-def _standard(objective: Objective, log_w: Tensor) -> EstimatorTerms:
-    encoder_surrogate = objective.encoder_target(log_w)
-    shared = objective.shared
-    decoder_surrogate = encoder_surrogate if shared else objective.decoder_target(log_w)
-    return EstimatorTerms(decoder_surrogate.detach(), encoder_surrogate, decoder_surrogate, shared)
+class LogWeightGradients(NamedTuple):
+    """The loss's gradients in the log-weights, ``[k, batch]`` each, and the bound to report ``[batch]``.
+
+    ``decoder`` is what the decoder's parameters take, ``encoder`` what the latents (and through them the encoder)
+    take; they are the same tensor where one surrogate serves both. The loss is ``-mean`` over the minibatch of the
+    surrogates of :class:`EstimatorTerms`: backpropagating these through log w gives the same parameter gradients.
+    """
+
+    decoder: Tensor
+    encoder: Tensor
+    bound: Tensor
 
 
-def _stl(objective: Objective, log_w_with_q_stopped: Tensor) -> EstimatorTerms:
-    decoder_surrogate = objective.decoder_target(log_w_with_q_stopped)
-    shared = objective.shared
-    encoder_surrogate = decoder_surrogate if shared else objective.encoder_target(log_w_with_q_stopped)
-    return EstimatorTerms(decoder_surrogate.detach(), encoder_surrogate, decoder_surrogate, shared)
+@dataclass(frozen=True)
+class Estimator:
+    """One gradient estimator: its surrogates (for autograd) and its loss gradients in the log-weights (for explicit
+    backpropagation), from log-weights computed with ``stop_q_params`` (log q with q's parameters stopped, the samples'
+    path kept). Every training backend consumes these two and holds no estimator logic of its own."""
+
+    name: str
+    stop_q_params: bool
+
+    def terms(self, objective: Objective, log_w: Tensor) -> EstimatorTerms:
+        raise NotImplementedError
+
+    def log_weight_gradients(self, objective: Objective, log_w: Tensor) -> LogWeightGradients:
+        raise NotImplementedError
 
 
-def _dreg(objective: Objective, log_w_with_q_stopped: Tensor) -> EstimatorTerms:
-    decoder_surrogate = objective.decoder_target(log_w_with_q_stopped)
-    stopped_coefficients = objective.dreg_coefficients(log_w_with_q_stopped)
-    encoder_surrogate = (stopped_coefficients * log_w_with_q_stopped).sum(dim=0)
-    return EstimatorTerms(decoder_surrogate.detach(), encoder_surrogate, decoder_surrogate)
+class Standard(Estimator):
+    """The gradient of the objective itself."""
+
+    def terms(self, objective: Objective, log_w: Tensor) -> EstimatorTerms:
+        encoder_surrogate = objective.encoder_target(log_w)
+        shared = objective.shared
+        decoder_surrogate = encoder_surrogate if shared else objective.decoder_target(log_w)
+        return EstimatorTerms(decoder_surrogate.detach(), encoder_surrogate, decoder_surrogate, shared)
+
+    def log_weight_gradients(self, objective: Objective, log_w: Tensor) -> LogWeightGradients:
+        decoder_grad, bound = objective.decoder_loss_gradient(log_w)
+        if objective.shared:
+            return LogWeightGradients(decoder_grad, decoder_grad, bound)
+        encoder_grad, _ = objective.encoder_loss_gradient(log_w)
+        return LogWeightGradients(decoder_grad, encoder_grad, bound)
 
 
-_ESTIMATORS: dict[str, Callable[[Objective, Tensor], EstimatorTerms]] = {
-    "standard": _standard,
-    "stl": _stl,
-    "dreg": _dreg,
-}
+class STL(Standard):
+    """Sticking the landing (Roeder et al. 2017): the standard surrogates of ``log_w_with_q_stopped``."""
+
+    def terms(self, objective: Objective, log_w: Tensor) -> EstimatorTerms:
+        decoder_surrogate = objective.decoder_target(log_w)
+        shared = objective.shared
+        encoder_surrogate = decoder_surrogate if shared else objective.encoder_target(log_w)
+        return EstimatorTerms(decoder_surrogate.detach(), encoder_surrogate, decoder_surrogate, shared)
 
 
-def terms_from_log_weights(log_w: Tensor, objective: Objective | str, estimator: str) -> EstimatorTerms:
+class DReG(Estimator):
+    """Doubly reparameterised (Tucker et al. 2019, eq. 7-8): the encoder's surrogate is
+    ``sum_i stop(c_i) log_w_with_q_stopped_i`` with :meth:`~iwae.objectives.Objective.dreg_coefficients`."""
+
+    def terms(self, objective: Objective, log_w: Tensor) -> EstimatorTerms:
+        decoder_surrogate = objective.decoder_target(log_w)
+        stopped_coefficients = objective.dreg_coefficients(log_w)
+        encoder_surrogate = (stopped_coefficients * log_w).sum(dim=0)
+        return EstimatorTerms(decoder_surrogate.detach(), encoder_surrogate, decoder_surrogate)
+
+    def log_weight_gradients(self, objective: Objective, log_w: Tensor) -> LogWeightGradients:
+        decoder_grad, bound = objective.decoder_loss_gradient(log_w)
+        return LogWeightGradients(decoder_grad, objective.dreg_coefficients(log_w).div_(-log_w.shape[1]), bound)
+
+
+_REGISTRY: dict[str, Estimator] = {}
+
+
+def register_estimator(estimator: Estimator) -> Estimator:
+    """Add an estimator under its name (``--estimator NAME``); adding one is this call, its class and a test."""
+    if estimator.name in _REGISTRY:
+        raise ValueError(f"an estimator named {estimator.name!r} is already registered")
+    _REGISTRY[estimator.name] = estimator
+    return estimator
+
+
+register_estimator(Standard("standard", stop_q_params=False))
+register_estimator(STL("stl", stop_q_params=True))
+register_estimator(DReG("dreg", stop_q_params=True))
+
+ESTIMATOR_NAMES: tuple[str, ...] = tuple(_REGISTRY)  # iwae.names repeats them for the torch-free command line
+
+
+def get_estimator(estimator: str | Estimator) -> Estimator:
+    """The registered estimator of that name (an :class:`Estimator` passes through)."""
+    if isinstance(estimator, Estimator):
+        return estimator
+    if estimator not in _REGISTRY:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[estimator]
+
+
+def is_registered(estimator: object) -> bool:
+    """Whether ``estimator`` names a registered estimator (or is one)."""
+    return isinstance(estimator, Estimator) or (isinstance(estimator, str) and estimator in _REGISTRY)
+
+
+def check_estimator(estimator: str) -> None:
+    get_estimator(estimator)
+
+
+def stops_q_params(estimator: str | Estimator) -> bool:
+    """Whether the estimator needs log q with the encoder's parameters stopped (STL, DReG)."""
+    return get_estimator(estimator).stop_q_params
+
+
+def terms_from_log_weights(log_w: Tensor, objective: Objective | str, estimator: str | Estimator) -> EstimatorTerms:
     """Estimator terms from log-weights ``[k, batch]`` computed with ``stop_q_params = stops_q_params(estimator)``:
     for STL and DReG they are ``log_w_with_q_stopped`` (the same value; phi enters only through the samples'
     path)."""
-    check_estimator(estimator)
-    return _ESTIMATORS[estimator](as_objective(objective), log_w)
+    return get_estimator(estimator).terms(as_objective(objective), log_w)
+
+
+def log_weight_gradients(
+    log_w: Tensor, objective: Objective | str, estimator: str | Estimator
+) -> LogWeightGradients:
+    """The loss's gradients in log-weights ``[k, batch]`` (computed with ``stops_q_params(estimator)``) and the
+    bound: what explicit backpropagation (:mod:`iwae.fast.backprop`, ``step.cpp``) pushes through the network."""
+    return get_estimator(estimator).log_weight_gradients(as_objective(objective), log_w)
 
 
 def terms_from_sample(sample: ImportanceSample, objective: Objective | str, estimator: str) -> EstimatorTerms:
@@ -119,23 +199,39 @@ def estimate_from_noise(
     return terms_from_sample(sample, objective, estimator)
 
 
-def _fill_unused(grads: tuple[Tensor | None, ...], params: list[nn.Parameter]) -> list[Tensor]:
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
+def loss_gradients(
+    encoder_loss: Tensor,
+    decoder_loss: Tensor,
+    shared: bool,
+    encoder_params: list[Tensor],
+    decoder_params: list[Tensor],
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Gradients of the encoder's loss for the encoder's parameters and of the decoder's for the decoder's (one
+    pass where ``shared``): contiguous, and zero where a parameter has none.
+
+    Contiguous because torch 2.13's fused CPU Adam reads a strided ``.grad`` in memory order (silently wrong), and
+    gradients under ``torch.func.vmap`` can come out strided."""
+    if shared:
+        params = [*encoder_params, *decoder_params]
+        grads = torch.autograd.grad(encoder_loss, params, allow_unused=True)
+        encoder_grads, decoder_grads = grads[: len(encoder_params)], grads[len(encoder_params) :]
+    else:
+        encoder_grads = torch.autograd.grad(encoder_loss, encoder_params, retain_graph=True, allow_unused=True)
+        decoder_grads = torch.autograd.grad(decoder_loss, decoder_params, allow_unused=True)
+
+    def filled(grads: tuple[Tensor | None, ...], params: list[Tensor]) -> list[Tensor]:
+        return [torch.zeros_like(p) if g is None else g.contiguous() for g, p in zip(grads, params, strict=True)]
+
+    return filled(encoder_grads, encoder_params), filled(decoder_grads, decoder_params)
 
 
 def surrogate_gradients(
     terms: EstimatorTerms, encoder_params: list[nn.Parameter], decoder_params: list[nn.Parameter]
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Gradients of ``-mean(surrogate)`` (the loss) for encoder and decoder parameters, each from its surrogate."""
-    if terms.shared:
-        params = [*encoder_params, *decoder_params]
-        grads = _fill_unused(torch.autograd.grad(-terms.encoder_surrogate.mean(), params, allow_unused=True), params)
-        return grads[: len(encoder_params)], grads[len(encoder_params) :]
-    encoder_grads = torch.autograd.grad(
-        -terms.encoder_surrogate.mean(), encoder_params, retain_graph=True, allow_unused=True
-    )
-    decoder_grads = torch.autograd.grad(-terms.decoder_surrogate.mean(), decoder_params, allow_unused=True)
-    return _fill_unused(encoder_grads, encoder_params), _fill_unused(decoder_grads, decoder_params)
+    encoder_loss = -terms.encoder_surrogate.mean()
+    decoder_loss = encoder_loss if terms.shared else -terms.decoder_surrogate.mean()
+    return loss_gradients(encoder_loss, decoder_loss, terms.shared, encoder_params, decoder_params)
 
 
 def backward(model: Model, terms: EstimatorTerms) -> None:
@@ -151,42 +247,22 @@ def backward(model: Model, terms: EstimatorTerms) -> None:
     encoder_params, decoder_params = list(model.encoder_parameters()), list(model.decoder_parameters())
     encoder_grads, decoder_grads = surrogate_gradients(terms, encoder_params, decoder_params)
     for param, grad in zip([*encoder_params, *decoder_params], [*encoder_grads, *decoder_grads], strict=True):
-        # Contiguous: torch 2.13's fused CPU Adam reads a strided .grad in memory order, silently wrong.
-        param.grad = grad.detach().contiguous() if param.grad is None else param.grad + grad.detach()
-
-
-# -- the names of the previous release, kept for one release --------------------------------------------------
-OBJECTIVE_NAMES: tuple[str, ...] = objective_names()  # deprecated: iwae.objectives.objective_names()
-
-
-def BoundSpec(  # the old class's name, for code written against it
-    objective: str = "iwae", M: int = 1, beta: float | None = None, p: float | None = None, alpha: float | None = None
-) -> Objective:
-    """Deprecated: ``make_objective(objective, M=..., beta=..., p=..., alpha=...)`` (:mod:`iwae.objectives`)."""
-    return make_objective(objective, M=M, beta=beta, p=p, alpha=alpha)
-
-
-def encoder_target(objective: Objective | str, log_w: Tensor) -> Tensor:
-    """Deprecated: ``objective.encoder_target(log_w)``."""
-    return as_objective(objective).encoder_target(log_w)
-
-
-def decoder_target(objective: Objective | str, log_w: Tensor) -> Tensor:
-    """Deprecated: ``objective.decoder_target(log_w)``."""
-    return as_objective(objective).decoder_target(log_w)
-
-
-def dreg_coefficients(objective: Objective | str, log_w: Tensor) -> Tensor:
-    """Deprecated: ``objective.dreg_coefficients(log_w)``."""
-    return as_objective(objective).dreg_coefficients(log_w)
+        param.grad = grad.detach() if param.grad is None else param.grad + grad.detach()
 
 
 __all__ = [
     "ESTIMATOR_NAMES",
+    "Estimator",
     "EstimatorTerms",
+    "LogWeightGradients",
     "backward",
     "estimate",
     "estimate_from_noise",
+    "get_estimator",
+    "is_registered",
+    "log_weight_gradients",
+    "loss_gradients",
+    "register_estimator",
     "stops_q_params",
     "surrogate_gradients",
     "terms_from_log_weights",

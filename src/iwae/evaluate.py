@@ -34,9 +34,10 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -44,7 +45,7 @@ from tqdm import tqdm
 
 from iwae.bounds import LogMeanExpAccumulator
 from iwae.checkpoint import atomic_write_text
-from iwae.data import Split, binarize, for_run, load_dataset
+from iwae.data import Dataset, Split, binarize, for_run, load_dataset
 from iwae.models import LatentVariableModel
 from iwae.names import UNIT_DEFINITIONS
 from iwae.protocol import Model
@@ -371,12 +372,16 @@ def evaluate_run(
     progress: bool = True,
     compile_model: bool = False,
     accelerate: Callable[[nn.Module], nn.Module] | None = None,
+    dataset: Dataset | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> EvalResult:
     """Evaluate a run directory's model and write ``eval.json`` into it (``units``, ``accelerate``: see
     :func:`evaluate_model`; the authors' protocol is ``units="authors", batch_size=20``).
 
     The data are the run's: its binarisation and its training split (:func:`iwae.data.for_run`), so the authors'
-    active units come from the first 500 images the run trained on, binarised the run's way."""
+    active units come from the first 500 images the run trained on, binarised the run's way. ``dataset``: the run's
+    dataset already loaded (None loads it, from ``data_dir``). ``extra``: more fields for the files written, after
+    the result's (the lab records its evaluation settings there, ``eval_settings``)."""
     if units not in UNIT_DEFINITIONS:  # refused before the model and the data are loaded
         raise ValueError(f"units must be one of {', '.join(UNIT_DEFINITIONS)}, got {units!r}")
     run_dir = Path(run_dir)
@@ -384,7 +389,9 @@ def evaluate_run(
     model, config = load_model(run_dir, torch_device)
     if not os.access(run_dir, os.W_OK | os.X_OK):  # refused now, not after the evaluation
         raise RunError(f"{run_dir} is not writable, and eval writes its results there; make it writable")
-    data = for_run(load_dataset(config.dataset, data_dir, progress=progress), config.binarization, config.train_split)
+    if dataset is None:
+        dataset = load_dataset(config.dataset, data_dir, progress=progress)
+    data = for_run(dataset, config.binarization, config.train_split)
     result = evaluate_model(
         model,
         data.split(split).subset(limit),
@@ -406,6 +413,7 @@ def evaluate_run(
     payload = result.to_dict()
     payload["limit"] = limit
     payload["dataset"] = config.dataset
+    payload.update(extra or {})
     text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
     atomic_write_text(run_dir / eval_file_name(split, k, seed, limit, units), text)
     atomic_write_text(run_dir / EVAL_FILE, text)

@@ -69,7 +69,7 @@ class ModelConfig:
 
     @classmethod
     def burda(cls, layers: int, x_dim: int = 784) -> ModelConfig:
-        """Burda et al.'s architectures with one or two stochastic layers (REFERENCE section 3)."""
+        """Burda et al.'s architectures with one or two stochastic layers (ICLR 2016, section 5)."""
         if layers == 1:
             return cls(x_dim=x_dim, latent_dims=(50,), hidden_dims=((200, 200),))
         if layers == 2:

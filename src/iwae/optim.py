@@ -28,6 +28,8 @@ from torch import Tensor
 
 BURDA_BETAS = (0.99, 0.999)
 BURDA_EPS = 1e-4
+# What BurdaAdam's step calls (torch's private multi-tensor API, as torch.optim.Adam(foreach=True) does).
+_FOREACH_OPERATIONS = ("_foreach_sqrt", "_foreach_add_", "_foreach_addcdiv_", "_foreach_mul_", "_foreach_addcmul_")
 
 
 class BurdaAdam(torch.optim.Optimizer):
@@ -63,24 +65,65 @@ class BurdaAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        update = self._update_foreach if _foreach_available() else self._update_per_tensor
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if not state:
-                    state.update(self.initial_state(param))
-                t = float(state["step"]) + 1.0  # the authors' timestep: 1 at the first update
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                step_size = group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-                # The move first, from the old moments; then the moments take this step's gradient.
-                param.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
-                grad = param.grad
-                m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                state["step"] += 1
+            params = [param for param in group["params"] if param.grad is not None]
+            for param in params:
+                if not self.state[param]:
+                    self.state[param].update(self.initial_state(param))
+            if params:
+                update(group, params)
         return loss
+
+    def _step_sizes(self, group: dict[str, Any], params: list[Tensor]) -> list[float]:
+        """Each parameter's ``lr * sqrt(1 - beta2^t) / (1 - beta1^t)``, with the authors' timestep t (1 at the first
+        update; per parameter, since one that had no gradient at some step has done fewer updates)."""
+        beta1, beta2 = group["betas"]
+        sizes = []
+        for param in params:
+            t = float(self.state[param]["step"]) + 1.0  # the step counts stay on the CPU: no device sync
+            sizes.append(group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t))
+        return sizes
+
+    def _update_per_tensor(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """The update, about 7 operations per parameter (the fallback where ``torch._foreach_*`` is missing)."""
+        beta1, beta2 = group["betas"]
+        for param, step_size in zip(params, self._step_sizes(group, params), strict=True):
+            state = self.state[param]
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            # The move first, from the old moments; then the moments take this step's gradient.
+            param.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
+            grad = param.grad
+            m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            state["step"] += 1
+
+    def _update_foreach(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """The same update as :meth:`_update_per_tensor`, operation by operation, with ``torch._foreach_*``: 7 calls
+        per device and dtype whatever the number of parameters (and one for the CPU step counts). On the CPU each
+        call runs the per-tensor operations, so the numbers are the same bit for bit."""
+        beta1, beta2 = group["betas"]
+        by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for param in params:
+            by_kind.setdefault((param.device, param.dtype), []).append(param)
+        for members in by_kind.values():
+            states = [self.state[param] for param in members]
+            m, v = [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states]
+            grads = [param.grad for param in members]
+            denominators = torch._foreach_sqrt(v)
+            torch._foreach_add_(denominators, group["eps"])
+            torch._foreach_addcdiv_(members, m, denominators, [-size for size in self._step_sizes(group, members)])
+            torch._foreach_mul_(m, beta1)
+            torch._foreach_add_(m, grads, alpha=1.0 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, value=1.0 - beta2)
+            torch._foreach_add_([state["step"] for state in states], 1)
+
+
+def _foreach_available() -> bool:
+    """Whether this torch has the ``torch._foreach_*`` operations :class:`BurdaAdam` takes its step with (private
+    API: where one is missing, the step falls back to one parameter at a time)."""
+    return all(hasattr(torch, name) for name in _FOREACH_OPERATIONS)
 
 
 def build_optimizer(name: str, parameters: list[Tensor], lr: float, betas: tuple[float, float], eps: float):

@@ -1,24 +1,23 @@
-"""Training with Burda et al.'s protocol: Adam, staged learning rates, minibatch 20, dynamic binarisation.
+"""The run lifecycle: N >= 1 runs trained with Burda et al.'s protocol (Adam, staged learning rates, minibatch 20,
+dynamic binarisation), each into its own run directory.
 
-``fit(config, run_dir)`` trains a model described by a :class:`~iwae.config.TrainConfig`, writing
-checkpoints (after every stage, and at epoch ends every few minutes) and per-epoch metrics into
-``run_dir``. ``fit(..., resume=True)`` continues an interrupted run; on the CPU its final
-parameters equal those of an uninterrupted run with the same seed. One ``torch.Generator``,
-seeded from the config, drives shuffling, binarisation and the latent noise, and its state is
-saved in every checkpoint.
+:func:`fit_runs` is the one epoch loop of the package; :func:`fit` is it for one run. For each run it writes
+``config.json``, per-epoch metrics and checkpoints (after every stage, at epoch ends every few minutes, at a
+``deadline`` and at the end; the runs' checkpoints committed together), and the final model. ``resume=True`` continues
+interrupted runs; on the CPU their final parameters equal those of uninterrupted ones. One ``torch.Generator`` per run,
+seeded from its config, drives shuffling, binarisation and the latent noise; its state is in every checkpoint. The
+step (one model's fast path, or one vmapped step for all) is :func:`iwae.steps.select_step`'s choice.
 
-The config also says how the authors' code (github yburda/iwae) differs, item by item (``protocol = "authors"``
-sets them all; docs/protocol.md): the optimiser (``torch.optim.Adam`` or :class:`~iwae.optim.BurdaAdam`,
-:func:`optimizer_for`), the data order (:func:`minibatch_order`), the minibatch's loss (mean or sum,
-:func:`scale_gradients`), the binarisation and the training images (:func:`run_data`). A run continued from
+The config also says how the authors' code (github yburda/iwae) differs (``protocol = "authors"``;
+docs/protocol.md): the optimiser (:func:`iwae.steps.optimizer_for`), the data order (:func:`minibatch_order`), the
+minibatch's loss (mean or sum), the binarisation and the training images (:func:`run_data`). A run continued from
 another (``init_from``) starts from its final weights and, unless ``fresh_optimizer``, its optimiser's state
 (:func:`load_initial_optimizer`), as the authors' Table 2 did.
 
-Everything is checked before anything is written (the run directory, its ``config.json`` and checkpoint, the
-``init_from`` run, the data, the memory a step needs: :func:`iwae.memory.check_memory`), so a refused run leaves the
-disk as it was. A run that diverges stops at the end of the epoch in which its summed bound (read once per epoch
-anyway), its parameters or its validation bound became non-finite, with a :class:`~iwae.runs.DivergenceError`, before
-that epoch's metrics or checkpoint are written: the last finite checkpoint stays.
+Everything is checked before anything is written (run directories, configs and checkpoints, the ``init_from`` runs,
+the data, the memory: :func:`iwae.memory.check_memory`), so a refused call leaves the disk as it was. Runs that diverge
+(a non-finite summed bound, parameter or validation bound) stop at the end of that epoch with a
+:class:`~iwae.runs.DivergenceError`, before its metrics or checkpoints are written: the last finite checkpoints stay.
 
 Shape convention: minibatches ``x`` are ``[batch, x_dim]``; log-weights ``[k, batch]``.
 """
@@ -28,15 +27,16 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from iwae import bounds, estimators
+from iwae import bounds
 from iwae.checkpoint import (
     WriteError,
     atomic_write_text,
@@ -53,8 +53,6 @@ from iwae.config import TrainConfig, config_differences
 from iwae.data import Dataset, Split, binarize, for_run, load_dataset
 from iwae.memory import check_memory
 from iwae.models import LatentVariableModel
-from iwae.optim import build_optimizer as build_optimizer_named
-from iwae.protocol import Model
 from iwae.runs import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
@@ -66,6 +64,8 @@ from iwae.runs import (
     parse_metrics,
     resolve_device,
 )
+from iwae.stacked import check_stackable, continues_optimizer
+from iwae.steps import build_optimizer, optimizer_for, select_step
 
 
 @dataclass
@@ -107,18 +107,6 @@ def load_initial_weights(model: LatentVariableModel, config: TrainConfig) -> Non
     model.load_state_dict(state)
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """:func:`optimizer_for` the model's parameters."""
-    return optimizer_for(list(model.parameters()), config)
-
-
-def optimizer_for(parameters: list[torch.Tensor], config: TrainConfig) -> torch.optim.Optimizer:
-    """The config's optimiser (:func:`iwae.optim.build_optimizer`: Adam, with the fused kernel where the device has
-    one, or the authors' :class:`~iwae.optim.BurdaAdam`) at its first learning rate, betas and epsilon."""
-    betas = (config.beta1, config.beta2)
-    return build_optimizer_named(config.optimizer, parameters, config.stages[0][1], betas, config.adam_eps)
-
-
 def load_initial_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Module, config: TrainConfig) -> None:
     """Continue the optimiser state of the run ``config.init_from`` (its last checkpoint, saved with its final
     weights), as the authors' Table 2 did: the moments and the timestep carry over; the learning rate is this run's.
@@ -153,88 +141,6 @@ def load_initial_optimizer(optimizer: torch.optim.Optimizer, model: torch.nn.Mod
         optimizer.state[own[param]] = {key: value.clone() for key, value in state.items()}
 
 
-def clear_gradients(optimizer: torch.optim.Optimizer) -> None:
-    """``optimizer.zero_grad(set_to_none=True)`` without its profiling scope and ``torch.compile`` guard, which
-    cost about 1% of a minibatch-20 step on this project's CPU."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            param.grad = None
-
-
-@dataclass(frozen=True)
-class StepPath:
-    """How a run's training steps get their gradients and update the parameters.
-
-    ``accumulate(model, x, noise)`` adds the estimator's loss gradients to ``.grad`` and returns the bound
-    ``[batch]`` (None: the reference path, :func:`iwae.estimators.estimate` and autograd); ``optimizer_step``
-    replaces ``optimizer.step()`` (None: ``optimizer.step()``). ``description`` says which path runs, for the
-    run's summary and the benchmark; it starts with ``fast:`` where :mod:`iwae.fast` serves the gradients.
-    """
-
-    description: str = "autograd"
-    accumulate: Callable[[Model, torch.Tensor, list[torch.Tensor]], torch.Tensor] | None = None
-    optimizer_step: Callable[[torch.optim.Optimizer], None] | None = None
-    compiled_estimate: Callable[..., estimators.EstimatorTerms] | None = None
-
-
-REFERENCE_PATH = StepPath()
-
-
-def choose_step_path(model: Model, config: TrainConfig, *, compile_model: bool = False, fast: bool = True) -> StepPath:
-    """The step path of a run, decided once: ``torch.compile`` of the reference path with ``compile_model``; else
-    what :mod:`iwae.fast` serves (with ``fast``, its switches permitting); else the reference path."""
-    if compile_model:
-        return StepPath("torch.compile", compiled_estimate=compile_estimate())
-    if not fast:
-        return REFERENCE_PATH
-    # The one place the core consults the speed layer. Imported here, not at the top: iwae.fast sits above the core
-    # (it imports the models and this module) and is optional for every other use of the package.
-    from iwae import fast as fast_layer
-
-    return fast_layer.training_path(model, config.objective, config.estimator)
-
-
-def training_step(
-    model: Model,
-    x: torch.Tensor,
-    config: TrainConfig,
-    generator: torch.Generator,
-    path: StepPath = REFERENCE_PATH,
-    k: int | None = None,
-) -> torch.Tensor:
-    """Draw k samples (``config.k`` unless given: a k schedule's stage) for minibatch ``x`` ``[batch, ...]``, add
-    the estimator's loss gradient to ``.grad``.
-
-    Returns the reported bound ``[batch]``; the caller clears gradients before and steps the optimiser after
-    (:func:`optimizer_step`). Every path draws the same noise from ``generator``: the reference path
-    (:func:`iwae.estimators.estimate` and :func:`iwae.estimators.backward`; vae/iwae with the standard estimator
-    are then exactly ``-surrogate.mean()`` backpropagated once), a compiled
-    :func:`iwae.estimators.estimate_from_noise`, or the fast layer's ``accumulate``.
-    """
-    k = config.k if k is None else k
-    if path.accumulate is not None:
-        bound = path.accumulate(model, x, model.draw_noise(x, k, generator))
-    else:
-        if path.compiled_estimate is not None:
-            noise = model.draw_noise(x, k, generator)
-            terms = path.compiled_estimate(model, x, noise, config.objective, config.estimator)
-        else:
-            terms = estimators.estimate(model, x, k, generator, config.objective, config.estimator)
-        estimators.backward(model, terms)
-        bound = terms.bound
-    if config.loss_reduction == "sum":
-        scale_gradients(model.parameters(), x.shape[0])
-    return bound
-
-
-def scale_gradients(parameters: Iterable[torch.Tensor], factor: float) -> None:
-    """Multiply the accumulated gradients by ``factor``: the minibatch's summed loss (``loss_reduction = "sum"``, the
-    authors' code) has ``batch`` times the gradient of its mean, which every step path computes."""
-    for param in parameters:
-        if param.grad is not None:
-            param.grad.mul_(factor)
-
-
 def minibatch_order(
     config: TrainConfig, n_train: int, generator: torch.Generator, device: torch.device
 ) -> torch.Tensor:
@@ -252,20 +158,6 @@ def run_data(
     training split (:func:`iwae.data.for_run`)."""
     data = dataset if dataset is not None else load_dataset(config.dataset, data_dir, progress=progress)
     return for_run(data, config.binarization, config.train_split)
-
-
-def optimizer_step(optimizer: torch.optim.Optimizer, path: StepPath = REFERENCE_PATH) -> None:
-    """``optimizer.step()``, or the path's replacement for it."""
-    if path.optimizer_step is not None:
-        path.optimizer_step(optimizer)
-    else:
-        optimizer.step()
-
-
-def compile_estimate() -> Callable[..., estimators.EstimatorTerms]:
-    """:func:`iwae.estimators.estimate_from_noise` through ``torch.compile``: the model, bound and surrogates
-    as one graph forward and one backward (``iwae train --compile``)."""
-    return torch.compile(estimators.estimate_from_noise)
 
 
 @torch.no_grad()
@@ -377,13 +269,6 @@ def create_run_dir(config: TrainConfig, run_dir: Path) -> None:
         atomic_write_text(run_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
-def prepare_run_dir(config: TrainConfig, run_dir: Path, resume: bool) -> Path | None:
-    """:func:`check_run_dir`, then :func:`create_run_dir`; returns the checkpoint to resume from."""
-    checkpoint = check_run_dir(config, run_dir, resume)
-    create_run_dir(config, run_dir)
-    return checkpoint
-
-
 def truncate_metrics(path: Path, epochs_done: int) -> None:
     """Drop metric lines written after the checkpoint we resume from (they will be recomputed), and a last line
     that an interrupted write left torn."""
@@ -394,11 +279,6 @@ def truncate_metrics(path: Path, epochs_done: int) -> None:
 
 
 # -- divergence ---------------------------------------------------------------------------------------------------
-def finite_parameters(parameters: Iterable[torch.Tensor]) -> bool:
-    """Whether every value of ``parameters`` is finite (one host synchronisation)."""
-    return bool(torch.stack([torch.isfinite(p).all() for p in parameters]).all())
-
-
 def divergence_error(
     run_dirs: Sequence[Path], epoch: int, lr: float, what: str, checkpoint_epoch: int | None, stack_size: int = 1
 ) -> DivergenceError:
@@ -431,9 +311,117 @@ def check_progress(path: Path, progress: dict, config: TrainConfig) -> tuple[int
     return epochs_done, float(progress.get("seconds", 0.0))
 
 
-def fit(
-    config: TrainConfig,
-    run_dir: str | Path,
+
+
+# -- checkpoints of N runs, committed together ---------------------------------------------------------------------
+STAGED_CHECKPOINT = "checkpoint.next.safetensors"
+COMMIT_MARKER = "stack-commit.json"
+
+
+def settle_staged_checkpoints(run_dirs: Sequence[Path]) -> None:
+    """Finish, or undo, a checkpoint commit that a kill interrupted. Every staged checkpoint was complete once any
+    run holds the commit marker: then they move into place; without a marker they are deleted (the previous
+    checkpoints stand)."""
+    committed = any((run_dir / COMMIT_MARKER).is_file() for run_dir in run_dirs)
+    for run_dir in run_dirs:
+        staged = run_dir / STAGED_CHECKPOINT
+        if staged.is_file():
+            if committed:
+                os.replace(staged, run_dir / CHECKPOINT_FILE)
+            else:
+                staged.unlink()
+    for run_dir in run_dirs:
+        (run_dir / COMMIT_MARKER).unlink(missing_ok=True)
+
+
+def commit_checkpoints(run_dirs: Sequence[Path], write: Callable[[int, Path], None]) -> None:
+    """Write every run's checkpoint to its staged file, mark the commit, move them into place, unmark: a kill at
+    any moment leaves every run at the same epoch (:func:`settle_staged_checkpoints`)."""
+    for index, run_dir in enumerate(run_dirs):
+        write(index, run_dir / STAGED_CHECKPOINT)
+    marker = json.dumps({"stack": [str(run_dir) for run_dir in run_dirs]}) + "\n"
+    for run_dir in run_dirs:
+        atomic_write_text(run_dir / COMMIT_MARKER, marker)
+    for run_dir in run_dirs:
+        os.replace(run_dir / STAGED_CHECKPOINT, run_dir / CHECKPOINT_FILE)
+    for run_dir in run_dirs:
+        (run_dir / COMMIT_MARKER).unlink(missing_ok=True)
+
+
+# -- the lifecycle -------------------------------------------------------------------------------------------------
+@dataclass
+class _Runs:
+    """N >= 1 runs, checked and built, before anything is written."""
+
+    configs: list[TrainConfig]
+    run_dirs: list[Path]
+    data: Dataset
+    train_split: Split
+    valid_split: Split
+    models: list[LatentVariableModel]
+    optimizers: list[torch.optim.Optimizer]
+    generators: list[torch.Generator]
+    epochs_done: int
+    elapsed: float
+    checkpoint_epoch: int | None  # the epoch of the runs' last checkpoint (None: none yet)
+
+
+def _prepare(
+    configs: list[TrainConfig],
+    run_dirs: list[Path],
+    resume: bool,
+    device: torch.device,
+    data_dir: str | None,
+    dataset: Dataset | None,
+    progress: bool,
+) -> _Runs:
+    """Check and build the runs, reading only (a resume first settles an interrupted checkpoint commit)."""
+    check_stackable(configs)
+    if len(run_dirs) != len(configs) or len({run_dir.resolve() for run_dir in run_dirs}) != len(run_dirs):
+        raise ValueError("training several runs needs one distinct run directory per configuration")
+    config = configs[0]
+    if resume:
+        settle_staged_checkpoints([run_dir for run_dir in run_dirs if run_dir.is_dir()])
+    resume_from = [check_run_dir(c, run_dir, resume) for c, run_dir in zip(configs, run_dirs, strict=True)]
+    if len({path is None for path in resume_from}) > 1:
+        raise RunError("some runs of this stack have a checkpoint and some have not; resume them one by one")
+    data = run_data(config, data_dir, dataset, progress)
+    train_split = data.train.subset(config.train_limit)
+    check_memory(config, len(train_split), device, models=len(configs))
+    train_split = train_split.to(device)
+    valid_split = data.valid.to(device)
+
+    models = [build_model(c, train_split.images, device) for c in configs]
+    for model, c in zip(models, configs, strict=True):
+        if c.init_from is not None:
+            load_initial_weights(model, c)
+    optimizers = [build_optimizer(model, c) for model, c in zip(models, configs, strict=True)]
+    if resume_from[0] is None and continues_optimizer(config):  # all or none (check_stackable)
+        for model, optimizer, c in zip(models, optimizers, configs, strict=True):
+            load_initial_optimizer(optimizer, model, c)
+    generators = [torch.Generator(device=device).manual_seed(c.seed) for c in configs]
+    epochs_done, elapsed = 0, 0.0
+    if resume_from[0] is not None:
+        states = [
+            check_progress(path, restore_checkpoint(path, model, optimizer, generator), config)
+            for model, optimizer, generator, path in zip(models, optimizers, generators, resume_from, strict=True)
+        ]
+        if len({epochs for epochs, _ in states}) != 1:
+            raise RunError("the runs of this stack were saved at different epochs; resume them one by one")
+        epochs_done, elapsed = states[0]
+    checkpoint_epoch = epochs_done if resume_from[0] is not None else None
+    return _Runs(configs, run_dirs, data, train_split, valid_split, models, optimizers, generators, epochs_done,
+                 elapsed, checkpoint_epoch)  # fmt: skip
+
+
+def _divergence(runs: _Runs, indices: list[int], epoch: int, lr: float, what: str) -> DivergenceError:
+    run_dirs = [runs.run_dirs[i] for i in indices]
+    return divergence_error(run_dirs, epoch, lr, what, runs.checkpoint_epoch, len(runs.models))
+
+
+def fit_runs(
+    configs: Sequence[TrainConfig],
+    run_dirs: Sequence[str | Path],
     *,
     resume: bool = False,
     device: str = "auto",
@@ -444,90 +432,120 @@ def fit(
     max_epochs: int | None = None,
     compile_model: bool = False,
     fast: bool = True,
-) -> FitResult:
-    """Train (or resume) a run; see the module docstring.
+    stack: str = "auto",
+    deadline: float | None = None,
+) -> list[FitResult]:
+    """Train (or resume) N >= 1 runs together, one :class:`FitResult` each; see the module docstring.
+
+    The runs may differ in seed, objective and ``init_from`` only (:func:`iwae.stacked.check_stackable`); they share
+    the minibatch loop, each with its own generator, optimiser and run directory, and their checkpoints are committed
+    together. :func:`iwae.steps.select_step` chooses the step.
 
     Args:
         dataset: an already loaded dataset (otherwise ``config.dataset`` is loaded from ``data_dir``).
-        max_epochs: stop after this many epochs in this call (the run can be resumed later).
-        compile_model: take training steps through :func:`compile_estimate` (the noise is still drawn
-            eagerly from the run's generator, so only rounding differs from the eager path).
-        fast: let :mod:`iwae.fast` serve what it can (:func:`choose_step_path`); False runs the reference path.
+        max_epochs: stop after this many epochs in this call (the runs can be resumed later).
+        compile_model: ``torch.compile`` (CUDA graphs for a stack on CUDA); only rounding differs from eager.
+        fast: let :mod:`iwae.fast` serve what it can; False runs the reference path.
+        stack: ``auto``, ``on`` or ``off``: one vmapped step for all models (:func:`iwae.steps.stacks`).
+        deadline: a ``time.monotonic()`` value: stop, checkpointed, after the first epoch that ends past it.
+
+    Returns:
+        One :class:`FitResult` per run; ``seconds`` is the runs' common training time.
     """
-    run_dir = Path(run_dir)
+    configs = list(configs)
+    run_dirs = [Path(run_dir) for run_dir in run_dirs]
     torch_device = resolve_device(device)
-    resume_from = check_run_dir(config, run_dir, resume)
-    data = run_data(config, data_dir, dataset, progress)
-    train_split = data.train.subset(config.train_limit)
-    check_memory(config, len(train_split), torch_device)
-    train_split = train_split.to(torch_device)
-    valid_split = data.valid.to(torch_device)
-
-    model = build_model(config, train_split.images, torch_device)
-    if config.init_from is not None:
-        load_initial_weights(model, config)
-    optimizer = build_optimizer(model, config)
-    if config.init_from is not None and not config.fresh_optimizer and resume_from is None:
-        load_initial_optimizer(optimizer, model, config)
-    path = choose_step_path(model, config, compile_model=compile_model, fast=fast)
-    generator = torch.Generator(device=torch_device).manual_seed(config.seed)
-    epochs_done, elapsed = 0, 0.0
-    if resume_from is not None:
-        state = restore_checkpoint(resume_from, model, optimizer, generator)
-        epochs_done, elapsed = check_progress(resume_from, state, config)
-    checkpoint_epoch = epochs_done if resume_from is not None else None
+    runs = _prepare(configs, run_dirs, resume, torch_device, data_dir, dataset, progress)
+    config, models = configs[0], runs.models
+    step = select_step(models, runs.optimizers, configs, torch_device, compile_model=compile_model, fast=fast,
+                       stack=stack)  # fmt: skip
     # Everything is checked: only now is anything written.
-    create_run_dir(config, run_dir)
-    truncate_metrics(run_dir / METRICS_FILE, epochs_done)
+    for c, run_dir in zip(configs, run_dirs, strict=True):
+        create_run_dir(c, run_dir)
+        truncate_metrics(run_dir / METRICS_FILE, runs.epochs_done)
 
-    n_train = len(train_split)
+    n_train, n_models = len(runs.train_split), len(models)
+    epochs_done, elapsed = runs.epochs_done, runs.elapsed
     stop_epoch = config.total_epochs if max_epochs is None else min(config.total_epochs, epochs_done + max_epochs)
     stage_ends = config.stage_ends()
-    desc = f"{config.objective.label()}/{config.estimator} k={config.k}"
+    desc = f"{'+'.join(sorted({c.objective.label() for c in configs}))}/{config.estimator} k={config.k}"
+    desc = desc if n_models == 1 else f"{n_models} runs: {desc}"
     bar = progress_bar(config, n_train, epochs_done, desc, progress)
     last_save = time.monotonic()
-    train_bound = valid_bound = None
+    train_bounds: list[float] | None = None
+    valid_bounds: list[float] | None = None
+
+    def write_checkpoint(index: int, path: Path) -> None:
+        progress_state = {"epochs_done": epochs_done, "seconds": elapsed}
+        save_checkpoint(path, models[index], runs.optimizers[index], runs.generators[index], progress_state,
+                        configs[index].to_json())  # fmt: skip
+
     try:
         for epoch in range(epochs_done, stop_epoch):
             stage, lr = config.stage_of_epoch(epoch)
             batch_size, k = config.batch_size_of_stage(stage), config.k_of_stage(stage)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            step.set_lr(lr)
             started = time.perf_counter()
-            model.train()
-            bound_sum = torch.zeros((), dtype=torch.float64, device=torch_device)
-            order = minibatch_order(config, n_train, generator, torch_device)
+            for model in models:
+                model.train()
+            bound_sums = torch.zeros(n_models, dtype=torch.float64, device=torch_device)
+            orders = [minibatch_order(config, n_train, g, torch_device) for g in runs.generators]
             for start in range(0, n_train, batch_size):
-                x = binarize(train_split.images[order[start : start + batch_size]], data.binarization, generator)
-                clear_gradients(optimizer)
-                batch_bound = training_step(model, x, config, generator, path, k)
-                optimizer_step(optimizer, path)
-                bound_sum += batch_bound.detach().sum()
+                xs = [
+                    binarize(runs.train_split.images[order[start : start + batch_size]], runs.data.binarization, g)
+                    for order, g in zip(orders, runs.generators, strict=True)
+                ]
+                bound_sums += step(xs, runs.generators, k)
                 bar.update(1)
             seconds = time.perf_counter() - started
             elapsed += seconds
-            model.eval()
-            train_bound = bound_sum.item() / n_train
-            if not math.isfinite(train_bound) or not finite_parameters(model.parameters()):
-                what = f"training bound {train_bound}" if not math.isfinite(train_bound) else "non-finite parameters"
-                raise divergence_error([run_dir], epoch + 1, lr, what, checkpoint_epoch)
-            valid_bound = validation_bound(model, config, valid_split, data.binarization, epochs_done)
-            if not math.isfinite(valid_bound):
-                what = f"validation bound {valid_bound}"
-                raise divergence_error([run_dir], epoch + 1, lr, what, checkpoint_epoch)
-            append_metrics(run_dir, config, epoch, train_bound, valid_bound, seconds, n_train)
-            bar.set_postfix(epoch=epoch + 1, lr=lr, bound=f"{train_bound:.2f}", valid=f"{valid_bound:.2f}")
+            step.sync()
+            train_bounds = (bound_sums / n_train).tolist()
+            finite = step.finite_models()
+            diverged = [i for i, ok in enumerate(finite) if not (ok and math.isfinite(train_bounds[i]))]
+            if diverged:
+                bound = train_bounds[diverged[0]]
+                what = f"training bound {bound}" if not math.isfinite(bound) else "non-finite parameters"
+                raise _divergence(runs, diverged, epoch + 1, lr, what if n_models == 1 else
+                                  "non-finite training bound or parameters")  # fmt: skip
+            valid_bounds = []
+            for model, c in zip(models, configs, strict=True):
+                model.eval()
+                valid_bounds.append(validation_bound(model, c, runs.valid_split, runs.data.binarization, epochs_done))
+            diverged = [i for i, bound in enumerate(valid_bounds) if not math.isfinite(bound)]
+            if diverged:
+                what = "non-finite validation bound" if n_models > 1 else f"validation bound {valid_bounds[0]}"
+                raise _divergence(runs, diverged, epoch + 1, lr, what)
+            extra = {"stacked": n_models} if n_models > 1 else {}
+            for index, c in enumerate(configs):
+                append_metrics(run_dirs[index], c, epoch, train_bounds[index], valid_bounds[index], seconds, n_train,
+                               **extra)  # fmt: skip
+            if n_models == 1:
+                postfix = {"bound": f"{train_bounds[0]:.2f}", "valid": f"{valid_bounds[0]:.2f}"}
+            else:
+                postfix = {"bound": f"{max(train_bounds):.2f}"}
+            bar.set_postfix(epoch=epoch + 1, lr=lr, **postfix)
             epochs_done = epoch + 1
+            late = deadline is not None and time.monotonic() >= deadline
             due = time.monotonic() - last_save >= checkpoint_minutes * 60
-            if epoch in stage_ends or due or epochs_done == stop_epoch:
-                progress_state = {"epochs_done": epochs_done, "seconds": elapsed}
-                save_checkpoint(
-                    run_dir / CHECKPOINT_FILE, model, optimizer, generator, progress_state, config.to_json()
-                )
-                last_save, checkpoint_epoch = time.monotonic(), epochs_done
+            if epoch in stage_ends or due or late or epochs_done == stop_epoch:
+                commit_checkpoints(run_dirs, write_checkpoint)
+                last_save, runs.checkpoint_epoch = time.monotonic(), epochs_done
+            if late:
+                break
     finally:
         bar.close()
     complete = epochs_done == config.total_epochs
-    if complete:
-        save_model(run_dir / MODEL_FILE, model, config.to_json())
-    return FitResult(run_dir, epochs_done, train_bound, valid_bound, elapsed, complete, path.description)
+    results = []
+    for index, (model, c, run_dir) in enumerate(zip(models, configs, run_dirs, strict=True)):
+        if complete:
+            save_model(run_dir / MODEL_FILE, model, c.to_json())
+        train_bound = None if train_bounds is None else train_bounds[index]
+        valid_bound = None if valid_bounds is None else valid_bounds[index]
+        results.append(FitResult(run_dir, epochs_done, train_bound, valid_bound, elapsed, complete, step.description))
+    return results
+
+
+def fit(config: TrainConfig, run_dir: str | Path, **options) -> FitResult:
+    """Train (or resume) one run: :func:`fit_runs` of one; the same keyword arguments."""
+    return fit_runs([config], [run_dir], **options)[0]

@@ -28,7 +28,6 @@ from typing import Any
 from iwae import __version__
 from iwae.cli import analyses, bench, run, snr, sweep
 from iwae.cli.common import UsageError
-from iwae.cli.run import _train_config as _train_config  # tests/test_experiments.py imports it from here
 
 __all__ = ["COMMAND_MODULES", "UsageError", "build_parser", "main"]
 

@@ -59,7 +59,12 @@ def register(subparsers) -> None:
     p.add_argument("--batch-schedule", choices=["fixed", "grow"], help="the column's (default grow)")
     p.add_argument("--batch-size", type=positive_int, help="the column's minibatch (default 20; grow starts there)")
     p.add_argument("--lr-scale", choices=["none", "linear", "sqrt"], help="the column's rate scaling for --batch-size")
-    p.add_argument("--no-compile", action="store_true", help="stacked steps eagerly (default: torch.compile)")
+    p.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="stacked steps eagerly (default: as iwae train --compile takes them, captured as CUDA graphs on CUDA, "
+        "through torch.compile on other devices)",
+    )
     add_run_options(p)
     p.set_defaults(handler=cmd_gpu_check)
 

@@ -1,5 +1,5 @@
 """What the ``iwae`` subcommands share at the argparse level: the usage error, argument types, the common
-options, choices read lazily from a registry, and deprecated flag spellings.
+options, the options of the training settings (:mod:`iwae.settings`), and deprecated flag spellings.
 
 Nothing here imports torch: ``iwae --help`` and usage errors build every subcommand's parser.
 """
@@ -7,98 +7,30 @@ Nothing here imports torch: ``iwae --help`` and usage errors build every subcomm
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from iwae.names import DEVICE_PATTERN, MAX_SEED
+from iwae.names import DEVICE_PATTERN
+from iwae.names import MAX_SEED as MAX_SEED  # tests/test_bad_inputs.py compares it with iwae.config's
+from iwae.settings import Setting
+
+# The argument types of numbers, lists and seeds live with the settings that use them (iwae.settings, torch-free);
+# the command modules import them from here.
+from iwae.settings import fraction as fraction
+from iwae.settings import non_negative_float as non_negative_float
+from iwae.settings import non_negative_int as non_negative_int
+from iwae.settings import positive_float as positive_float
+from iwae.settings import positive_int as positive_int
+from iwae.settings import positive_int_list as positive_int_list
+from iwae.settings import schedule as schedule
+from iwae.settings import seed as seed
+from iwae.settings import seed_list as seed_list
 
 
 class UsageError(Exception):
     """Bad input from the user: reported as one line, exit code 2."""
-
-
-def _whole_number(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"expected a number >= {low}, got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    return _whole_number(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: a whole number >= 0."""
-    return _whole_number(text, 0)
-
-
-def _comma_separated(text: str, expected: str) -> list[int]:
-    """Whole numbers separated by commas (empty items skipped); else ``expected`` in the argparse error."""
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-
-
-def positive_int_list(text: str) -> list[int]:
-    """argparse type: comma-separated whole numbers >= 1, in the order given."""
-    values = _comma_separated(text, "comma-separated whole numbers")
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected numbers >= 1, got {text!r}")
-    return values
-
-
-def seed(text: str) -> int:
-    """argparse type: a seed, a whole number 0..:data:`iwae.names.MAX_SEED`."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number 0..{MAX_SEED}, got {text!r}") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"expected a seed 0..{MAX_SEED}, got {text}")
-    return value
-
-
-def seed_list(text: str) -> list[int]:
-    """argparse type: distinct comma-separated seeds (0..:data:`iwae.names.MAX_SEED`), in the order given."""
-    values = _comma_separated(text, "comma-separated whole numbers such as 0,1,2")
-    if not values or len(set(values)) != len(values) or not 0 <= min(values) <= max(values) <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"expected distinct seeds 0..{MAX_SEED}, got {text!r}")
-    return values
-
-
-def _number(text: str, accept: Callable[[float], bool], expected: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-    if not accept(value):
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    return _number(text, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
-
-
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite number >= 0."""
-    return _number(text, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
-
-
-def fraction(text: str) -> float:
-    """argparse type: a number in [0, 1)."""
-    return _number(text, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def device(text: str) -> str:
@@ -106,14 +38,6 @@ def device(text: str) -> str:
     later, with torch)."""
     if not DEVICE_PATTERN.fullmatch(text):
         raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
-    return text
-
-
-def schedule(text: str) -> str:
-    """argparse type: ``burda`` or ``burda:S``, S a whole number (the range is checked with the configuration)."""
-    name, colon, count = text.partition(":")
-    if name != "burda" or (colon and not count.isdecimal()):
-        raise argparse.ArgumentTypeError(f"expected 'burda' or 'burda:S' with S = 1..8 stages, got {text!r}")
     return text
 
 
@@ -149,6 +73,34 @@ def add_run_options(parser: argparse.ArgumentParser, *, json_flag: bool = False,
         parser.add_argument("--data-dir", type=existing_dir, default=None,
                             help="directory holding dataset files (else $IWAE_DATA_DIR)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_setting(
+    parser: argparse.ArgumentParser, setting: Setting, groups: dict[str, Any]
+) -> argparse.Action:
+    """Add the option of a training setting (:class:`iwae.settings.Setting`) to ``parser``: ``setting.option``
+    into ``dest = setting.name``, read by its kind's argparse type, with its choices, metavar and help. Its
+    default is ``None`` whatever the setting's default: a setting left out is left to
+    :func:`iwae.config.build_train_config`, which knows the defaults (and which of them depend on other settings).
+    A setting with a ``group`` joins that mutually exclusive group of ``groups``, created on first use."""
+    target: Any = parser
+    if setting.group is not None:
+        if setting.group not in groups:
+            groups[setting.group] = parser.add_mutually_exclusive_group()
+        target = groups[setting.group]
+    help_text = setting.help_text().replace("%", "%%")  # argparse expands %(...)s in help
+    if setting.kind.parse is None:  # a switch
+        return target.add_argument(setting.option, dest=setting.name, action="store_true", default=None,
+                                   help=help_text)  # fmt: skip
+    return target.add_argument(
+        setting.option,
+        dest=setting.name,
+        type=setting.kind.parse,
+        choices=setting.choices,
+        metavar=setting.metavar,
+        default=None,
+        help=help_text,
+    )
 
 
 class _DeprecatedAlias(argparse.Action):

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from iwae.cli.common import UsageError, add_run_options, non_negative_int, positive_int
-from iwae.names import PROTOCOLS
+from iwae.names import PROTOCOLS, STACK_CHOICES
 
-# Deferred on purpose: the lab (iwae.lab.experiments, iwae.lab.store, iwae.lab.reports) imports torch, which takes
-# seconds that ``iwae --help`` and usage errors should not pay; the handlers import what they use.
+# Deferred on purpose: the lab (iwae.lab.grid, iwae.lab.sweep, iwae.lab.store, iwae.lab.reports) imports torch,
+# which takes seconds that ``iwae --help`` and usage errors should not pay; the handlers import what they use.
 
 EXIT_RUNS_FAILED = 1
 # iwae sweep's cluster flags (argparse dest) -> the field of iwae.lab.cluster.ClusterOptions they set.
@@ -95,7 +95,7 @@ def _add_runner_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=_workers, default=1, help="runs at a time, each with cores/N threads")
     parser.add_argument(
         "--stack",
-        choices=["auto", "on", "off"],
+        choices=STACK_CHOICES,
         default="auto",
         help="train runs that differ only in seed, objective or init_from as one stacked computation: on, off, or "
         "auto (default: on a GPU only; on a CPU the single runs' fast path is as fast)",
@@ -182,7 +182,8 @@ def _runner(args: argparse.Namespace):
 def _run(
     grid_source: str, out: str, args: argparse.Namespace, runner=None, protocol: str = "default"
 ) -> dict[str, Any]:
-    from iwae.lab.experiments import load_grid, run_sweep
+    from iwae.lab.grid import load_grid
+    from iwae.lab.sweep import run_sweep
 
     grid = load_grid(grid_source)
     if protocol != "default":  # every run, every phase: the grid's shared settings
@@ -261,7 +262,7 @@ def _write_schedules(directory: str) -> str:
 
 
 def _summaries(directory: str) -> list[dict[str, Any]]:
-    from iwae.lab.experiments import train_config
+    from iwae.lab.grid import train_config
     from iwae.lab.store import DB_FILE, ResultStore
 
     if not (Path(directory) / DB_FILE).is_file():
@@ -311,7 +312,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 def cmd_results(args: argparse.Namespace) -> dict[str, Any]:
     indexed = None
     if args.rescan:
-        from iwae.lab.experiments import rescan, sweep_lock
+        from iwae.lab.sweep import rescan, sweep_lock
 
         if not Path(args.dir).is_dir():
             raise ValueError(f"no sweep directory {args.dir}")

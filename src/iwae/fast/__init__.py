@@ -2,7 +2,7 @@
 
 The core (:mod:`iwae.models`, :mod:`iwae.objectives`, :mod:`iwae.estimators`, :mod:`iwae.evaluate`, ...) is plain
 PyTorch and imports nothing from here. The training loop asks :func:`training_path` once per run (the one hook,
-in :func:`iwae.train.choose_step_path`), and this layer serves what it can:
+in :func:`iwae.steps.choose_step_path`), and this layer serves what it can:
 
 - :mod:`iwae.fast.backprop`: the estimators' gradients by explicit backpropagation, without autograd's graph;
 - :mod:`iwae.fast.step` (``step.cpp``): its forward and backward passes in C++, compiled on first use;

@@ -8,9 +8,8 @@ Shape convention: samples first. ``x`` is ``[batch, x_dim]``; the noise and late
 :class:`~iwae.models.LatentVariableModel` (Bernoulli or Gaussian observations; tanh, relu or softplus layers):
 
 1. the forward pass of :meth:`~iwae.models.LatentVariableModel.sample_with_noise`, keeping each layer's output;
-2. the surrogates' gradients with respect to the log-weights ``[k, batch]``: the decoder's, and the encoder's
-   where it differs (piwae's two targets; DReG's ``-c / batch``). In closed form for IWAE and the ELBO, otherwise
-   by autograd on that small tensor alone, so that every other bound is still written once, in :mod:`iwae.bounds`;
+2. the loss's gradients with respect to the log-weights ``[k, batch]``, as the core's estimator defines them
+   (:func:`iwae.estimators.log_weight_gradients`): the decoder's, and the encoder's where it differs;
 3. the chain rule through the network by hand: a matmul for each weight gradient and each input gradient, a row sum
    for each bias, the activation's derivative from its saved outputs, and closed forms for the Gaussian densities
    (``h = mean + exp(log_std) * eps``; ``log q`` written with ``eps``, so it depends on ``log_std`` alone, or with
@@ -36,7 +35,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from iwae.estimators import ESTIMATOR_NAMES
+from iwae import estimators
 from iwae.fast import native
 from iwae.fast import step as native_step
 from iwae.models import (
@@ -55,7 +54,7 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 def applies(model: torch.nn.Module, objective: Objective | str, estimator: str) -> bool:
     """Whether :func:`accumulate_gradients` serves this model with this estimator (any registered objective)."""
     return (
-        estimator in ESTIMATOR_NAMES
+        estimators.is_registered(estimator)
         and isinstance(model, LatentVariableModel)
         and model.config.likelihood in LIKELIHOODS
         and model.config.activation in ACTIVATIONS
@@ -166,20 +165,6 @@ def _forward(model: LatentVariableModel, x: Tensor, noise: list[Tensor], tape: _
     return log_px + log_prior - log_q
 
 
-def _log_weight_gradients(objective: Objective, estimator: str, log_w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The decoder's and the encoder's loss gradients in the log-weights (the same tensor when one surrogate
-    serves both) and the bound to report, as :func:`iwae.estimators.terms_from_sample` defines them: each
-    objective gives its loss gradients (:meth:`~iwae.objectives.Objective.decoder_loss_gradient`, in closed form
-    where it has one)."""
-    decoder_grad, bound = objective.decoder_loss_gradient(log_w)
-    if estimator == "dreg":  # the encoder's surrogate is sum_i stop(c_i) log w_i
-        return decoder_grad, objective.dreg_coefficients(log_w).div_(-log_w.shape[1]), bound
-    if objective.shared:
-        return decoder_grad, decoder_grad, bound
-    encoder_grad, _ = objective.encoder_loss_gradient(log_w)
-    return decoder_grad, encoder_grad, bound
-
-
 def _gaussian_head_grad(log_w_grad: Tensor, standardised: Tensor, inv_std: Tensor) -> Tensor:
     """The gradient of a term ``log N(value; mean, exp(log_std))`` of log w with respect to ``(mean, log_std)``,
     concatenated as the head outputs them, given the log-weights' gradient ``[k, batch]``;
@@ -263,15 +248,15 @@ def accumulate_gradients(
     Where :func:`iwae.fast.step.applies` (Burda's models in float32 on the CPU), the forward and backward passes
     run in C++, and only the log-weights' gradients here.
     """
-    stop_q_params = estimator != "standard"
+    method = estimators.get_estimator(estimator)
     objective = as_objective(objective)
     if native_step.applies(model, x):
         log_w, native_tape = native_step.forward(model, x, noise)
-        decoder_grad, encoder_grad, bound = _log_weight_gradients(objective, estimator, log_w)
-        native_step.backward(x, noise, native_tape, (decoder_grad, encoder_grad), stop_q_params)
-        return bound
+        grads = method.log_weight_gradients(objective, log_w)
+        native_step.backward(x, noise, native_tape, (grads.decoder, grads.encoder), method.stop_q_params)
+        return grads.bound
     tape = _Tape()
     log_w = _forward(model, x, noise, tape)
-    decoder_grad, encoder_grad, bound = _log_weight_gradients(objective, estimator, log_w)
-    _backward(model, x, noise, tape, (decoder_grad, encoder_grad), stop_q_params)
-    return bound
+    grads = method.log_weight_gradients(objective, log_w)
+    _backward(model, x, noise, tape, (grads.decoder, grads.encoder), method.stop_q_params)
+    return grads.bound

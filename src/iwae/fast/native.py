@@ -57,7 +57,6 @@ from iwae.fast import cache, switches
 T = TypeVar("T")
 
 SOURCE = Path(__file__).with_name("kernels.c")
-SWITCH = switches.LEGACY_VARIABLE  # deprecated: "0" turns every fast path off; iwae.fast.switches has one switch each
 _COMMON_FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math")
 FLAG_SETS = (  # tried in turn: the first that builds is used
     (*_COMMON_FLAGS, "-march=native", "-fopenmp"),

@@ -1,13 +1,15 @@
 """What the fast layer serves for a training run, decided once: :func:`training_path` and :func:`status`.
 
-The training loop (:func:`iwae.train.fit`) asks :func:`training_path` once per run; everything else in the core
-runs the reference path. Each feature has one switch (:mod:`iwae.fast.switches`) and says here whether it
-applies and why not.
+The core's step selector (:func:`iwae.steps.choose_step_path`) asks :func:`training_path` once per model; everything
+else in the core runs the reference path. Nothing here imports the selector back. Each feature has one switch
+(:mod:`iwae.fast.switches`) and says here whether it applies and why not.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
+from typing import NamedTuple
 
 import torch
 
@@ -15,7 +17,16 @@ from iwae.fast import adam, backprop, native, switches
 from iwae.fast import step as native_step
 from iwae.models import LatentVariableModel
 from iwae.objectives import Objective
-from iwae.train import StepPath
+
+
+class FastPath(NamedTuple):
+    """What the fast layer serves a model: which path and why, the gradients' ``accumulate(model, x, noise) ->
+    bound`` and the optimiser's step (None where it serves none); the core wraps it as an
+    :class:`iwae.steps.StepPath`."""
+
+    description: str
+    accumulate: Callable[..., torch.Tensor] | None
+    optimizer_step: Callable[[torch.optim.Optimizer], None] | None
 
 
 def gradient_path(model: torch.nn.Module, objective: Objective, estimator: str) -> tuple[str, bool]:
@@ -27,19 +38,22 @@ def gradient_path(model: torch.nn.Module, objective: Objective, estimator: str) 
     if native_step.serves(model):
         return f"fast: explicit backpropagation in C++ ({native_step.status()})", True
     if switches.enabled("backprop"):
-        why = native_step.status() if switches.enabled("step") else switches.why_off("step")
+        if not native.model_on_cpu_float32(model):  # say so without building the CPU-only C++ step to describe it
+            why = "the model is not float32 on the CPU"
+        else:
+            why = native_step.status() if switches.enabled("step") else switches.why_off("step")
         return f"fast: explicit backpropagation in Python (iwae.fast.backprop; no C++ step: {why})", True
     return f"autograd (explicit backpropagation off: {switches.why_off('backprop')})", False
 
 
-def training_path(model: torch.nn.Module, objective: Objective, estimator: str) -> StepPath:
-    """The fast layer's :class:`~iwae.train.StepPath` for this model, objective and estimator: explicit
+def training_path(model: torch.nn.Module, objective: Objective, estimator: str) -> FastPath:
+    """The fast layer's :class:`FastPath` for this model, objective and estimator: explicit
     backpropagation (in C++ where it builds) for :mod:`iwae.models`' models, the direct Adam call; the reference
     autograd step where nothing applies."""
     description, served = gradient_path(model, objective, estimator)
     accumulate = partial(_accumulate, objective=objective, estimator=estimator) if served else None
     optimizer_step = adam.adam_step if switches.enabled("adam") and adam.available() else None
-    return StepPath(description, accumulate, optimizer_step)
+    return FastPath(description, accumulate, optimizer_step)
 
 
 def _accumulate(
@@ -70,4 +84,4 @@ def status() -> dict[str, str]:
     return report
 
 
-__all__ = ["gradient_path", "status", "training_path"]
+__all__ = ["FastPath", "gradient_path", "status", "training_path"]

@@ -7,7 +7,7 @@
  * place; large ones are oneDNN's fused linear layer, as in iwae.fast.native.fused_linear. Loaded by iwae/fast/step.py
  * as the operators torch.ops.iwae_step.forward (the log-weights, and the tape that the backward pass needs) and
  * torch.ops.iwae_step.backward (every parameter's gradient, given the loss's gradients in the log-weights, which
- * Python computes for any bound, as iwae.backprop._log_weight_gradients does).
+ * Python computes for any bound, as iwae.estimators.log_weight_gradients does).
  *
  * Shape convention: samples first. x is [batch, x_dim]; the noise and latents of stochastic layer j are
  * [k, batch, d_j]; the log-weights and their gradients are [k, batch].

@@ -4,8 +4,6 @@
 - ``0``, ``none`` or ``off``: none (the reference autograd path, plain PyTorch operations, default allocator);
 - a comma-separated list of features, e.g. ``IWAE_FAST=backprop,adam``: those alone; ``-name`` entries
   (``IWAE_FAST=-step``) drop features from the full set.
-
-``IWAE_NATIVE=0``, the previous release's switch, still turns everything off (deprecated).
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ from __future__ import annotations
 import os
 
 VARIABLE = "IWAE_FAST"
-LEGACY_VARIABLE = "IWAE_NATIVE"
 
 FEATURES: dict[str, str] = {
     "kernels": "the C kernels of kernels.c (the Bernoulli log-likelihood of the decoder's output rows, tanh)",
@@ -49,8 +46,6 @@ def _parse(value: str) -> frozenset[str]:
 
 def enabled_features() -> frozenset[str]:
     """The features the environment lets run (read on every call: cheap, and tests change the environment)."""
-    if os.environ.get(LEGACY_VARIABLE, "1") == "0":
-        return frozenset()
     return _parse(os.environ.get(VARIABLE, ""))
 
 
@@ -63,6 +58,4 @@ def enabled(feature: str) -> bool:
 
 def why_off(feature: str) -> str:
     """The reason a switched-off feature is off, for status lines."""
-    if os.environ.get(LEGACY_VARIABLE, "1") == "0":
-        return f"{LEGACY_VARIABLE}=0 in the environment"
     return f"{VARIABLE}={os.environ.get(VARIABLE, '')!r} in the environment"

@@ -1,9 +1,9 @@
 """Sweeps on a cluster through submitit: each phase of a grid becomes one Slurm job array.
 
-``iwae sweep GRID --out DIR --executor slurm`` runs :func:`iwae.lab.experiments.run_sweep` with a
+``iwae sweep GRID --out DIR --executor slurm`` runs :func:`iwae.lab.sweep.run_sweep` with a
 :class:`SubmititRunner`: each of a phase's tasks (one run, or one stack of runs) becomes one task of a job array
 (submitit's ``map_array``), with the partition, time limit, GPUs per task and array parallelism of
-:class:`ClusterOptions`. A task runs :func:`iwae.lab.experiments.run_task` on a node: it takes the run's lock,
+:class:`ClusterOptions`. A task runs :func:`iwae.lab.runner.run_task` on a node: it takes the run's lock,
 trains and evaluates, and writes each run's row to ``runs/NAME/result.json``; it never opens the SQLite file.
 The submitting sweep waits for the array, indexes the result files into ``DIR/results.sqlite`` (the database's
 one writer) and goes on to the next phase, which may start from this one's runs (``init_from``). If the sweep
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from iwae.lab.experiments import Task, TaskEnd, run_task
+from iwae.lab.runner import Task, TaskEnd, run_task
 
 SUBMITIT_SUBDIR = "submitit"
 ENGINES = ("slurm", "local", "debug")
@@ -57,7 +57,7 @@ def _first_line(error: BaseException) -> str:
 
 
 class SubmititRunner:
-    """A runner for :func:`~iwae.lab.experiments.run_sweep`: a phase's tasks as one job array, waited for.
+    """A runner for :func:`~iwae.lab.sweep.run_sweep`: a phase's tasks as one job array, waited for.
 
     Made before the sweep starts, it checks at once (a one-line ``ValueError``, nothing written) that submitit is
     installed and, for Slurm, that this machine can submit (``srun`` on the ``PATH``); its files go to

@@ -7,17 +7,26 @@ It writes ``DIR/gpu-check.json`` and ``DIR/gpu-check.md`` with:
 1. training steps on the device (:mod:`iwae.lab.bench.stacked`): one model's step at each k and minibatch, and the
    stacked step of a Table 1 column's models at each k (VAE and IWAE together), with the hours of Burda's exact
    minibatch-20 schedule (3,280 passes) per model and for the whole stacked column;
-2. L_5000 seconds per 10,000 test images, and (after 3.) the NLL of a trained model on the same binarised images
-   on the device and on the CPU (they must agree within 0.01 nats);
+2. L_5000 seconds per 10,000 test images, and (after 3.) the NLL of a trained model on the device and on the CPU,
+   from the same binarised images and the same noise (drawn once, on the CPU): the per-image differences are then
+   rounding alone, and their mean must lie within :data:`AGREEMENT_STANDARD_ERRORS` standard errors of 0, plus
+   :data:`ROUNDING_NATS`;
 3. a full-schedule training of the MNIST one-layer Table 1 column (VAE k = 1, 5, 50; IWAE k = 5, 50), one stacked
    process per k, all at once on the device, at the minibatch the schedules study supports (the settings say
    which), each evaluated with L_5000 on the test set beside the paper's numbers. Training stops, checkpointed, at
-   the time budget; the table then says how many passes each run got.
+   the time budget; the table then says how many passes each run got, which step each process ran (CUDA graphs, or
+   eager after a refused capture) and, on CUDA, each process's peak memory.
+
+The JSON and the summary are rewritten (atomically) after every phase, and a phase that fails is recorded in
+``errors`` (its name and a one-line message) while the later phases still run: a crash, a CUDA error or the time
+limit leaves what was measured before it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import subprocess
 import sys
 import time
@@ -25,7 +34,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-AGREEMENT_NATS = 0.01
+# The device and the CPU see the same images and noise, so the per-image NLL differences are rounding: their mean must
+# lie within this many standard errors of 0, plus a float32 allowance (an L_5000 near 100 nats, summed over 784
+# pixels in float32, differs by about 1e-5 relative between two correct implementations).
+AGREEMENT_STANDARD_ERRORS = 4.0
+ROUNDING_NATS = 1e-3
+EVAL_BATCH = 100  # images per minibatch of L_k, as iwae eval takes them
+WORKER_REPORT = "gpu-check worker: "  # the prefix of a training process's report line (JSON) in its log
 
 
 @dataclass(frozen=True)
@@ -131,11 +146,16 @@ def _evaluation_speed(settings: CheckSettings, dataset: Any, device: Any) -> dic
     timing = dataset.test.subset(settings.timing_images).to(device)
     generator = torch.Generator(device=device).manual_seed(0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    estimate_log_likelihood(model, timing.subset(2), dataset.binarization, 2, generator)  # warm up
+    rows = chunk_rows(device)
+    # Warm up with one chunk of the timed pass's shape ([samples, images], as estimate_log_likelihood cuts them), so
+    # that the first chunk's allocations (0.8 GB of logits on CUDA) fall outside the timed pass.
+    chunk = max(1, min(settings.eval_k, rows // EVAL_BATCH))
+    warm = timing.subset(min(EVAL_BATCH, len(timing)))
+    estimate_log_likelihood(model, warm, dataset.binarization, chunk, generator, batch_size=EVAL_BATCH, max_rows=rows)
     sync()
     started = time.perf_counter()
     estimate_log_likelihood(
-        model, timing, dataset.binarization, settings.eval_k, generator, max_rows=chunk_rows(device)
+        model, timing, dataset.binarization, settings.eval_k, generator, batch_size=EVAL_BATCH, max_rows=rows
     )
     sync()
     seconds = time.perf_counter() - started
@@ -147,31 +167,83 @@ def _evaluation_speed(settings: CheckSettings, dataset: Any, device: Any) -> dic
 
 
 def _agreement(settings: CheckSettings, dataset: Any, device: Any, run_dir: Path) -> dict[str, Any]:
-    """The NLL of one trained model on the same binarised images (drawn once, on the CPU) on the device and on the
-    CPU: they must agree within :data:`AGREEMENT_NATS`."""
+    """The NLL of one trained model on the device and on the CPU, from the same binarised images and the same noise
+    (both drawn once, on the CPU), so that the per-image differences are the devices' rounding alone: their mean must
+    lie within :data:`AGREEMENT_STANDARD_ERRORS` standard errors of 0, plus :data:`ROUNDING_NATS`
+    (:func:`_agreement_verdict`). A run directory without a model (its training failed or was killed before its
+    first checkpoint) gives ``{"model": ..., "skipped": why}``."""
     import torch
 
-    from iwae.data import Split
-    from iwae.evaluate import chunk_rows, estimate_log_likelihood
-    from iwae.runs import load_model
+    from iwae.runs import RunError, load_model
 
-    model, _ = load_model(run_dir, device)
-    images = dataset.test.subset(settings.agreement_images).images
-    fixed = Split(torch.bernoulli(images, generator=torch.Generator().manual_seed(1)))
-    on_device = estimate_log_likelihood(
-        model, fixed.to(device), "fixed", settings.eval_k, torch.Generator(device=device).manual_seed(2),
-        max_rows=chunk_rows(device),
-    )["log_lik"]  # fmt: skip
-    cpu_model, _ = load_model(run_dir, "cpu")
-    on_cpu = estimate_log_likelihood(cpu_model, fixed, "fixed", settings.eval_k, torch.Generator().manual_seed(3))
-    difference = abs(on_device.mean().item() - on_cpu["log_lik"].mean().item())
+    if not run_dir.is_dir():
+        return {"model": run_dir.name, "skipped": f"{run_dir} does not exist: the column's training did not start"}
+    try:
+        model, _ = load_model(run_dir, device)
+        cpu_model, _ = load_model(run_dir, "cpu")
+    except RunError as error:
+        return {"model": run_dir.name, "skipped": _one_line(error)}
+    images = dataset.test.subset(settings.agreement_images).images.cpu()
+    fixed = torch.bernoulli(images, generator=torch.Generator().manual_seed(1))
+    on_device, on_cpu = _paired_log_likelihoods(
+        model, cpu_model, fixed, settings.eval_k, device, torch.Generator().manual_seed(2)
+    )
     return {
         "model": run_dir.name,
-        "images": settings.agreement_images,
-        "nll_device": -on_device.mean().item(),
-        "nll_cpu": -on_cpu["log_lik"].mean().item(),
-        "nll_difference": difference,
-        "agree": difference <= AGREEMENT_NATS,
+        "images": len(fixed),
+        "eval_k": settings.eval_k,
+        "noise": "shared: drawn once on the CPU",
+        **_agreement_verdict(on_device, on_cpu),
+    }
+
+
+def _paired_log_likelihoods(
+    model: Any, cpu_model: Any, x: Any, k: int, device: Any, generator: Any, batch_size: int = EVAL_BATCH
+) -> tuple[Any, Any]:
+    """Per-image L_k (float64 ``[n]``, on the CPU) of ``model`` on ``device`` and of ``cpu_model`` on the CPU, for
+    the binarised images ``x`` (on the CPU) and the same standard-normal noise, drawn on the CPU from ``generator``
+    in chunks of the device's size (:func:`iwae.evaluate.chunk_rows`); the CPU takes each chunk in its own size."""
+    import torch
+
+    from iwae.bounds import LogMeanExpAccumulator
+    from iwae.evaluate import chunk_rows
+
+    device_chunk = max(1, min(k, chunk_rows(device) // batch_size))
+    cpu_chunk = max(1, min(k, chunk_rows(torch.device("cpu")) // batch_size))
+    on_device, on_cpu = [], []
+    with torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            x_cpu = x[start : start + batch_size]
+            x_device = x_cpu.to(device)
+            device_total, cpu_total = LogMeanExpAccumulator(), LogMeanExpAccumulator()
+            for done in range(0, k, device_chunk):
+                noise = cpu_model.draw_noise(x_cpu, min(device_chunk, k - done), generator)
+                device_total.add(model.sample_with_noise(x_device, [n.to(device) for n in noise]).log_w)
+                for part in zip(*(n.split(cpu_chunk) for n in noise), strict=True):
+                    cpu_total.add(cpu_model.sample_with_noise(x_cpu, list(part)).log_w)
+            on_device.append(device_total.result().cpu())
+            on_cpu.append(cpu_total.result())
+    return torch.cat(on_device), torch.cat(on_cpu)
+
+
+def _agreement_verdict(on_device: Any, on_cpu: Any) -> dict[str, Any]:
+    """The paired test of two per-image L_k ``[n]`` from the same images and noise: the NLLs, the mean of the
+    per-image differences (device minus CPU, in NLL), its standard error, the largest per-image difference, the
+    tolerance (:data:`AGREEMENT_STANDARD_ERRORS` standard errors plus :data:`ROUNDING_NATS`) and whether the mean
+    difference lies within it."""
+    difference = (on_cpu.double() - on_device.double()).cpu()  # NLL on the device minus NLL on the CPU
+    n = difference.numel()
+    mean = difference.mean().item()
+    standard_error = difference.std(correction=1).item() / math.sqrt(n) if n > 1 else 0.0
+    tolerance = AGREEMENT_STANDARD_ERRORS * standard_error + ROUNDING_NATS
+    return {
+        "nll_device": -on_device.double().mean().item(),
+        "nll_cpu": -on_cpu.double().mean().item(),
+        "mean_difference": mean,
+        "standard_error": standard_error,
+        "max_abs_difference": difference.abs().max().item(),
+        "tolerance": tolerance,
+        "agree": bool(abs(mean) <= tolerance),
     }
 
 
@@ -184,30 +256,57 @@ def _column_configs(settings: CheckSettings) -> dict[int, list[dict[str, Any]]]:
     return by_k
 
 
+def _worker_report(results: list[Any], device: Any) -> dict[str, Any]:
+    """What a training process tells the check: each run's step (``FitResult.gradients``: CUDA graphs, or eager and
+    why) and, on CUDA, the process's peak memory (``max_memory_gb``, omitted elsewhere)."""
+    import torch
+
+    report: dict[str, Any] = {"gradients": {Path(r.run_dir).name: r.gradients for r in results}}
+    if device.type == "cuda":
+        report["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return report
+
+
+def _read_worker_report(log_path: Path) -> dict[str, Any]:
+    """The last report line (:data:`WORKER_REPORT`) a training process printed into its log; ``{}`` if none."""
+    report: dict[str, Any] = {}
+    if log_path.is_file():
+        for line in log_path.read_text(errors="replace").splitlines():
+            if line.startswith(WORKER_REPORT):
+                with contextlib.suppress(ValueError):
+                    report = json.loads(line[len(WORKER_REPORT) :])
+    return report
+
+
 def train_worker(spec_json: str) -> None:
-    """One stacked process of the column's training (run by :func:`_train_column` as a subprocess)."""
+    """One stacked process of the column's training (run by :func:`_train_column` as a subprocess). It prints its
+    report (:func:`_worker_report`) after the training and again after the evaluations."""
     import torch
 
     from iwae.config import build_train_config
     from iwae.evaluate import evaluate_run
-    from iwae.stacked import fit_stacked
+    from iwae.runs import resolve_device
+    from iwae.train import fit_runs
 
     spec = json.loads(spec_json)
     configs = [build_train_config(options) for options in spec["options"]]
     dirs = [Path(d) for d in spec["dirs"]]
     resume = any((d / "config.json").is_file() for d in dirs)
-    fit_stacked(
+    results = fit_runs(
         configs, dirs, resume=resume, device=spec["device"], data_dir=spec["data_dir"], progress=False,
         compile_model=spec["compile"], deadline=time.monotonic() + spec["train_seconds"],
-        checkpoint_minutes=10.0,
+        checkpoint_minutes=10.0, stack="on",
     )  # fmt: skip
+    device = resolve_device(spec["device"])
+    print(WORKER_REPORT + json.dumps(_worker_report(results, device)), flush=True)
     for run_dir in dirs:
         evaluate_run(
             run_dir, k=spec["eval_k"], limit=spec["eval_limit"], device=spec["device"], data_dir=spec["data_dir"],
             progress=False, prune_inactive=False,
         )  # fmt: skip
-    if spec["device"].startswith("cuda"):
+    if device.type == "cuda":
         torch.cuda.synchronize()
+    print(WORKER_REPORT + json.dumps(_worker_report(results, device)), flush=True)
 
 
 def _train_column(settings: CheckSettings, out: Path, data_dir: str | None, seconds_left: float) -> dict[str, Any]:
@@ -236,10 +335,12 @@ def _train_column(settings: CheckSettings, out: Path, data_dir: str | None, seco
             code = process.wait(timeout=max(1.0, seconds_left + 60 - (time.perf_counter() - started)))
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait()
             code = "killed at the time limit"
         log.close()
         if code != 0:
             failures[k] = f"exit {code}; see column-k{k}.log"
+    workers = {k: _read_worker_report(out / f"column-k{k}.log") for k, _, _ in processes}
     rows = []
     for k, options in _column_configs(settings).items():
         for o in options:
@@ -259,6 +360,7 @@ def _train_column(settings: CheckSettings, out: Path, data_dir: str | None, seco
                     "eval_examples": evaluation.get("n_examples"),
                     "paper_nll": paper[0] if paper else None,
                     "eval_seconds": evaluation.get("seconds"),
+                    "gradients": workers.get(k, {}).get("gradients", {}).get(run_dir.name),
                 }
             )
     return {
@@ -266,14 +368,18 @@ def _train_column(settings: CheckSettings, out: Path, data_dir: str | None, seco
         "wall_seconds": time.perf_counter() - started,
         "runs": rows,
         "failures": failures,
+        # per k, the process's report: its runs' steps and, on CUDA, its peak memory ({} if it printed none)
+        "workers": workers,
     }
 
 
 def run_check(settings: CheckSettings, out: str | Path, data_dir: str | None = None) -> dict[str, Any]:
-    """Run the check; write ``gpu-check.json`` and ``gpu-check.md`` into ``out``; return the JSON object."""
-    import torch
+    """Run the check; write ``gpu-check.json`` and ``gpu-check.md`` into ``out`` after every phase (atomically, so
+    an interruption leaves the last complete pair); return the JSON object.
 
-    from iwae.checkpoint import atomic_write_text
+    Each phase (``steps``, ``column_hours``, ``evaluation``, ``column``, ``agreement``) runs in a guard: one that
+    raises leaves its entry ``None`` and adds ``{"phase": ..., "error": one line}`` to ``errors``, and the check
+    goes on with the next."""
     from iwae.data import load_dataset
     from iwae.runs import resolve_device
 
@@ -281,22 +387,52 @@ def run_check(settings: CheckSettings, out: str | Path, data_dir: str | None = N
     device = resolve_device(settings.device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "settings": asdict(settings),
+        "environment": _environment(device),
+        "errors": [],
+        **dict.fromkeys(("steps", "column_hours", "evaluation", "column", "agreement")),
+    }
+
+    def phase(name: str, run: Any) -> None:
+        try:
+            result[name] = run()
+        except Exception as error:  # recorded; the next phases still run
+            result["errors"].append({"phase": name, "error": _one_line(error)})
+        finally:  # after a KeyboardInterrupt too: what was measured is kept
+            _write(result, out, device, started)
+
+    _write(result, out, device, started)
     dataset = load_dataset("mnist", data_dir, progress=False)
-    result: dict[str, Any] = {"settings": asdict(settings), "environment": _environment(device)}
-    images = dataset.train.images[:1000].to(device)
-    result["steps"] = _steps(settings, images)
-    result["column_hours"] = _column_hours(result["steps"], settings)
-    result["evaluation"] = _evaluation_speed(settings, dataset, device)
+    phase("steps", lambda: _steps(settings, dataset.train.images[:1000].to(device)))
+    if result["steps"] is not None:
+        phase("column_hours", lambda: _column_hours(result["steps"], settings))
+    phase("evaluation", lambda: _evaluation_speed(settings, dataset, device))
     seconds_left = settings.budget_seconds - (time.perf_counter() - started)
-    result["column"] = _train_column(settings, out, data_dir, seconds_left)
+    phase("column", lambda: _train_column(settings, out, data_dir, seconds_left))
     first = out / "column" / "{}-k{}".format(*settings.column[0])
-    result["agreement"] = _agreement(settings, dataset, device, first) if first.is_dir() else None
+    phase("agreement", lambda: _agreement(settings, dataset, device, first))
+    return result
+
+
+def _one_line(error: BaseException) -> str:
+    """``Type: the message's first line`` (at most 300 characters)."""
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0][:300]}" if message else type(error).__name__
+
+
+def _write(result: dict[str, Any], out: Path, device: Any, started: float) -> None:
+    """Rewrite ``gpu-check.json`` and ``gpu-check.md`` atomically with what ``result`` holds so far."""
+    import torch
+
+    from iwae.checkpoint import atomic_write_text
+
     result["seconds"] = time.perf_counter() - started
     if device.type == "cuda":
-        result["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-    atomic_write_text(out / "gpu-check.json", json.dumps(result, indent=2) + "\n")
+        with contextlib.suppress(RuntimeError):  # a CUDA error earlier can make any CUDA call fail
+            result["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9  # this process's only
+    atomic_write_text(out / "gpu-check.json", json.dumps(result, indent=2, default=str) + "\n")
     atomic_write_text(out / "gpu-check.md", markdown(result))
-    return result
 
 
 def _number(value: Any, digits: int = 2) -> str:
@@ -304,22 +440,25 @@ def _number(value: Any, digits: int = 2) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The check's summary as a reader wants it: environment, step table, evaluation, the column beside the paper."""
+    """The check's summary as a reader wants it: environment, step table, evaluation, the column beside the paper,
+    and the phases that failed. A phase not reached or failed reads "not measured"."""
     from iwae.lab.bench.stacked import markdown as steps_table
 
     env = result["environment"]
+    missing = "Not measured (see Errors)."
     lines = [
         "# GPU check",
         "",
         f"{env.get('gpu', env['device'])}, torch {env['torch']}"
         + (f", CUDA {env['cuda']}" if env.get("cuda") else "")
-        + f", iwae {env['iwae']}; {result['seconds']:.0f} s in all.",
+        + f", iwae {env['iwae']}; {result['seconds']:.0f} s in all"
+        + (f"; peak memory of this process {result['max_memory_gb']:.2f} GB." if "max_memory_gb" in result else "."),
         "",
         "## Training steps",
         "",
-        steps_table(result["steps"]),
+        steps_table(result["steps"]) if result.get("steps") is not None else missing,
     ]
-    hours = result["column_hours"]
+    hours = result.get("column_hours")
     if hours:
         lines += [
             f"Stacked step of the whole one-layer column at minibatch 20 ({hours['column_models']} models): "
@@ -328,38 +467,53 @@ def markdown(result: dict[str, Any]) -> str:
             f"{hours['burda_schedule_hours_column_single']:.2f} h for its models one at a time.",
             "",
         ]
-    ev, agreement = result["evaluation"], result["agreement"]
-    lines += [
-        "## Evaluation",
-        "",
-        f"L_{ev['eval_k']}: {ev['seconds_per_10000_images']:.1f} s per 10,000 test images (timed on "
-        f"{ev['timed_images']:,}).",
-    ]
-    if agreement:
+    ev, agreement = result.get("evaluation"), result.get("agreement")
+    lines += ["## Evaluation", ""]
+    if ev:
         lines.append(
-            f"The trained {agreement['model']} on the same {agreement['images']} binarised test images: NLL "
-            f"{agreement['nll_device']:.4f} on the device, {agreement['nll_cpu']:.4f} on the CPU, difference "
-            f"{agreement['nll_difference']:.4f} nats ({'within' if agreement['agree'] else 'NOT within'} "
-            f"{AGREEMENT_NATS})."
+            f"L_{ev['eval_k']}: {ev['seconds_per_10000_images']:.1f} s per 10,000 test images (timed on "
+            f"{ev['timed_images']:,})."
         )
-    lines += [
-        "",
-        "## The one-layer MNIST column, stacked, beside the paper",
-        "",
-        f"Settings: `{json.dumps(result['column']['settings'])}`; wall time {result['column']['wall_seconds']:.0f} s "
-        "(one stacked process per k, all at once).",
-        "",
-        "| objective | k | passes | train s | test NLL | examples | paper |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in result["column"]["runs"]:
+    else:
+        lines.append(missing)
+    if agreement and "skipped" in agreement:
+        lines.append(f"Device against CPU: skipped ({agreement['skipped']}).")
+    elif agreement:
         lines.append(
-            f"| {r['objective']} | {r['k']} | {r['passes']} of {r['passes_scheduled']} "
-            f"| {_number(r['train_seconds'], 0)} | {_number(r['nll'])} | {r['eval_examples'] or '—'} "
-            f"| {_number(r['paper_nll'])} |"
+            f"The trained {agreement['model']} on the same {agreement['images']} binarised test images and the same "
+            f"noise (drawn on the CPU): NLL {agreement['nll_device']:.4f} on the device, {agreement['nll_cpu']:.4f} "
+            f"on the CPU; mean paired difference {agreement['mean_difference']:.2e} nats, standard error "
+            f"{agreement['standard_error']:.1e}, largest per image {agreement['max_abs_difference']:.1e}: "
+            f"{'within' if agreement['agree'] else 'NOT within'} {agreement['tolerance']:.1e} "
+            f"({AGREEMENT_STANDARD_ERRORS:g} standard errors + {ROUNDING_NATS:g})."
         )
-    if result["column"]["failures"]:
-        lines += ["", "Failures: " + "; ".join(f"k = {k}: {why}" for k, why in result["column"]["failures"].items())]
+    column = result.get("column")
+    lines += ["", "## The one-layer MNIST column, stacked, beside the paper", ""]
+    if column is None:
+        lines.append(missing)
+    else:
+        lines += [
+            f"Settings: `{json.dumps(column['settings'])}`; wall time {column['wall_seconds']:.0f} s "
+            "(one stacked process per k, all at once).",
+            "",
+            "| objective | k | passes | train s | test NLL | examples | paper |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in column["runs"]:
+            lines.append(
+                f"| {r['objective']} | {r['k']} | {r['passes']} of {r['passes_scheduled']} "
+                f"| {_number(r['train_seconds'], 0)} | {_number(r['nll'])} | {r['eval_examples'] or '—'} "
+                f"| {_number(r['paper_nll'])} |"
+            )
+        lines.append("")
+        for k, report in column.get("workers", {}).items():
+            steps = sorted(set(report.get("gradients", {}).values())) or ["no report (see its log)"]
+            memory = f"; peak memory {report['max_memory_gb']:.2f} GB" if "max_memory_gb" in report else ""
+            lines.append(f"- k = {k}: {'; '.join(steps)}{memory}")
+        if column["failures"]:
+            lines += ["", "Failures: " + "; ".join(f"k = {k}: {why}" for k, why in column["failures"].items())]
+    if result.get("errors"):
+        lines += ["", "## Errors", ""] + [f"- {e['phase']}: {e['error']}" for e in result["errors"]]
     return "\n".join(lines) + "\n"
 
 

@@ -4,7 +4,7 @@ A sweep's workers are forked by a forkserver, itself a child of the sweep. Two m
 
 - On Linux the kernel signals a process when its parent ends (``prctl(PR_SET_PDEATHSIG, SIGKILL)``): the
   forkserver dies with the sweep, and each worker with the forkserver. The forkserver gets the setting by
-  importing this module first (:data:`iwae.lab.experiments.PRELOAD`): the import sets it in a process whose
+  importing this module first (:data:`iwae.lab.runner.PRELOAD`): the import sets it in a process whose
   parent is the sweep named in ``$IWAE_SWEEP_PID`` (the sweep sets it while starting the server), and nowhere
   else, so importing this module elsewhere changes nothing.
 - On every platform, :func:`watch` starts a thread in the worker that ends it (``os._exit``) within a second

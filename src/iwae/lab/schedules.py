@@ -16,7 +16,7 @@ from typing import Any
 
 from iwae.config import BURDA_BATCH_SIZE, TrainConfig
 from iwae.lab.bench.settings import BURDA_TRAIN_IMAGES
-from iwae.lab.experiments import train_config
+from iwae.lab.grid import train_config
 from iwae.train import total_steps
 
 MATCH_NATS = 0.3  # the study's criterion: within this many nats of the minibatch-20 cell

@@ -2,7 +2,7 @@
 
 A sweep is the database's one writer: its workers and cluster jobs write each run's row to the run's
 ``result.json``, which the sweep (or ``iwae results DIR --rescan``) indexes here
-(:mod:`iwae.lab.experiments`), so no process on another machine writes the file over a shared file
+(:mod:`iwae.lab.sweep`), so no process on another machine writes the file over a shared file
 system. Processes on one machine may still write at once (``execute`` called by a launcher, readers
 during a sweep): the database runs in WAL mode (readers never block the writer), every connection
 waits up to ``BUSY_TIMEOUT_S`` for a lock, and each write is one short transaction retried with

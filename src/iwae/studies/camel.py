@@ -1,4 +1,5 @@
-"""The 1-D "camel" density: a VAE and an IWAE fitted to a two-hump mixture (REFERENCE section 5).
+"""The 1-D "camel" density: a VAE and an IWAE fitted to a two-hump mixture (after a reproduction
+report of Burda et al.; its numbers and their source are in docs/references.md).
 
 Data: ``p(x) = 0.5 N(-1, 0.5^2) + 0.5 N(1, 0.5^2)``. Model: a 1-D latent with p(z) = N(0, 1),
 q(z | x) and p(x | z) Gaussian with mean and log-std from 2 x 5 tanh networks. The true

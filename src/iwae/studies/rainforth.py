@@ -156,7 +156,7 @@ def gradient_checks(
     deviation of the decoder's mean gradient from the limit, and in standard errors (``decoder_max_abs_z``), and
     the root-mean-square of the encoder's mean gradient. Also the exact ``log p(x)``, the exact ELBO, and the
     IWAE bound at the largest K averaged over ``draws`` estimates (all averaged over the batch)."""
-    limit = -model.log_marginal_gradient_mu(x).mean(dim=0).numpy()
+    limit = -model.log_marginal_gradient_mu(x).mean(dim=0).detach().cpu().numpy()
     checks: dict = {"decoder_limit": limit.tolist(), "per_estimator": {}}
     for est, means in mean_gradients.items():
         rows: dict[str, list[float]] = {"decoder_max_abs_error": [], "decoder_max_abs_z": [], "encoder_rms_mean": []}

@@ -8,9 +8,9 @@ thread count, on the first ``n_train`` MNIST training images binarised dynamical
 pre-binarised minibatches, so binarisation is outside the timer):
 
 - ``iwae``: one training step of this library exactly as :func:`iwae.train.fit` takes it:
-  :func:`iwae.train.clear_gradients`, :func:`iwae.train.training_step` (IWAE objective, standard estimator)
-  and :func:`iwae.train.optimizer_step` with the optimiser of :func:`iwae.train.build_optimizer`, on the step path
-  that :func:`iwae.train.choose_step_path` picks for the run (the fast layer's, or ``torch.compile`` with
+  :func:`iwae.steps.clear_gradients`, :func:`iwae.steps.training_step` (IWAE objective, standard estimator)
+  and :func:`iwae.steps.optimizer_step` with the optimiser of :func:`iwae.steps.build_optimizer`, on the step path
+  that :func:`iwae.steps.choose_step_path` picks for the run (the fast layer's, or ``torch.compile`` with
   ``--compile``, as ``iwae train --compile`` takes it).
 - ``plain``: the same model written the obvious way (``nn.Sequential`` tanh MLPs, ``torch.distributions``
   Normal/Bernoulli with k as a leading dimension, ``logsumexp - log k``, ``torch.optim.Adam``), started

@@ -30,7 +30,8 @@ from iwae.lab.bench.settings import (
 )
 from iwae.lab.bench.timing import Timed, synchronizer, time_round_robin
 from iwae.models import LatentVariableModel, ModelConfig
-from iwae.train import build_model, build_optimizer, choose_step_path, clear_gradients, optimizer_step, training_step
+from iwae.steps import build_optimizer, choose_step_path, clear_gradients, optimizer_step, training_step
+from iwae.train import build_model
 
 
 def binarised_pool(images: Tensor, batch: int, generator: torch.Generator, n: int = POOL_BATCHES) -> list[Tensor]:

@@ -26,7 +26,7 @@ def native_kernels(device: torch.device) -> str:
 
 
 def gradient_path(settings: BenchSettings) -> str:
-    """How the iwae training steps get their gradients (:func:`iwae.train.training_step`'s choice)."""
+    """How the iwae training steps get their gradients (:func:`iwae.steps.training_step`'s choice)."""
     if settings.compile:
         return "torch.compile (iwae train --compile)"
     return training_path(LatentVariableModel(ModelConfig.burda(1)), IWAE(), "standard").description

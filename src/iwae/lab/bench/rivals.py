@@ -112,7 +112,7 @@ class PlainIWAE(nn.Module):
 
 
 def adam_settings(config: TrainConfig) -> dict[str, Any]:
-    """Learning rate, betas and epsilon of :func:`iwae.train.build_optimizer` for ``config``."""
+    """Learning rate, betas and epsilon of :func:`iwae.steps.build_optimizer` for ``config``."""
     return {"lr": config.stages[0][1], "betas": (config.beta1, config.beta2), "eps": config.adam_eps}
 
 

@@ -3,7 +3,7 @@ device trains when N models share each step (:mod:`iwae.stacked`).
 
 For each (k, minibatch) the bench times, round-robin in one process, on pre-binarised minibatches of MNIST:
 
-- ``single``: one step of one model as ``iwae train`` takes it (:func:`iwae.train.choose_step_path`: on the CPU
+- ``single``: one step of one model as ``iwae train`` takes it (:func:`iwae.steps.choose_step_path`: on the CPU
   the fast layer's C++ step, elsewhere autograd), noise drawn from the run's generator;
 - ``stacked``: one step of N models as ``iwae train --seeds`` takes it (:class:`iwae.stacked.StackedStep` and one
   Adam; each model's noise from its own generator): ``eager``, or with ``--compile`` (:func:`iwae.stacked.step_mode`)
@@ -27,7 +27,15 @@ from iwae.lab.bench.settings import TRAINING_MIN_SECONDS
 from iwae.lab.bench.timing import Timed, synchronizer, time_round_robin
 from iwae.models import ModelConfig
 from iwae.stacked import ModelStack, StackedStep, step_mode
-from iwae.train import build_model, build_optimizer, choose_step_path, clear_gradients, optimizer_step, training_step
+from iwae.steps import (
+    build_optimizer,
+    choose_step_path,
+    clear_gradients,
+    optimizer_for,
+    optimizer_step,
+    training_step,
+)
+from iwae.train import build_model
 
 
 def measure(
@@ -65,7 +73,7 @@ def measure(
 
     stacked_models = [build_model(c, images, device) for c in configs]
     stack = ModelStack(stacked_models)
-    optimizer = stack.build_optimizer(configs[0])
+    optimizer = optimizer_for(stack.parameters(), configs[0])
     step = StackedStep(stack, [c.objective for c in configs], "standard", step_mode(device, compile_model))
     stacked_calls = iter(range(10**12))
 

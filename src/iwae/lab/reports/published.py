@@ -2,12 +2,12 @@
 
 Burda, Grosse and Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016, Tables 1 and 2 and Appendix D
 (:data:`PUBLISHED_TABLE1`, :data:`PUBLISHED_TABLE2`), and Rainforth et al. (ICML 2018) for the other objectives
-(:data:`PUBLISHED_RAINFORTH`), as transcribed in REFERENCE.md section 4.
+(:data:`PUBLISHED_RAINFORTH`), as transcribed, with their sources, in docs/references.md.
 """
 
 from __future__ import annotations
 
-SOURCE = "Burda, Grosse & Salakhutdinov (ICLR 2016), via REFERENCE.md section 4"
+SOURCE = "Burda, Grosse & Salakhutdinov (ICLR 2016), Tables 1 and 2 and Appendix D"
 
 # (dataset, stochastic layers, k, objective) -> (test NLL in nats, active units per layer or None).
 PUBLISHED_TABLE1: dict[tuple[str, int, int, str], tuple[float, tuple[int, ...] | None]] = {
@@ -62,9 +62,9 @@ PUBLISHED_TABLE2: dict[tuple[tuple[str, int], tuple[str, int]], dict[str, tuple[
 }
 BURDA_PASSES = 3280
 
-# Rainforth et al. (ICML 2018), MNIST, one stochastic layer, 64 samples; marked unverified in
-# REFERENCE.md section 4 (taken from secondary sources). (variant, estimator, k) -> test NLL.
-RAINFORTH_SOURCE = "Rainforth et al. (ICML 2018), unverified, via REFERENCE.md section 4"
+# Rainforth et al. (ICML 2018), MNIST, one stochastic layer, 64 samples; unverified: taken from secondary sources
+# (a reproduction's README and pythae's reproducibility notes; docs/references.md). (variant, estimator, k) -> test NLL.
+RAINFORTH_SOURCE = "Rainforth et al. (ICML 2018), unverified: from secondary sources (docs/references.md)"
 PUBLISHED_RAINFORTH: dict[tuple[str, str, int], float] = {
     ("iwae", "standard", 64): 84.52,
     ("miwae(M=8)", "standard", 64): 84.97,

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from iwae.config import AUTHORS_PROTOCOL, BURDA_BATCH_SIZE, BURDA_STAGES, TrainConfig
 from iwae.data import IDX_VALIDATION_IMAGES
-from iwae.lab.experiments import inside, train_config
+from iwae.lab.grid import inside, train_config
 from iwae.lab.store import DB_FILE, ResultStore
 from iwae.models import ModelConfig
 

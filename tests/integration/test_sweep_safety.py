@@ -13,18 +13,21 @@ from contextlib import suppress
 from pathlib import Path
 
 import pytest
-from test_experiments import TINY as EXPERIMENT_TINY
+from tiny_runs import TINY as LAB_TINY
 
 from iwae import runs
 from iwae.cli import main
 from iwae.cli.sweep import _finish
-from iwae.lab import experiments, locks
-from iwae.lab.experiments import RUN_LOCK, SWEEP_LOCK, expand_grid, resolved_specs, run_sweep
+from iwae.lab import locks
+from iwae.lab import run as lab_run
+from iwae.lab.grid import expand_grid, load_grid
 from iwae.lab.reports import load_records, write_report
+from iwae.lab.run import RESULT_FILE, RUN_LOCK
 from iwae.lab.store import ResultStore
+from iwae.lab.sweep import SWEEP_LOCK, execute, resolved_specs, run_sweep
 
 IWAE = [sys.executable, "-m", "iwae"]
-TINY = {**EXPERIMENT_TINY, "epochs": 1}  # test_experiments' tiny run, one pass
+TINY = {**LAB_TINY, "epochs": 1}  # the lab's tiny run, one pass
 
 
 def _toml(grid: dict) -> str:
@@ -130,7 +133,7 @@ def test_a_run_held_by_another_process_is_not_trained_twice(tmp_path: Path) -> N
     run_dir = tmp_path / "runs" / spec.name
     run_dir.mkdir(parents=True)
     with locks.hold(run_dir / RUN_LOCK, what="a test"):
-        name, status, error = experiments.execute(spec.to_dict(), tmp_path, device="cpu")
+        [(name, status, error)] = execute([spec.to_dict()], tmp_path, device="cpu")
         assert (name, status) == (spec.name, "busy") and f"pid {os.getpid()} on host" in error
         assert not (run_dir / runs.CONFIG_FILE).exists() and not (tmp_path / "results.sqlite").exists()
         summary = run_sweep(grid, tmp_path, device="cpu", progress=False)  # its worker finds the run held
@@ -203,14 +206,14 @@ def test_a_report_embeds_only_files_inside_the_sweep_folders(tmp_path: Path) -> 
         ({"eval_k": 0}, "eval_k must be a whole number >= 1"),
         ({"eval_split": "validation"}, "eval_split must be train, valid or test"),
         ({"k": 1.5}, "k must be a whole number"),
-        ({"lr": "fast"}, "lr must be a number > 0"),
+        ({"lr": "fast"}, "learning rate must be a finite number > 0"),
         ({"epochs": 2.5}, "epochs must be a whole number >= 1"),
         ({"eval_limit": 0}, "eval_limit must be a whole number >= 1"),
         ({"eval_seed": "x"}, "eval_seed must be a whole number"),
         ({"eval_batch_size": 0}, "eval_batch_size must be a whole number >= 1"),
         ({"samples": "yes"}, "samples must be true or false"),
         ({"dataset": "cifar"}, "dataset must be one of"),
-        ({"beta1": 1.5}, r"beta1 must be a number in \[0, 1\)"),
+        ({"beta1": 1.5}, r"beta1 \(Adam\) must be a number in \[0, 1\)"),
         ({"init_from": "/no/such/run"}, "neither a run of this grid nor a finished run directory"),
     ],
 )
@@ -254,7 +257,7 @@ def test_a_sweep_whose_runs_fail_exits_1_with_its_summary(tmp_path: Path, capsys
         + '[[phase]]\nname = "base"\n[phase.fixed]\nlatent_dims = [4]\n[phase.axes]\nobjective = ["iwae"]\n'
         + '[[phase]]\nname = "cont"\n[phase.fixed]\nlatent_dims = [5]\ninit_from = "base-iwae"\n'
     )  # the continued run has another architecture than its base: it fails as it loads the base's weights
-    assert [s.name for s in expand_grid(experiments.load_grid(grid))] == ["base-iwae", "cont"]
+    assert [s.name for s in expand_grid(load_grid(grid))] == ["base-iwae", "cont"]
     with pytest.raises(SystemExit) as exit_:
         main(["sweep", str(grid), "--out", str(tmp_path / "out"), "--device", "cpu", "--no-progress"])
     assert exit_.value.code == 1
@@ -274,13 +277,13 @@ def test_a_diverged_run_is_recorded_as_diverged(tmp_path: Path, monkeypatch) -> 
     def diverge(*args, **kwargs):
         raise DivergenceError("training diverged in epoch 1 at learning rate 0.1 (the bound is nan)")
 
-    monkeypatch.setattr(experiments, "run_one", diverge)
+    monkeypatch.setattr(lab_run, "run_one", diverge)
     (spec,) = resolved_specs({"fixed": {**TINY, "k": 2}}, tmp_path)
-    name, status, error = experiments.execute(spec.to_dict(), tmp_path, device="cpu")
+    [(name, status, error)] = execute([spec.to_dict()], tmp_path, device="cpu")
     assert status == "diverged" and "training diverged in epoch 1" in error
     row = ResultStore.in_dir(tmp_path).get(name)
     assert row["status"] == "diverged" and row["error"] == error
-    assert json.loads((tmp_path / "runs" / name / experiments.RESULT_FILE).read_text())["status"] == "diverged"
+    assert json.loads((tmp_path / "runs" / name / RESULT_FILE).read_text())["status"] == "diverged"
 
 
 def test_the_exit_summary_names_every_kind_of_trouble(capsys) -> None:

@@ -128,3 +128,16 @@ def test_private_pytorch_apis_are_there() -> None:
     assert native_step.cxx11_abi() == torch.compiled_with_cxx11_abi()
     if torch.backends.mkldnn.is_available():
         assert native.fused_linear_works(), "torch.ops.mkldnn._linear_pointwise is gone or differs from F.linear"
+
+
+def test_a_model_off_the_cpu_is_described_without_building_the_cpu_only_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU (here the ``meta`` device) the C++ step cannot serve; saying so must not compile it (50 s on a fresh
+    machine) just to name it in the description."""
+
+    def no_build() -> str:
+        raise AssertionError("the C++ step was built to describe a model it cannot serve")
+
+    monkeypatch.setattr(native_step, "status", no_build)
+    model = LatentVariableModel(ModelConfig(12, (3,), ((8,),))).to("meta")
+    description, served = fast.gradient_path(model, IWAE(), "standard")
+    assert served and "not float32 on the CPU" in description

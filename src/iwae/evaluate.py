@@ -194,16 +194,28 @@ def estimate_log_likelihood(
     pruned: Model | None = None,
     progress: bool = False,
 ) -> dict[str, Tensor]:
-    """Per-example L_k with samples streamed in chunks of ``max_rows // batch`` (float64 log-mean-exp), for any
-    model that follows :class:`iwae.protocol.Model`.
+    """Per-example L_k, the k samples drawn in chunks of ``max_rows // batch_size`` (float64 log-mean-exp).
 
-    With the default 5,000 rows per chunk the largest temporary (``[rows, x_dim]`` float32 logits) is
-    16 MB for MNIST, whatever k is. q(h_1 | x) is computed once per minibatch, not per chunk (the same
-    numbers: the chunks get it as ``first_q``). Each example is binarised once. Returns
-    float64 ``[n]`` tensors: ``log_lik`` (L_k), ``recon`` (mean of log p(x | h) over the k samples),
-    ``kl`` (mean of log q - log p(h)) and, if ``unit_masks`` or ``pruned`` is given, ``log_lik_active``: L_k of
-    the model with masked units removed, or of the model ``pruned`` (say, :meth:`LatentVariableModel.without_units`),
-    from the same binarised examples.
+    Each example is binarised once. For Burda's models q(h_1 | x) is computed once per minibatch and passed to the
+    chunks as ``first_q`` (the same numbers).
+
+    Args:
+        model: any model that follows :class:`iwae.protocol.Model`.
+        split: the examples, ``[n, x_dim]``.
+        binarization: how the examples are binarised (:func:`iwae.data.binarize`).
+        k: samples per example.
+        generator: the source of the binarisation and the samples.
+        batch_size: examples per minibatch.
+        max_rows: sample rows per chunk; the largest temporary is ``[max_rows, x_dim]`` float32 logits
+            (16 MB for MNIST at the default), whatever k is.
+        unit_masks: per layer, ``[d_j]`` float masks of the units kept (Burda's models only).
+        pruned: a smaller model (say, :meth:`LatentVariableModel.without_units`), instead of ``unit_masks``.
+        progress: show a progress bar.
+
+    Returns:
+        Float64 ``[n]`` tensors: ``log_lik`` (L_k), ``recon`` (mean of log p(x | h) over the k samples), ``kl``
+        (mean of log q - log p(h)) and, with ``unit_masks`` or ``pruned``, ``log_lik_active``: L_k of the model
+        with the masked units removed, or of ``pruned``, on the same binarised examples.
     """
 
     def is_burda(candidate: Model) -> bool:
@@ -268,25 +280,32 @@ def evaluate_model(
 ) -> EvalResult:
     """NLL = -mean L_k over ``split``, active units, and the reconstruction and KL terms.
 
-    ``authors_split``: the run's training images; the authors' active units (``active_units_authors``) come from
-    its first 500 (:func:`authors_unit_variances`, with a generator of its own seeded ``seed``, so they do not move
-    the L_k draws). None leaves them out.
+    Args:
+        model: the model to evaluate.
+        split: the examples, ``[n, x_dim]``, at least 2.
+        binarization: how the examples are binarised (:func:`iwae.data.binarize`).
+        k: samples per example of L_k.
+        seed: seeds the binarisation and the samples.
+        split_name: the split's name, for the result.
+        authors_split: the run's training images; the authors' active units (``active_units_authors``) come from
+            its first 500 (:func:`authors_unit_variances`, with a generator of their own seeded ``seed``, so they
+            do not move the L_k draws). None leaves them out.
+        prune_inactive: also compute the pruned NLL (``nll_active_only``).
+        units: whose inactive units the pruned NLL leaves out: ``"ours"`` masks the units with ``A_u <= 0.01``
+            over ``split``; ``"authors"`` (needs ``authors_split``) cuts the units with an authors' variance under
+            0.01 out of the weights (:meth:`LatentVariableModel.without_units`). A layer the authors' variances
+            would empty is masked instead (a :class:`~iwae.models.ModelConfig` has no empty layer).
+        batch_size: examples per minibatch of L_k.
+        progress: show a progress bar.
+        compile_model: draw the L_k samples through ``torch.compile(model)`` (the noise still comes eagerly from
+            the seeded generator; the same results up to rounding). For GPUs: on a CPU where the fast paths run,
+            eager is faster (docs/performance.md#switching-the-fast-paths-off-and-compile).
+        accelerate: returns the model to draw the L_k samples from, computing the same values faster (``iwae
+            eval`` passes :func:`iwae.fast.for_evaluation`); None draws them from ``model`` itself.
+        max_rows: sample rows per chunk of L_k (default :func:`chunk_rows` of the model's device).
 
-    ``units``: whose inactive units the pruned NLL (``nll_active_only``, with ``prune_inactive``) leaves out:
-    ``"ours"`` masks the units with ``A_u <= 0.01`` over ``split``; ``"authors"`` (needs ``authors_split``) cuts the
-    units with an authors' variance under 0.01 out of the weights (:meth:`LatentVariableModel.without_units`) and
-    evaluates that smaller model on the same binarised examples. A layer the authors' variances would empty is
-    masked instead (a :class:`~iwae.models.ModelConfig` has no empty layer; the masked model is the same model).
-
-    ``max_rows``: sample rows per chunk of L_k (default :func:`chunk_rows` of the model's device).
-
-    ``accelerate``: a function that returns the model to draw the L_k samples from, computing the same values
-    faster (``iwae eval`` passes :func:`iwae.fast.for_evaluation`); None evaluates ``model`` itself.
-
-    ``compile_model``: draw the L_k samples through ``torch.compile(model)`` (the noise still comes
-    eagerly from the seeded generator; results equal the eager path's up to rounding). Compiling takes
-    tens of seconds. On a CPU where :mod:`iwae.fast.native`'s paths run, the eager model is faster (measured
-    20 against 25 s per 1,000 images); compiling is for other devices.
+    Returns:
+        The :class:`EvalResult`.
     """
     if len(split) < 2:
         raise ValueError(f"evaluation needs at least 2 examples (active units are a variance), got {len(split)}")
@@ -375,13 +394,24 @@ def evaluate_run(
     dataset: Dataset | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> EvalResult:
-    """Evaluate a run directory's model and write ``eval.json`` into it (``units``, ``accelerate``: see
-    :func:`evaluate_model`; the authors' protocol is ``units="authors", batch_size=20``).
+    """Evaluate a run directory's model and write the result to ``eval.json`` and :func:`eval_file_name` in it.
 
     The data are the run's: its binarisation and its training split (:func:`iwae.data.for_run`), so the authors'
-    active units come from the first 500 images the run trained on, binarised the run's way. ``dataset``: the run's
-    dataset already loaded (None loads it, from ``data_dir``). ``extra``: more fields for the files written, after
-    the result's (the lab records its evaluation settings there, ``eval_settings``)."""
+    active units come from the first 500 images the run trained on. The authors' protocol is
+    ``units="authors", batch_size=20``. The other arguments are :func:`evaluate_model`'s.
+
+    Args:
+        run_dir: the run directory; must be writable.
+        limit: only the first ``limit`` examples of the split.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
+        dataset: the run's dataset already loaded (None loads it, from ``data_dir``).
+        extra: more fields for the files written, after the result's (the lab records its evaluation settings
+            there, ``eval_settings``).
+
+    Raises:
+        RunError: the model cannot be loaded or is non-finite (nothing is written), or ``run_dir`` is not
+            writable.
+    """
     if units not in UNIT_DEFINITIONS:  # refused before the model and the data are loaded
         raise ValueError(f"units must be one of {', '.join(UNIT_DEFINITIONS)}, got {units!r}")
     run_dir = Path(run_dir)

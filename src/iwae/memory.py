@@ -18,9 +18,9 @@ from iwae.models import ModelConfig
 from iwae.runs import RunError
 
 # A training step keeps, per sample row (k x minibatch rows), every layer's outputs of the encoder and decoder for the
-# backward pass, their gradients and the estimator's temporaries: about this many float32 values per layer output.
-# Measured on the CPU at k = 2000 (both paths, one and two layers): 1.1 to 1.2; a little more here, so that a refused
-# run would have needed at least most of the machine's memory.
+# backward pass, their gradients and the estimator's temporaries: about this many float32 values per layer output, a
+# margin above the measured ratio (docs/cli.md#iwae-train), so that a refused run would have needed at least most of
+# the machine's memory.
 STEP_COPIES = 1.5
 PARAMETER_COPIES = 8  # parameters, gradients, Adam's two moments, the fast path's and the checkpoint's copies
 

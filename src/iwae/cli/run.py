@@ -27,9 +27,8 @@ from iwae.settings import COMMAND_LINE
 # functions below; the training settings come from iwae.settings and the choices from iwae.names, which import
 # nothing heavy.
 
-# iwae eval's largest --k: L_k costs k samples per example, and at 10^6 the 10,000 MNIST test examples already take
-# about 11 hours on this project's 2-core CPU (20 s per 1,000 examples at k = 5000); memory is bounded whatever k is
-# (iwae.evaluate draws the samples in chunks).
+# iwae eval's largest --k: time grows with k (hours for the test set at this cap: docs/cli.md#iwae-eval), memory does
+# not (iwae.evaluate draws the samples in chunks).
 MAX_EVAL_K = 1_000_000
 DEFAULT_EVAL_BATCH = 100
 
@@ -74,7 +73,7 @@ def register(subparsers) -> None:
         action="store_true",
         help="on CUDA: each training step captured once as a CUDA graph and replayed; elsewhere: autograd through "
         "torch.compile (model, bound and surrogates as one graph) instead of the default explicit "
-        "backpropagation, which was faster on a 2-core CPU",
+        "backpropagation, which is faster on a CPU",
     )
     p.add_argument(
         "--stack",
@@ -142,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> dict | list[dict]:
     config = _train_config(args)
     from iwae.fast import allocator
 
-    # Training starts with glibc's malloc thresholds fixed (iwae.fast.allocator): faster steps with large
+    # Training starts with glibc's malloc thresholds fixed (iwae.fast.allocator): no page faults for large
     # temporaries, at the cost of freed memory kept resident, which eval and sample would pay for nothing.
     allocator.configure()
     options = {

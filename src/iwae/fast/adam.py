@@ -1,13 +1,15 @@
 """Adam's update without the Python around it: the fused kernel called directly (``torch._fused_adam_``).
 
-``torch.optim.Adam(fused=True).step()`` spends about as long grouping tensors by device and dtype, checking flags,
-running hooks and profiling as its kernel takes at Burda's minibatch 20. :func:`adam_step` makes the two calls that
-``Adam.step`` makes (the step counts' increment and the fused kernel) once every parameter has its state: the same
-update, bit for bit (``tests/test_fast.py``). Anything else goes through ``optimizer.step()``.
+``torch.optim.Adam(fused=True).step()`` spends time grouping tensors by device and dtype, checking flags, running
+hooks and profiling: a noticeable part of a step at Burda's minibatch 20
+(docs/performance.md#what-makes-the-difference).
+:func:`adam_step` makes the two calls that ``Adam.step`` makes (the step counts' increment and the fused kernel) once
+every parameter has its state: the same update, bit for bit (``tests/test_fast.py``). Anything else goes through
+``optimizer.step()``.
 
 Private PyTorch API: ``torch._fused_adam_`` and the optimizer's hook lists. :func:`available` checks that they are
-there (and the public ``optimizer.step()`` serves where not); ``tests/test_fast.py`` fails loudly on a PyTorch that
-changed them, so the change is seen rather than silently slower.
+there (the public ``optimizer.step()`` serves where not); ``tests/test_fast.py`` fails loudly on a PyTorch that
+changed them.
 """
 
 from __future__ import annotations
@@ -62,12 +64,10 @@ def direct_arguments(optimizer: torch.optim.Optimizer) -> tuple[list[list[torch.
 
 
 def adam_step(optimizer: torch.optim.Optimizer) -> None:
-    """``optimizer.step()``. For :func:`build_optimizer`'s fused Adam, once every parameter has its state, it makes
-    the two calls that ``Adam.step`` makes (the step counts' increment and the fused kernel) without the Python
-    around them (grouping by device and dtype, checks, hooks, profiling), which at Burda's minibatch 20 cost about
-    as much as the kernel: the same update, bit for bit (``tests/test_fast.py``). Anything else (step hooks,
-    several groups, devices or dtypes, amsgrad, weight decay, a parameter without a gradient) goes through
-    ``optimizer.step()``."""
+    """``optimizer.step()``, for a fused Adam with state as two direct kernel calls (bit for bit the same update).
+
+    Anything else (step hooks, several groups, devices or dtypes, amsgrad, weight decay, a parameter without a
+    gradient, the first step) goes through ``optimizer.step()``."""
     direct = direct_arguments(optimizer)
     if direct is None:
         optimizer.step()

@@ -1,25 +1,17 @@
 """Keep freed tensor memory in the process instead of handing it back to the OS after every step (glibc).
 
-PyTorch's CPU tensors come from ``malloc``. glibc serves a block above its *mmap threshold* with a fresh
-``mmap`` and unmaps it when it is freed; the threshold starts at 128 KiB and rises only as the process frees
-such blocks, to at most 32 MiB, and more than twice the threshold free at the top of the heap is trimmed
-back to the OS. A training step allocates the same large temporaries every time (the ``[k, batch, x_dim]``
-logits and their gradient), so whether all their pages are faulted in again on every step depends on the
-block sizes and on what the process happened to free before. Measured on the project's 2-core CPU: at
-k = 50, minibatch 1,000 (160 MB of logits, above any dynamic threshold) 162,000 page faults and 770-790 ms
-a step, against none and 500-510 ms with the thresholds fixed as below; at minibatch 20 in a fresh process
-2,400 faults and 19-20 ms, against none and 12-15 ms (``iwae train`` had already raised the threshold by
-loading MNIST, so it was close to the fixed case there).
+PyTorch's CPU tensors come from ``malloc``. glibc serves a block above its *mmap threshold* with a fresh ``mmap`` and
+unmaps it when freed; the threshold starts at 128 KiB and rises, to at most 32 MiB, only as the process frees such
+blocks, and more than twice the threshold free at the top of the heap is trimmed back to the OS. A training step
+allocates the same large temporaries every time (the ``[k, batch, x_dim]`` logits and their gradient), so their pages
+may be faulted in again on every step (docs/performance.md#what-makes-the-difference).
 
-:func:`configure` fixes both thresholds with ``mallopt``, which also turns glibc's adjustment off: blocks up
-to :data:`MMAP_THRESHOLD` come from the heap and stay mapped when freed, and the heap is trimmed only when
-more than :data:`TRIM_THRESHOLD` is free at its top. The price is freed memory kept resident: peak resident
-memory rose from 1.13 to 1.32 GB in that minibatch-1,000 training run, and from 0.80 to 1.32 GB in an
-``iwae eval`` of the test set, which gained no speed. So the command line calls it only for the commands
-that train, ``iwae train`` and ``iwae bench`` (so that every implementation the bench compares trains
-under the same settings); library users can call it themselves.
-``IWAE_FAST`` without ``allocator`` (:mod:`iwae.fast.switches`), or a C library other than glibc, leaves
-the allocator as it is.
+:func:`configure` fixes both thresholds with ``mallopt``, which also turns glibc's adjustment off: blocks up to
+:data:`MMAP_THRESHOLD` come from the heap and stay mapped when freed, and the heap is trimmed only when more than
+:data:`TRIM_THRESHOLD` is free at its top. The price is freed memory kept resident, so the command line calls it only
+for the commands that train, ``iwae train`` and ``iwae bench`` (so that every implementation the bench compares
+trains under the same settings); library users can call it themselves. ``IWAE_FAST`` without ``allocator``
+(:mod:`iwae.fast.switches`), or a C library other than glibc, leaves the allocator as it is.
 """
 
 from __future__ import annotations

@@ -4,28 +4,22 @@ Shape convention: samples first. ``x`` is ``[batch, x_dim]``; the noise and late
 ``[k, batch, d_j]``; log-weights and their gradient are ``[k, batch]``.
 
 :func:`accumulate_gradients` computes what :func:`iwae.estimators.estimate` followed by
-:func:`iwae.estimators.backward` computes, for every objective and estimator of :mod:`iwae.estimators`, on a
+:func:`iwae.estimators.backward` computes, for every objective and estimator, on a
 :class:`~iwae.models.LatentVariableModel` (Bernoulli or Gaussian observations; tanh, relu or softplus layers):
 
 1. the forward pass of :meth:`~iwae.models.LatentVariableModel.sample_with_noise`, keeping each layer's output;
-2. the loss's gradients with respect to the log-weights ``[k, batch]``, as the core's estimator defines them
-   (:func:`iwae.estimators.log_weight_gradients`): the decoder's, and the encoder's where it differs;
-3. the chain rule through the network by hand: a matmul for each weight gradient and each input gradient, a row sum
-   for each bias, the activation's derivative from its saved outputs, and closed forms for the Gaussian densities
-   (``h = mean + exp(log_std) * eps``; ``log q`` written with ``eps``, so it depends on ``log_std`` alone, or with
-   q's parameters stopped for STL and DReG, so that it depends on ``h`` and, above the first layer, on the layer
-   below through q's network). The decoder's parameters take the decoder's gradient; the latents, and through
-   them the encoder, take the encoder's.
+2. the loss's gradients in the log-weights ``[k, batch]`` (:func:`iwae.estimators.log_weight_gradients`): the
+   decoder's, and the encoder's where it differs;
+3. the chain rule by hand: a matmul per weight and input gradient, a row sum per bias, the activation's derivative
+   from its saved outputs, and closed forms for the Gaussian densities (``h = mean + exp(log_std) * eps``; ``log q``
+   written with ``eps``, or with q's parameters stopped for STL and DReG). The decoder's parameters take the
+   decoder's gradient; the latents, and through them the encoder, take the encoder's.
 
-The arithmetic is the same as autograd's (the tests compare them in float64 and float32); what goes is autograd's
-bookkeeping (recording the graph, saving tensors, the engine's traversal, the composite ``logsumexp`` backward).
-At Burda's minibatch 20 a step is small enough for that to matter: on this project's CPU a k = 5, batch 20 step was
-1.2x faster, a DReG step 1.3x. Where it does not apply, training goes through autograd as before;
-``IWAE_FAST=-backprop`` turns this path off (:mod:`iwae.fast.switches`).
-
-On Burda's models (Bernoulli observations, tanh layers) in float32 on the CPU, the forward and backward passes run in
-C++ (:mod:`iwae.fast.step`, for which this module's Python is the reference), for every objective and estimator:
-two Python calls per step instead of about 80, 1.2-1.4x faster again at minibatch 20 on this project's CPU.
+The arithmetic is autograd's (the tests compare them in float64 and float32); what goes is autograd's bookkeeping,
+which matters at Burda's minibatch 20 (docs/performance.md#what-makes-the-difference). Elsewhere training goes
+through autograd; ``IWAE_FAST=-backprop`` turns this path off (:mod:`iwae.fast.switches`). On Burda's models
+(Bernoulli observations, tanh layers) in float32 on the CPU the passes run in C++ (:mod:`iwae.fast.step`), for which
+this module is the reference.
 """
 
 from __future__ import annotations
@@ -239,14 +233,20 @@ def _backward(
 def accumulate_gradients(
     model: LatentVariableModel, x: Tensor, noise: list[Tensor], objective: Objective | str, estimator: str = "standard"
 ) -> Tensor:
-    """Add the estimator's loss gradients (``-mean`` of each surrogate, for its own part of the model) to every
-    parameter's ``.grad``.
+    """Add the estimator's loss gradients (``-mean`` of each surrogate) to every parameter's ``.grad``.
 
-    ``noise`` is :meth:`~iwae.models.LatentVariableModel.draw_noise`'s; the model must be one that :func:`applies`
-    to. Returns the bound to report, ``[batch]``, as :func:`iwae.estimators.estimate` would.
+    Where :func:`iwae.fast.step.applies` (Burda's models in float32 on the CPU) the forward and backward passes run
+    in C++, and only the log-weights' gradients here.
 
-    Where :func:`iwae.fast.step.applies` (Burda's models in float32 on the CPU), the forward and backward passes
-    run in C++, and only the log-weights' gradients here.
+    Args:
+        model: a model that :func:`applies` to.
+        x: the minibatch, ``[batch, x_dim]``.
+        noise: :meth:`~iwae.models.LatentVariableModel.draw_noise`'s noise, one ``[k, batch, d_j]`` per layer.
+        objective: a registered objective or its name.
+        estimator: a registered estimator's name.
+
+    Returns:
+        The bound to report, ``[batch]``, as :func:`iwae.estimators.estimate` gives it.
     """
     method = estimators.get_estimator(estimator)
     objective = as_objective(objective)

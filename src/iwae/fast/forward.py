@@ -2,11 +2,10 @@
 
 Shape convention: samples first (``[k, batch, d]`` latents, ``[k, batch]`` log-densities), as in :mod:`iwae.models`.
 
-L_5000 draws 5,000 samples per test image through :meth:`iwae.models.LatentVariableModel.forward`, without
-gradients. :func:`for_evaluation` returns a copy of a model whose networks take oneDNN's fused linear layers and
-whose Bernoulli log-likelihood takes :mod:`iwae.fast.native`'s row kernel: the same values up to float32 rounding
-(``tests/test_fast.py``), 1.7x faster on this project's CPU. The core's :func:`iwae.evaluate.evaluate_model` takes
-it as its ``accelerate`` argument; ``iwae eval`` and sweeps pass it.
+:func:`for_evaluation` returns a copy of a model whose networks take oneDNN's fused linear layers and whose Bernoulli
+log-likelihood takes :mod:`iwae.fast.native`'s row kernel, for L_k's gradient-free forward passes: the same values up
+to float32 rounding (``tests/test_fast.py``), faster on a CPU (docs/performance.md#what-makes-the-difference).
+:func:`iwae.evaluate.evaluate_model` takes it as its ``accelerate`` argument; ``iwae eval`` and sweeps pass it.
 """
 
 from __future__ import annotations

@@ -1,36 +1,27 @@
 """Fast CPU paths for the decoder's output: a C kernel compiled on first use, and oneDNN's fused linear layers.
 
-Both serve float32 tensors on the CPU and fall back to plain PyTorch operations elsewhere (other devices
-or dtypes), where they cannot run, or with ``IWAE_FAST`` switching them off (:mod:`iwae.fast.switches`);
-:func:`status` says which paths are in use and why. Results equal the PyTorch formulas up to float32 rounding
-(``tests/test_native.py``).
-
-:func:`bernoulli_log_prob_rows`: ``sum_j x_j l_j - softplus(l_j)``, the Bernoulli log-likelihood of an
-image under logits ``l = pre + bias``, for the ``[k, batch, x_dim]`` pre-activations of the decoder's
-output layer, and its gradient ``grad * (x - sigmoid(l))``. PyTorch needs several passes over that tensor
-(broadcast the bias, softplus, multiply, sum) and an exp and a log1p that are slow on some CPUs; the kernel
-(``kernels.c``) reads it once, with polynomial exp and log1p that the compiler vectorises, and sums
-each row in double. It is compiled with ``$CC`` (default ``cc``), ``-O3 -march=native -fopenmp``, into
-``$XDG_CACHE_HOME/iwae/native`` (or ``~/.cache/iwae/native``), under a name that hashes the source, the
-compiler, the flags and the CPU, so a cached build is never loaded on a machine it was not built for. The cache is
-private (:mod:`iwae.fast.cache`): mode ``0o700``, used only if it is this user's alone, and a cached library is loaded
-only if it is this user's and its SHA-256 equals the one recorded after its build.
-Large inputs are split by rows over OpenMP threads: PyTorch's own (``torch.set_num_threads``), as the
-library binds to the libgomp that PyTorch has loaded. Under ``torch.compile`` the kernel is a custom
-operator (``torch.ops.iwae.*``), so it costs no graph break.
-
-:func:`tanh_`: tanh in place, from the same C file (``kernels.c``), for :mod:`iwae.fast.step`, the training
-step in C++ that includes these kernels and computes its small layers with ``addmm`` and this tanh.
-
-:func:`fused_linear`: ``activation(inputs @ weight.T + bias)`` as one oneDNN primitive (PyTorch's own
-``torch.ops.mkldnn._linear_pointwise``, which ``torch.compile`` uses for CPU inference), with a
-hand-written backward when autograd records: no separate pass for the bias or the activation, and on
-some CPUs a faster matmul than PyTorch's default BLAS (on this project's AMD CPU, 167 against 120
-GFLOP/s for ``[5000, 200] x [200, 784]`` with 2 threads). A probe on first use checks that the op exists
-and agrees with ``F.linear``.
-
 Shape convention: samples first. ``pre`` is ``[k, batch, n]`` (any leading dimensions), ``x`` is
 ``[batch, n]``, ``bias`` is ``[n]`` and the per-sample log-likelihoods are ``[k, batch]``.
+
+Both serve float32 tensors on the CPU; elsewhere (other devices or dtypes), where they cannot run, or with
+``IWAE_FAST`` switching them off (:mod:`iwae.fast.switches`) plain PyTorch operations serve. :func:`status` says
+which paths are in use. Results equal the PyTorch formulas up to float32 rounding (``tests/test_native.py``).
+
+- :func:`bernoulli_log_prob_rows`: ``sum_j x_j l_j - softplus(l_j)`` with ``l = pre + bias``, and its gradient
+  ``grad * (x - sigmoid(l))``, in one pass over ``pre`` each (``kernels.c``: polynomial exp and log1p, each row
+  summed in double) where PyTorch makes several. Large inputs are split by rows over PyTorch's OpenMP threads;
+  under ``torch.compile`` the kernel is a custom operator (``torch.ops.iwae.*``), so no graph break.
+- :func:`tanh_`: tanh in place, from the same C file, for :mod:`iwae.fast.step`'s small layers.
+- :func:`fused_linear`: ``activation(inputs @ weight.T + bias)`` as one oneDNN primitive
+  (``torch.ops.mkldnn._linear_pointwise``), with a hand-written backward; no separate pass for the bias or the
+  activation, and on some CPUs a faster matmul than the default BLAS (docs/performance.md#what-makes-the-difference).
+  A probe on first use checks that the op exists and agrees with ``F.linear``.
+
+The C file is compiled with ``$CC`` (default ``cc``), ``-O3 -march=native -fopenmp``, into
+``$XDG_CACHE_HOME/iwae/native`` (or ``~/.cache/iwae/native``), under a name that hashes the source, the compiler, the
+flags and the CPU, so a build is never loaded on a machine it was not built for. The cache is private
+(:mod:`iwae.fast.cache`): mode ``0o700``, used only if it is this user's alone; a cached library is loaded only if it
+is this user's and its SHA-256 equals the one recorded after its build.
 """
 
 from __future__ import annotations
@@ -337,15 +328,15 @@ def fused_linear(inputs: Tensor, weight: Tensor, bias: Tensor | None = None, act
     return _fused_linear_op(inputs, weight, bias, activation)
 
 
-ONEDNN_INPUT_GRAD_MIN_MACS = 1 << 25  # smaller products go to PyTorch's matmul, faster there on this project's CPU
+ONEDNN_INPUT_GRAD_MIN_MACS = 1 << 25  # smaller products: PyTorch's matmul (faster there: docs/performance.md)
 
 
 def linear_input_grad(grad: Tensor, weight: Tensor) -> Tensor:
     """``grad @ weight``, a linear layer's gradient with respect to its inputs (``[..., out] -> [..., in]``).
 
-    Large products on CPU float32 go through oneDNN as a linear layer with the transposed weight (a view, no
-    copy): on this project's CPU 1.74 against 2.29 ms for ``[1000, 784] x [784, 200]``, while below about
-    ``2^25`` multiply-adds PyTorch's matmul is as fast or faster."""
+    Products of at least :data:`ONEDNN_INPUT_GRAD_MIN_MACS` multiply-adds on CPU float32 go through oneDNN as a
+    linear layer with the transposed weight (a view, no copy); smaller ones through PyTorch's matmul
+    (docs/performance.md#what-makes-the-difference)."""
     if grad.numel() * weight.shape[1] >= ONEDNN_INPUT_GRAD_MIN_MACS and fused_linear_applies(grad):
         return _fused_linear_op(grad, weight.T, None, "none")
     return grad @ weight
@@ -433,9 +424,8 @@ _log_prob_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def tanh_(tensor: Tensor) -> Tensor:
-    """``tanh`` in place with the C kernel (about 1.2 ulp; several times faster than ``torch.tanh`` on this
-    project's CPU), as :mod:`iwae.fast.step` applies it to its small layers; ``torch.tanh_`` where
-    :func:`applies_to` does not hold or the tensor is not contiguous."""
+    """``tanh`` in place with the C kernel (about 1.2 ulp), as :mod:`iwae.fast.step` applies it to its small layers;
+    ``torch.tanh_`` where :func:`applies_to` does not hold or the tensor is not contiguous."""
     if not (applies_to(tensor) and tensor.is_contiguous()):
         return tensor.tanh_()
     _library().handle.iwae_tanh_(tensor.data_ptr(), tensor.numel(), PARALLEL_MIN_ELEMENTS)

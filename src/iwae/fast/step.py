@@ -1,24 +1,20 @@
-"""A training step's forward and backward passes in C++ (``step.cpp``): :mod:`iwae.fast.backprop`'s explicit
-backpropagation, for every estimator, on models with Bernoulli observations and tanh layers (Burda's).
-
-At Burda's minibatch 20 a step is small enough that calling its ~80 operators from Python costs as much as a good
-part of their arithmetic: on this project's 2-core CPU, a step of a model with 8 pixels and 4 hidden units, where
-the arithmetic costs nothing, took about 1 ms. The C++ operators make the same calls to ATen in the same order as
-:mod:`iwae.fast.backprop` (the reference, which says the algebra), from two Python calls: :func:`forward` gives the
-log-weights and the tape, :mod:`iwae.fast.backprop` computes the loss's gradients in the log-weights for any bound (a
-few operations on a ``[k, batch]`` tensor), and :func:`backward` accumulates every parameter's gradient. Small
-layers go through PyTorch's ``addmm`` and :file:`kernels.c`'s tanh instead of oneDNN's fused layer (whose fixed cost
-per call is tens of microseconds). Results equal :mod:`iwae.fast.backprop`'s Python up to float32 rounding
-(``tests/test_native_step.py``).
-
-It is compiled on first use (about 20 s) with ``$CXX`` (default ``c++``) against the installed PyTorch's headers
-and libraries, into the same private cache as :mod:`iwae.fast.native`'s C kernels (:mod:`iwae.fast.cache`: loaded
-only if this user's and unchanged since its build), under a name that hashes the sources, the compiler, the flags, the
-CPU and PyTorch's version. Where it cannot be built (no C++ compiler, ``IWAE_FAST=-step``),
-or for other models, devices or dtypes, :mod:`iwae.fast.backprop` goes on in Python.
+"""A training step's forward and backward passes in C++ (``step.cpp``), for Burda's models.
 
 Shape convention: samples first. ``x`` is ``[batch, x_dim]``; the noise of stochastic layer j is ``[k, batch, d_j]``;
 the log-weights and their gradients are ``[k, batch]``.
+
+:mod:`iwae.fast.backprop`'s explicit backpropagation (the reference, which says the algebra), for every estimator,
+on models with Bernoulli observations and tanh layers, from two Python calls instead of about 80 operator calls:
+:func:`forward` gives the log-weights and the tape, :mod:`iwae.fast.backprop` computes the loss's gradients in the
+log-weights, and :func:`backward` accumulates every parameter's gradient. The operators make the same ATen calls in
+the same order as the Python; small layers go through ``addmm`` and :file:`kernels.c`'s tanh instead of oneDNN's
+fused layer, whose fixed cost per call dominates there (docs/performance.md#what-makes-the-difference). Results equal
+the Python's up to float32 rounding (``tests/test_native_step.py``).
+
+Compiled on first use with ``$CXX`` (default ``c++``) against the installed PyTorch, into :mod:`iwae.fast.native`'s
+private cache (:mod:`iwae.fast.cache`), under a name that hashes the sources, the compiler, the flags, the CPU and
+PyTorch's version. Where it cannot be built (no C++ compiler, ``IWAE_FAST=-step``), or for other models, devices or
+dtypes, :mod:`iwae.fast.backprop` goes on in Python.
 """
 
 from __future__ import annotations
@@ -34,7 +30,7 @@ from torch.utils import cpp_extension
 from iwae.fast import native, switches
 
 SOURCE = Path(__file__).with_name("step.cpp")
-FORWARD_ONEDNN_MIN_MACS = 1 << 23  # smaller layers: addmm and the native tanh, faster there on this project's CPU
+FORWARD_ONEDNN_MIN_MACS = 1 << 23  # smaller layers: addmm and the C tanh (faster there: docs/performance.md)
 _COMMON_FLAGS = (  # -w: PyTorch's headers warn under some compilers (errors still show)
     "-O3",
     "-fPIC",

@@ -86,9 +86,8 @@ def stack_groups(specs: list[RunSpec]) -> list[list[RunSpec]]:
 
 def stacks_by_default(device: str) -> bool:
     """Whether a sweep on ``device`` stacks its runs unless told: on a GPU, where one minibatch-20 model leaves the
-    device idle. Not on a CPU, where a stacked step costs about what the single runs' fast path costs (0.8 to 1.1
-    times their training throughput on this project's 2-core machine, ``docs/performance.md``), so separate runs
-    in parallel workers are as fast and keep the fast path."""
+    device idle; not on a CPU, where stacking does not pay (docs/performance.md#stacked-training) and separate runs
+    in parallel workers keep the fast path."""
     return resolve_device(device).type == "cuda"
 
 

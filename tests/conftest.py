@@ -1,4 +1,5 @@
-"""Shared test fixtures: the MNIST dataset (shipped in the package) and the shared data directory."""
+"""Shared test fixtures: the MNIST dataset (shipped in the package), the shared data directory, one intra-op
+thread, and a tiny benchmark's result (for tests/lab/bench/test_run.py and tests/cli/test_bench.py)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,15 @@ def mnist():
     from iwae.data import load_dataset
 
     return load_dataset("mnist", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_result(mnist) -> dict:
+    """The library function on the cells the required keys need, one repeat each, L_5000 on 2 images."""
+    from iwae.lab import bench
+
+    settings = bench.BenchSettings(
+        mode="test", layers=(1,), ks=(5, 50), batches=(20, 100), repeats=1, warmup=1, threads=1, device="cpu",
+        pyro=False, n_train=100, eval_images=2, eval_batch_size=2, eval_repeats=3, progress=False,
+    )  # fmt: skip
+    return bench.run_bench(settings, mnist)

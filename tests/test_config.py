@@ -1,13 +1,26 @@
 """iwae.config: saved configurations load as they were written, TrainConfig checks its fields with the settings'
-table (iwae.settings), and the builder from flat settings."""
+table (iwae.settings), the builder from flat settings, the authors' protocol and models of any depth, the
+learning-rate schedules (Burda's, batch growth, larger minibatches, k per stage), and old configurations."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
-from iwae.config import TrainConfig, build_train_config, config_differences
+from iwae.config import (
+    AUTHORS_PROTOCOL,
+    BURDA_LEARNING_RATES,
+    BURDA_STAGES,
+    TrainConfig,
+    build_train_config,
+    config_differences,
+    grow_batch_schedule,
+    parse_schedule,
+)
+from iwae.models import ModelConfig
+from iwae.objectives import IWAE, PIWAE
 from iwae.settings import CONFIG_FIELDS
 
 # config.json as iwae wrote it before the settings' table (the default run, and an authors'-protocol MIWAE run).
@@ -65,3 +78,136 @@ def test_the_builder_checks_every_flat_setting_and_refuses_unknown_ones() -> Non
     with pytest.raises(ValueError, match="lr_scale must be one of none, linear, sqrt, got 'cube'"):
         build_train_config({"lr_scale": "cube", "batch_size": 40})
     assert json.loads(build_train_config({"seed": 3}).to_json())["seed"] == 3
+
+
+def test_the_authors_protocol_sets_its_items_and_refuses_a_contradiction() -> None:
+    config = build_train_config({"protocol": "authors"})
+    assert {key: getattr(config, key) for key in AUTHORS_PROTOCOL} == AUTHORS_PROTOCOL
+    assert (config.optimizer, config.beta1, config.data_order, config.loss_reduction) == (
+        "burda-adam", 0.99, "fixed", "sum",
+    )  # fmt: skip
+    default = build_train_config({})
+    assert (default.optimizer, default.beta1, default.data_order, default.loss_reduction) == (
+        "adam", 0.9, "shuffled", "mean",
+    )  # fmt: skip
+    assert build_train_config({"optimizer": "burda-adam"}).beta1 == 0.99  # the authors' beta1 with their Adam
+    assert build_train_config({"optimizer": "burda-adam", "beta1": 0.9}).beta1 == 0.9
+    assert build_train_config({"protocol": "authors", "data_order": "fixed"}).data_order == "fixed"
+    with pytest.raises(ValueError, match="protocol 'authors' sets optimizer"):
+        build_train_config({"protocol": "authors", "optimizer": "adam"})
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        build_train_config({"protocol": "paper"})
+    for key, value in (("optimizer", "sgd"), ("data_order", "random"), ("loss_reduction", "max"),
+                       ("binarization", "otsu"), ("train_split", "all")):  # fmt: skip
+        with pytest.raises(ValueError, match=key):
+            build_train_config({key: value})
+
+
+def test_configs_saved_before_continuation_load_as_they_ran() -> None:
+    old = build_train_config({"init_from": "/runs/base"}).to_dict()
+    old.pop("fresh_optimizer")
+    for key in ("optimizer", "data_order", "loss_reduction", "binarization", "train_split"):
+        old.pop(key)
+    loaded = TrainConfig.from_dict(old)
+    assert loaded.fresh_optimizer  # such runs started a new Adam
+    assert (loaded.optimizer, loaded.data_order, loaded.train_split) == ("adam", "shuffled", "train")
+    fresh = build_train_config({}).to_dict()
+    fresh.pop("fresh_optimizer")
+    assert not TrainConfig.from_dict(fresh).fresh_optimizer
+    assert TrainConfig.from_json(build_train_config({"protocol": "authors"}).to_json()).optimizer == "burda-adam"
+
+
+def test_models_of_any_depth() -> None:
+    three = build_train_config({"latent_dims": "100,50,20"}).model
+    assert three.latent_dims == (100, 50, 20) and three.hidden_dims == ((200, 200), (100, 100), (40, 40))
+    assert build_train_config({"latent_dims": [100, 50, 20], "hidden_dims": "300,100,50"}).model.hidden_dims == (
+        (300, 300), (100, 100), (50, 50),
+    )  # fmt: skip
+    assert build_train_config({"layers": 2}).model.hidden_dims == ((200, 200), (100, 100))  # Burda's, unchanged
+    assert build_train_config({"latent_dims": "20"}).model.hidden_dims == ((200, 200),)
+    for settings, message in (
+        ({"layers": 3}, "needs its sizes"),
+        ({"layers": 2, "latent_dims": "100,50,20"}, "needs 2 size"),
+        ({"latent_dims": "100,50,20", "hidden_dims": "200,100"}, "needs 3 size"),
+        ({"latent_dims": "100,0"}, ">= 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            build_train_config(settings)
+
+
+def test_config_validation_and_old_configs_load() -> None:
+    old = TrainConfig().to_dict()  # written before the estimator and the bound family existed
+    old.pop("estimator")
+    old["objective"] = "iwae"
+    loaded = TrainConfig.from_dict(old)
+    assert loaded.estimator == "standard" and loaded.objective == IWAE()
+    flat = {**old, "objective": "piwae", "k": 64, "M": 8, "beta": None, "p": None, "alpha": None}
+    assert TrainConfig.from_dict(flat).objective == PIWAE(M=8)  # the flat fields of the previous release
+    new = TrainConfig(objective=PIWAE(M=8), k=64, estimator="dreg")
+    assert TrainConfig.from_json(new.to_json()) == new
+    assert json.loads(new.to_json())["objective"] == {"name": "piwae", "M": 8}
+    for bad, message in (
+        ({"estimator": "reinforce"}, "unknown estimator"),
+        ({"objective": "miwae", "k": 10, "M": 4}, "multiple of M"),
+        ({"objective": "iwae", "k": 8, "M": 2}, "M applies"),
+        ({"objective": "ciwae"}, "needs beta"),
+        ({"objective": "ciwae", "beta": 1.5}, "0 <= beta <= 1"),
+        ({"objective": "iwae", "p": 0.5}, "p applies"),
+        ({"objective": "power", "p": 2.0}, "p <= 1"),
+        ({"objective": "vr", "alpha": -1.0}, "alpha >= 0"),
+        ({"objective": "nope"}, "unknown objective"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            build_train_config(bad)
+
+
+def test_burda_schedule() -> None:
+    assert sum(p for p, _ in BURDA_STAGES) == 3280
+    assert [lr for _, lr in BURDA_STAGES] == [1e-3, 7.2e-4, 5.2e-4, 3.7e-4, 2.7e-4, 1.9e-4, 1.4e-4, 1e-4]
+    assert parse_schedule("burda:4") == ((1, 1e-3), (3, 7.2e-4), (9, 5.2e-4), (27, 3.7e-4))
+    assert parse_schedule(None, epochs=5, lr=3e-4) == ((5, 3e-4),)
+    config = TrainConfig(stages=parse_schedule("burda:3"))
+    assert config.total_epochs == 13
+    assert [config.stage_of_epoch(e)[0] for e in range(13)] == [0, 1, 1, 1] + [2] * 9
+    assert config.stage_ends() == {0, 3, 12}
+    for bad in ("burda:0", "burda:9", "cosine"):
+        with pytest.raises(ValueError):
+            parse_schedule(bad)
+
+
+def test_config_round_trip() -> None:
+    config = TrainConfig(objective="vae", k=5, model=ModelConfig.burda(2), stages=parse_schedule("burda:2"), seed=3)
+    assert TrainConfig.from_json(config.to_json()) == config
+    assert json.loads(config.to_json())["model"]["latent_dims"] == [100, 50]
+    with pytest.raises(ValueError):
+        TrainConfig.from_dict({"bogus": 1})
+
+
+def test_batch_growth_keeps_the_first_rate_and_grows_the_minibatch_by_the_rates_fall() -> None:
+    config = build_train_config({"schedule": "burda", "batch_schedule": "grow"})
+    assert {lr for _, lr in config.stages} == {1e-3}
+    assert [passes for passes, _ in config.stages] == [3**i for i in range(8)]
+    assert config.stage_batch_sizes == (20, 28, 38, 54, 74, 105, 143, 200)
+    for size, lr in zip(config.stage_batch_sizes, BURDA_LEARNING_RATES, strict=True):  # batch x rate held
+        assert abs(size - 20 * 1e-3 / lr) <= 0.5
+    stages, sizes = grow_batch_schedule(((2, 1e-3), (1, 1e-4)), 10)
+    assert stages == ((2, 1e-3), (1, 1e-3)) and sizes == (10, 100)
+
+
+@pytest.mark.parametrize(("scale", "factor"), [("none", 1.0), ("linear", 5.0), ("sqrt", math.sqrt(5.0))])
+def test_a_larger_fixed_minibatch_scales_the_rates(scale: str, factor: float) -> None:
+    config = build_train_config({"schedule": "burda:3", "batch_size": 100, "lr_scale": scale})
+    assert [lr for _, lr in config.stages] == pytest.approx([lr * factor for lr in BURDA_LEARNING_RATES[:3]])
+    assert config.stage_batch_sizes is None and config.batch_size == 100
+
+
+def test_k_schedule_sets_k_per_stage_and_the_runs_k() -> None:
+    config = build_train_config({"schedule": "burda:4", "k_schedule": "1,2,3,5"})
+    assert config.k == 5 and [config.k_of_stage(i) for i in range(4)] == [1, 2, 3, 5]
+    assert TrainConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="end at the run's k"):
+        build_train_config({"schedule": "burda:2", "k_schedule": "1,2", "k": 5})
+    with pytest.raises(ValueError, match="one k per stage"):
+        build_train_config({"schedule": "burda:3", "k_schedule": "1,2"})
+    with pytest.raises(ValueError, match="M"):  # every stage's k must suit the objective
+        build_train_config({"schedule": "burda:2", "k_schedule": "3,4", "objective": "miwae", "M": 2})

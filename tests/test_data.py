@@ -1,11 +1,17 @@
-"""Data loaders on the real files: counts, Burda's split, labels, binarisation, checksums, formats."""
+"""iwae.data: the datasets, their files and checksums, binarisation (dynamic, fixed, the authors' threshold),
+the training split of a run, and downloading from mirrors, exercised against an HTTP server on the loopback
+interface."""
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
+import http.server
 import shutil
+import threading
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +19,18 @@ import pytest
 import torch
 
 from iwae import data
-from iwae.data import FILES, DataError, RemoteFile, binarize, load_dataset, locate, read_chardata
+from iwae.data import (
+    FILES,
+    DataError,
+    Dataset,
+    RemoteFile,
+    Split,
+    binarize,
+    for_run,
+    load_dataset,
+    locate,
+    read_chardata,
+)
 
 
 def test_mnist_counts_split_and_labels(mnist) -> None:
@@ -160,3 +177,73 @@ def test_omniglot_zip_reader_inverts_and_resizes(tmp_path: Path) -> None:
     row_sums = grid.sum(axis=1)
     assert row_sums.argmax() in (13, 14) and row_sums.max() > 5  # the stroke (row 52 of 105) is bright
     assert row_sums[0] == 0 and row_sums[27] == 0  # the background is dark
+
+
+@pytest.fixture()
+def mirror_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    served = tmp_path / "served"
+    (served / "good").mkdir(parents=True)
+    (served / "corrupt").mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None  # type: ignore[assignment]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", served
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_download_falls_back_across_mirrors_and_checks_the_content(
+    tmp_path: Path, monkeypatch, mirror_server: tuple[str, Path]
+) -> None:
+    base, served = mirror_server
+    original = Path(data.PACKAGE_DATA) / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    (served / "good" / original.name).write_bytes(original.read_bytes())
+    (served / "corrupt" / original.name).write_bytes(gzip.compress(b"wrong bytes"))
+    remote = FILES["mnist"]["test_labels"]
+    mirrors = (base + "missing/", base + "corrupt/", base + "good/")
+    monkeypatch.setitem(FILES["fashion-mnist"], "test_labels", RemoteFile(remote.name, remote.digest, mirrors))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("IWAE_DATA_DIR", raising=False)
+    (tmp_path / "empty").mkdir()  # an explicit root must exist (a mistyped one is an error); this one holds nothing
+    path = locate("fashion-mnist", "test_labels", root=tmp_path / "empty", progress=False)
+    assert path == tmp_path / "cache" / "iwae" / "fashion-mnist" / remote.name
+    assert path.read_bytes() == original.read_bytes()
+    assert not list(path.parent.glob("*.part"))
+    # A second call finds the cached file without the network.
+    monkeypatch.setitem(FILES["fashion-mnist"], "test_labels", RemoteFile(remote.name, remote.digest, ()))
+    assert locate("fashion-mnist", "test_labels", root=tmp_path / "empty", download=False) == path
+
+
+def test_every_mirror_failing_is_one_clear_line(tmp_path: Path, monkeypatch, mirror_server: tuple[str, Path]) -> None:
+    base, _ = mirror_server
+    remote = RemoteFile("t10k-labels-idx1-ubyte.gz", FILES["mnist"]["test_labels"].digest, (base + "missing/",))
+    monkeypatch.setitem(FILES["fashion-mnist"], "test_labels", remote)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("IWAE_DATA_DIR", raising=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError) as error:
+        locate("fashion-mnist", "test_labels", root=tmp_path / "empty", progress=False)
+    assert "could not be downloaded" in str(error.value) and "\n" not in str(error.value)
+
+
+def tiny_dataset(binarization: str = "dynamic") -> Dataset:
+    images = torch.rand(10, 784, generator=torch.Generator().manual_seed(1))
+    return Dataset("toy", Split(images[:8], torch.arange(8)), Split(images[8:], torch.arange(8, 10)), Split(images),
+                   binarization)  # fmt: skip
+
+
+def test_threshold_binarisation_and_every_training_image() -> None:
+    images = torch.tensor([[0.0, 0.49, 0.5, 0.51, 1.0]])
+    assert binarize(images, "threshold").tolist() == [[0.0, 0.0, 1.0, 1.0, 1.0]]
+    data = tiny_dataset()
+    threshold = for_run(data, "threshold")
+    assert threshold.binarization == "threshold" and threshold.train is data.train
+    whole = for_run(data, None, "train+valid")
+    assert len(whole.train) == 10 and whole.train.labels.tolist() == list(range(10)) and len(whole.valid) == 2
+    assert for_run(whole, None, "train+valid") is whole  # applied twice: nothing more
+    with pytest.raises(DataError, match="binarised already"):
+        for_run(tiny_dataset("fixed"), "threshold")

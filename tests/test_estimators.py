@@ -1,5 +1,5 @@
 """Gradient estimators (standard, STL, DReG) against exact mathematics on the linear-Gaussian oracle,
-their routing of gradients on a two-layer model, and their place in training and the configuration.
+their routing of gradients on a two-layer model, their registry and their two descriptions.
 
 Shapes: log-weights ``[k, batch]``; surrogates and bounds ``[batch]``.
 
@@ -10,31 +10,17 @@ states its failure rate for a correct implementation.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-from pathlib import Path
-
 import pytest
 import torch
+from gradients import SPECS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracles import LinearGaussianModel
-from test_backprop import SPECS
 
 from iwae import bounds, estimators
-from iwae.cli import main
-from iwae.config import TrainConfig, build_train_config
-from iwae.estimators import (
-    ESTIMATOR_NAMES,
-    backward,
-    estimate,
-    surrogate_gradients,
-)
+from iwae.estimators import ESTIMATOR_NAMES, backward, estimate, surrogate_gradients
 from iwae.models import LatentVariableModel, ModelConfig
-from iwae.objectives import IWAE, PIWAE, make_objective, objective_names
-from iwae.steps import training_step
-from iwae.train import fit
+from iwae.objectives import IWAE, PIWAE, make_objective
 
 TWO_LAYER = ModelConfig(x_dim=12, latent_dims=(4, 3), hidden_dims=((8,), (6,)))
 
@@ -205,78 +191,7 @@ def test_two_layer_dreg_is_unbiased() -> None:
     assert dreg.var(0).sum() < standard.var(0).sum()
 
 
-# -- training and configuration -------------------------------------------------------------------
-
-
-def test_autograd_training_step_is_the_plain_step_bit_for_bit(mnist, monkeypatch) -> None:
-    """The reference step (training_step's default path) is the plain one, bit for bit."""
-    config = TrainConfig(objective="iwae", k=3, model=ModelConfig(784, (5,), ((16,),)))
-    x = (mnist.train.images[:8] > 0.5).float()
-    for objective in ("iwae", "vae"):
-        torch.manual_seed(0)
-        model = LatentVariableModel(config.model)
-        torch.manual_seed(0)
-        plain = LatentVariableModel(config.model)
-        training_step(model, x, config.replace(objective=objective), torch.Generator().manual_seed(4))
-        sample = plain(x, 3, torch.Generator().manual_seed(4))
-        value = bounds.iwae_bound(sample.log_w) if objective == "iwae" else bounds.elbo(sample.log_w)
-        (-value.mean()).backward()
-        for a, b in zip(model.parameters(), plain.parameters(), strict=True):
-            assert torch.equal(a.grad, b.grad)
-
-
-def test_every_objective_and_estimator_trains(tmp_path: Path, mnist) -> None:
-    small = ModelConfig(x_dim=784, latent_dims=(4,), hidden_dims=((16,),))
-    data = dataclasses.replace(mnist, valid=mnist.valid.subset(20))
-    extra = {"miwae": {"M": 2}, "piwae": {"M": 2}, "ciwae": {"beta": 0.05}, "power": {"p": 0.5}, "vr": {"alpha": 0.5}}
-    for objective in objective_names():
-        for estimator in ESTIMATOR_NAMES:
-            config = TrainConfig(
-                objective=make_objective(objective, **extra.get(objective, {})), estimator=estimator, k=4, model=small,
-                stages=((1, 1e-3),), train_limit=40, valid_k=2,
-            )  # fmt: skip
-            result = fit(config, tmp_path / f"{objective}-{estimator}", dataset=data, progress=False, device="cpu")
-            assert result.complete and math.isfinite(result.train_bound), (objective, estimator)
-
-
-def test_config_validation_and_old_configs_load() -> None:
-    old = TrainConfig().to_dict()  # written before the estimator and the bound family existed
-    old.pop("estimator")
-    old["objective"] = "iwae"
-    loaded = TrainConfig.from_dict(old)
-    assert loaded.estimator == "standard" and loaded.objective == IWAE()
-    flat = {**old, "objective": "piwae", "k": 64, "M": 8, "beta": None, "p": None, "alpha": None}
-    assert TrainConfig.from_dict(flat).objective == PIWAE(M=8)  # the flat fields of the previous release
-    new = TrainConfig(objective=PIWAE(M=8), k=64, estimator="dreg")
-    assert TrainConfig.from_json(new.to_json()) == new
-    assert json.loads(new.to_json())["objective"] == {"name": "piwae", "M": 8}
-    for bad, message in (
-        ({"estimator": "reinforce"}, "unknown estimator"),
-        ({"objective": "miwae", "k": 10, "M": 4}, "multiple of M"),
-        ({"objective": "iwae", "k": 8, "M": 2}, "M applies"),
-        ({"objective": "ciwae"}, "needs beta"),
-        ({"objective": "ciwae", "beta": 1.5}, "0 <= beta <= 1"),
-        ({"objective": "iwae", "p": 0.5}, "p applies"),
-        ({"objective": "power", "p": 2.0}, "p <= 1"),
-        ({"objective": "vr", "alpha": -1.0}, "alpha >= 0"),
-        ({"objective": "nope"}, "unknown objective"),
-    ):
-        with pytest.raises(ValueError, match=message):
-            build_train_config(bad)
-
-
-def test_cli_train_with_estimator_and_objective_parameters(tmp_path: Path, capsys) -> None:
-    run = tmp_path / "run"
-    code = main([
-        "train", "--objective", "piwae", "--M", "2", "--k", "4", "--estimator", "dreg", "--epochs", "1",
-        "--train-limit", "20", "--out", str(run), "--no-progress", "--device", "cpu", "--latent-dims", "3",
-    ])  # fmt: skip
-    out = capsys.readouterr().out
-    assert code == 0 and json.loads(out)["complete"]
-    saved = json.loads((run / "config.json").read_text())
-    assert saved["objective"] == {"name": "piwae", "M": 2} and saved["estimator"] == "dreg"
-    code = main(["train", "--objective", "ciwae", "--k", "4", "--out", str(tmp_path / "bad"), "--no-progress"])
-    assert code == 2 and "needs beta (--beta)" in capsys.readouterr().err
+# -- compiled, the registry, the two descriptions -----------------------------------------------
 
 
 @pytest.mark.slow

@@ -1,10 +1,12 @@
-"""Evaluation: active units, the pruned model, L_k streaming and eval output."""
+"""iwae.evaluate: active units (ours, and the authors' unit variances as their code computes them), the pruned
+model, L_k streaming and eval output."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from iwae.checkpoint import save_model
 from iwae.config import TrainConfig
 from iwae.data import Split, binarize, load_dataset
 from iwae.evaluate import (
+    ACTIVE_THRESHOLD,
     activity,
     authors_keep,
     authors_unit_variances,
@@ -187,3 +190,33 @@ def test_evaluate_run_uses_the_runs_binarisation_and_training_split(tmp_path: Pa
     torch.testing.assert_close(
         torch.tensor(saved["log_activity_authors"][0], dtype=torch.float64), variances[0].clamp_min(1e-300).log()
     )
+
+
+def test_authors_unit_variances_follow_their_code(mnist) -> None:
+    """yburda/iwae get_units_variances: x binarised once, one sample of h1 feeds layer 2, np.var (ddof = 0)."""
+    torch.manual_seed(0)
+    model = LatentVariableModel(ModelConfig(x_dim=784, latent_dims=(8, 4), hidden_dims=((20,), (10,))))
+    with torch.no_grad():
+        model.encoder[0].head.weight.mul_(5)
+        model.encoder[1].head.weight.mul_(5)
+    images = mnist.train.images[:500]
+    variances = authors_unit_variances(model, images, "dynamic", torch.Generator().manual_seed(7))
+
+    generator = torch.Generator().manual_seed(7)  # the same draws, by hand: binarise, then one noise per layer
+    x = binarize(images, "dynamic", generator)
+    eps1 = torch.randn((1, 500, 8), generator=generator)[0]
+    with torch.no_grad():
+        mean1, log_std1 = model.encoder[0](x)
+        mean2, _ = model.encoder[1](mean1 + torch.exp(log_std1) * eps1)
+    expected = [np.var(mean.numpy().astype(np.float64), axis=0) for mean in (mean1, mean2)]
+    assert [v.dtype for v in variances] == [torch.float64, torch.float64]
+    for ours, theirs in zip(variances, expected, strict=True):
+        np.testing.assert_allclose(ours.numpy(), theirs, rtol=1e-6, atol=1e-12)
+        assert not np.allclose(ours.numpy(), theirs * 500 / 499, rtol=1e-4, atol=0)  # ddof = 0, not 1
+    # Not our definition: layer 2's mean averaged over 100 samples of h1 varies less than one sample's.
+    split = type(mnist.train)(images)
+    monte_carlo, _ = activity(model, split, "dynamic", torch.Generator().manual_seed(7))
+    assert monte_carlo[1].sum() < variances[1].sum()
+    kept = authors_keep(variances)
+    assert [bool(k.eq(v >= ACTIVE_THRESHOLD).all()) for k, v in zip(kept, variances, strict=True)] == [True, True]
+    assert authors_keep([torch.tensor([0.0099, 0.01, 0.02], dtype=torch.float64)])[0].tolist() == [False, True, True]

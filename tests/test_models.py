@@ -1,4 +1,6 @@
-"""Burda's architectures: shapes, initialisation, masks and generation."""
+"""iwae.models, Burda's architectures: shapes, initialisation, masks, generation, the optimised log-weights against
+a reference, and dead units cut out of the weights (LatentVariableModel.without_units, the authors' chop): the model
+the cut leaves is the masked model."""
 
 from __future__ import annotations
 
@@ -194,3 +196,85 @@ def test_float32_cpu_path_matches_the_float64_reference(layers: int) -> None:
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         # float32 sums with cancellation: errors relative to the tensor's largest entry
         torch.testing.assert_close(grad.double(), expected_grad, rtol=0, atol=2e-4 * expected_grad.abs().max().item())
+
+
+CONFIGS = {
+    "one layer": ModelConfig(x_dim=12, latent_dims=(6,), hidden_dims=((5, 4),)),
+    "two layers": ModelConfig(x_dim=12, latent_dims=(6, 4), hidden_dims=((5,), (3, 3))),
+    "three layers, no hidden layer in the middle": ModelConfig(
+        x_dim=12, latent_dims=(6, 4, 3), hidden_dims=((5,), (), (4,))
+    ),
+    "gaussian observations": ModelConfig(x_dim=12, latent_dims=(6, 4), hidden_dims=((5,), (3,)), likelihood="gaussian"),
+}
+
+
+def _model(config: ModelConfig, seed: int = 0) -> LatentVariableModel:
+    torch.manual_seed(seed)
+    model = LatentVariableModel(config).double()
+    with torch.no_grad():
+        for parameter in model.parameters():  # non-zero biases too, so that every cut row and column shows
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    return model
+
+
+def _keep(config: ModelConfig, seed: int) -> list[torch.Tensor]:
+    """Random masks with at least one unit kept and one cut in each layer."""
+    generator = torch.Generator().manual_seed(seed)
+    masks = []
+    for d in config.latent_dims:
+        mask = torch.rand(d, generator=generator) < 0.5
+        mask[0], mask[-1] = True, False
+        masks.append(mask)
+    return masks
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cutting_units_out_of_the_weights_is_masking_them(name: str, seed: int) -> None:
+    config = CONFIGS[name]
+    model, keep = _model(config, seed), _keep(config, seed)
+    smaller = model.without_units(keep)
+    assert smaller.config.latent_dims == tuple(int(mask.sum()) for mask in keep)
+    assert smaller.config.hidden_dims == config.hidden_dims and smaller.config.likelihood == config.likelihood
+    assert sum(p.numel() for p in smaller.parameters()) < sum(p.numel() for p in model.parameters())
+    x = torch.rand(3, config.x_dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    if config.likelihood == "bernoulli":
+        x = x.round()
+    noise = model.draw_noise(x, 7, torch.Generator().manual_seed(seed))
+    masked = model.sample_with_noise(x, noise, unit_masks=[mask.double() for mask in keep])
+    cut = smaller.sample_with_noise(x, [eps[..., mask] for eps, mask in zip(noise, keep, strict=True)])
+    torch.testing.assert_close(cut.log_w, masked.log_w, rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(cut.log_q, masked.log_q, rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(cut.log_prior, masked.log_prior, rtol=1e-13, atol=1e-12)
+    for h_cut, h_masked, mask in zip(cut.latents, masked.latents, keep, strict=True):
+        torch.testing.assert_close(h_cut, h_masked[..., mask], rtol=1e-13, atol=1e-12)
+    full = model.sample_with_noise(x, noise)
+    assert (full.log_w - masked.log_w).abs().max() > 1e-3  # the cut units mattered: the check can fail
+
+
+def test_keeping_every_unit_leaves_the_model_unchanged() -> None:
+    config = CONFIGS["two layers"]
+    model = _model(config)
+    same = model.without_units([torch.ones(d, dtype=torch.bool) for d in config.latent_dims])
+    assert same.config == config and same is not model
+    state, copied = model.state_dict(), same.state_dict()
+    assert list(copied) == list(state)
+    for key, value in state.items():
+        assert copied[key].dtype == value.dtype and torch.equal(copied[key], value), key
+    x = torch.rand(4, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64).round()
+    torch.testing.assert_close(
+        same(x, 5, torch.Generator().manual_seed(3)).log_w, model(x, 5, torch.Generator().manual_seed(3)).log_w
+    )
+    with torch.no_grad():  # a copy: the cut model's weights are its own
+        next(same.parameters()).zero_()
+    assert next(model.parameters()).abs().sum() > 0
+
+
+def test_without_units_refuses_an_empty_layer_and_wrong_masks() -> None:
+    model = _model(CONFIGS["two layers"])
+    with pytest.raises(ValueError, match="layers \\[1\\]"):
+        model.without_units([torch.ones(6, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="shape \\(4,\\)"):
+        model.without_units([torch.ones(6), torch.ones(5)])
+    with pytest.raises(ValueError, match="one mask per stochastic layer"):
+        model.without_units([torch.ones(6)])

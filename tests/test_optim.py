@@ -4,7 +4,7 @@ the per-tensor step it replaced, bit for bit on the CPU in float32 and float64, 
 without the ``torch._foreach_*`` operations it falls back to the per-tensor step.
 
 The authors' whole training step is checked against an independent NumPy implementation in
-tests/test_authors_oracle.py."""
+tests/integration/test_authors_protocol.py."""
 
 from __future__ import annotations
 

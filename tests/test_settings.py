@@ -1,9 +1,8 @@
 """The training settings' table (iwae.settings): torch-free, the configuration's settings and defaults, the
-registries' names, the ``iwae train`` parser generated from it, and docs/cli.md listing it."""
+registries' names, and docs/cli.md listing it (the ``iwae train`` parser generated from it: tests/cli/test_run.py)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import re
@@ -14,8 +13,6 @@ from pathlib import Path
 import pytest
 
 from iwae import names, settings
-from iwae.cli import build_parser, main
-from iwae.cli.run import TRAIN_SETTINGS, _train_config
 from iwae.settings import COMMAND_LINE, CONFIG_FIELDS, DEFAULTS, SETTINGS
 
 CLI_MD = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
@@ -26,11 +23,6 @@ BUILDER_KEYS = {
     "schedule", "epochs", "lr", "batch_schedule", "lr_scale", "k_schedule",
     "protocol",
 }  # fmt: skip
-
-
-def _train_parser() -> argparse.ArgumentParser:
-    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return subparsers.choices["train"]
 
 
 def test_the_table_and_the_command_line_import_no_torch() -> None:
@@ -129,54 +121,6 @@ def test_help_texts_show_the_defaults() -> None:
         assert text and "{" not in text, setting.name
         if setting.flag and setting.default is not None and setting.kind is not settings.SWITCH:
             assert "{default}" in setting.help, f"{setting.name}: its help should show its default"
-
-
-def test_the_train_parser_is_generated_from_the_table() -> None:
-    parser = _train_parser()
-    actions = {action.dest: action for action in parser._actions}
-    assert tuple(s.name for s in COMMAND_LINE) == TRAIN_SETTINGS
-    for setting in COMMAND_LINE:
-        action = actions[setting.name]
-        assert action.option_strings == [setting.option]
-        assert action.default is None  # left out: build_train_config's default
-        assert action.help == setting.help_text()
-        assert action.choices == setting.choices
-        assert action.type is setting.kind.parse or setting.kind.parse is None
-    for action in parser._actions:
-        assert action.help, f"{action.option_strings} has no help"
-    groups = [{a.dest for a in group._group_actions} for group in parser._mutually_exclusive_groups]
-    assert sorted(map(sorted, groups)) == [["epochs", "schedule"], ["seed", "seeds"]]
-
-
-def test_train_arguments_left_out_give_the_default_configuration() -> None:
-    from iwae.config import TrainConfig
-
-    assert _train_config(build_parser().parse_args(["train", "--out", "x"])) == TrainConfig()
-    argv = ["train", "--out", "x", "--activation", "relu", "--lr-scale", "sqrt", "--batch-size", "80", "--epochs", "2"]
-    config = _train_config(build_parser().parse_args(argv))
-    assert config.model.activation == "relu" and config.batch_size == 80
-    assert config.stages == ((2, pytest.approx(1e-3 * 2)),)
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--activation", "gelu"], "argument --activation: invalid choice: 'gelu'"),
-        (["--lr-scale", "cube"], "argument --lr-scale: invalid choice: 'cube'"),
-        (["--seed", "-1"], "argument --seed: expected a seed 0..4294967295, got -1"),
-        (["--batch-size", "0"], "argument --batch-size: expected a number >= 1, got 0"),
-        (["--beta1", "1"], r"argument --beta1: expected a number in \[0, 1\)"),
-        (["--epochs", "1", "--schedule", "burda"], "not allowed with argument"),
-        (["--seed", "1", "--seeds", "1,2"], "not allowed with argument"),
-        (["--fresh-optimizer"], "--fresh-optimizer goes with --init-from RUN"),
-        (["--k-schedule", "1,2", "--schedule", "burda:3"], "k_schedule needs one k per stage"),
-    ],
-)
-def test_train_usage_errors_are_one_line_and_exit_2(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
-    assert main(["train", "--out", str(tmp_path / "run"), *argv]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and re.search(message, err), err
-    assert not (tmp_path / "run").exists()
 
 
 def _normalised(text: str) -> str:

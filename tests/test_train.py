@@ -1,8 +1,12 @@
-"""Training: resume equivalence, safe checkpoints, metrics, schedules and configuration."""
+"""iwae.train, the run lifecycle: resume equivalence, safe checkpoints, metrics, the epoch loop's minibatch order,
+per-stage minibatches and k, continuing a base run's optimiser (Table 2), runs of every objective and
+estimator and of any depth, and the commit of a stack's staged checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,13 +15,27 @@ from safetensors.torch import load_file
 
 from iwae import runs
 from iwae.checkpoint import load_checkpoint
-from iwae.config import BURDA_STAGES, TrainConfig, parse_schedule
-from iwae.fast.adam import adam_step
+from iwae.config import TrainConfig, build_train_config
+from iwae.estimators import ESTIMATOR_NAMES
 from iwae.models import ModelConfig
-from iwae.steps import StepPath, build_optimizer, clear_gradients
-from iwae.train import build_model, fit, mean_bound
+from iwae.objectives import make_objective, objective_names
+from iwae.steps import build_optimizer
+from iwae.train import (
+    COMMIT_MARKER,
+    STAGED_CHECKPOINT,
+    build_model,
+    fit,
+    load_initial_optimizer,
+    mean_bound,
+    minibatch_order,
+    settle_staged_checkpoints,
+    steps_before,
+    total_steps,
+)
 
 SMALL = ModelConfig(x_dim=784, latent_dims=(8,), hidden_dims=((32,),))
+
+TINY = {"train_limit": 60, "valid_k": 2, "epochs": 2, "lr": 1e-3}
 
 
 def _config(**changes) -> TrainConfig:
@@ -88,99 +106,117 @@ def test_training_improves_the_bound(tmp_path: Path, mnist, objective: str, laye
     assert after > before + 10
 
 
-def test_burda_schedule() -> None:
-    assert sum(p for p, _ in BURDA_STAGES) == 3280
-    assert [lr for _, lr in BURDA_STAGES] == [1e-3, 7.2e-4, 5.2e-4, 3.7e-4, 2.7e-4, 1.9e-4, 1.4e-4, 1e-4]
-    assert parse_schedule("burda:4") == ((1, 1e-3), (3, 7.2e-4), (9, 5.2e-4), (27, 3.7e-4))
-    assert parse_schedule(None, epochs=5, lr=3e-4) == ((5, 3e-4),)
-    config = TrainConfig(stages=parse_schedule("burda:3"))
-    assert config.total_epochs == 13
-    assert [config.stage_of_epoch(e)[0] for e in range(13)] == [0, 1, 1, 1] + [2] * 9
-    assert config.stage_ends() == {0, 3, 12}
-    for bad in ("burda:0", "burda:9", "cosine"):
-        with pytest.raises(ValueError):
-            parse_schedule(bad)
+@pytest.mark.usefixtures("one_thread")
+def test_a_three_layer_model_trains_and_evaluates(tmp_path: Path, mnist) -> None:
+    from iwae.evaluate import evaluate_model
+
+    config = build_train_config({**TINY, "latent_dims": "8,6,4", "hidden_dims": "16,12,8", "k": 3, "epochs": 1})
+    result = fit(config, tmp_path / "run", dataset=mnist, progress=False, device="cpu")
+    assert result.complete and math.isfinite(result.train_bound)
+    model, _ = runs.load_model(tmp_path / "run")
+    assert len(model.encoder) == 3 and model.encoder[2].head.out_features == 2 * 4
+    evaluation = evaluate_model(model, mnist.test.subset(20), "dynamic", k=4)
+    assert math.isfinite(evaluation.nll) and len(evaluation.active_units) == 3
 
 
-def test_config_round_trip() -> None:
-    config = TrainConfig(objective="vae", k=5, model=ModelConfig.burda(2), stages=parse_schedule("burda:2"), seed=3)
-    assert TrainConfig.from_json(config.to_json()) == config
-    assert json.loads(config.to_json())["model"]["latent_dims"] == [100, 50]
-    with pytest.raises(ValueError):
-        TrainConfig.from_dict({"bogus": 1})
+def test_the_fixed_order_is_the_datas_and_draws_nothing() -> None:
+    generator = torch.Generator().manual_seed(0)
+    before = generator.get_state()
+    fixed = build_train_config({"data_order": "fixed"})
+    assert torch.equal(minibatch_order(fixed, 7, generator, torch.device("cpu")), torch.arange(7))
+    assert torch.equal(generator.get_state(), before)
+    shuffled = minibatch_order(build_train_config({}), 7, generator, torch.device("cpu"))
+    assert sorted(shuffled.tolist()) == list(range(7)) and not torch.equal(generator.get_state(), before)
 
 
-@pytest.mark.slow
-def test_compiled_training_step_matches_eager() -> None:
-    """``fit(compile_model=True)`` steps through torch.compile: same bound and gradients up to rounding."""
-    from iwae.steps import compile_estimate, training_step
-
-    config = _config(k=4)
-    model = build_model(config, torch.full((1, 784), 0.3), torch.device("cpu"))
-    x = torch.bernoulli(torch.full((5, 784), 0.3), generator=torch.Generator().manual_seed(0))
-    results = []
-    for path in (StepPath(), StepPath("torch.compile", compiled_estimate=compile_estimate())):
-        model.zero_grad(set_to_none=True)
-        bound = training_step(model, x, config, torch.Generator().manual_seed(1), path)
-        results.append((bound, [p.grad.clone() for p in model.parameters()]))
-    (eager_bound, eager_grads), (compiled_bound, compiled_grads) = results
-    torch.testing.assert_close(compiled_bound, eager_bound, rtol=1e-5, atol=1e-4)
-    for compiled, eager in zip(compiled_grads, eager_grads, strict=True):
-        torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4 * eager.abs().max().item())
+@pytest.mark.usefixtures("one_thread")
+def test_a_run_trains_on_the_binarisation_and_split_its_config_names(tmp_path: Path, mnist) -> None:
+    config = build_train_config({**TINY, "epochs": 1, "binarization": "threshold", "train_split": "train+valid"})
+    result = fit(config, tmp_path / "run", dataset=mnist, progress=False, device="cpu")
+    assert result.complete and json.loads((tmp_path / "run" / "config.json").read_text())["binarization"] == "threshold"
 
 
-def _adam_pair(config: TrainConfig) -> list[tuple[torch.nn.Module, torch.optim.Adam]]:
-    pairs = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
-        pairs.append((model, build_optimizer(model, config)))
-    return pairs
+@pytest.mark.usefixtures("one_thread")
+def test_init_from_continues_the_base_runs_optimiser(tmp_path: Path, mnist) -> None:
+    base = build_train_config({**TINY, "protocol": "authors", "objective": "vae", "k": 1})
+    fit(base, tmp_path / "base", dataset=mnist, progress=False, device="cpu")
+    saved = load_checkpoint(tmp_path / "base" / runs.CHECKPOINT_FILE).optimizer_state["state"]
+    steps_per_pass = math.ceil(60 / 20)
+    assert {float(state["step"]) for state in saved.values()} == {2 * steps_per_pass}
+
+    swap = base.replace(objective="iwae", k=5, init_from=str(tmp_path / "base"), stages=((1, 1e-4),))
+    model = build_model(swap, mnist.train.images[:60], torch.device("cpu"))
+    optimizer = build_optimizer(model, swap)
+    load_initial_optimizer(optimizer, model, swap)
+    for index, param in enumerate(model.parameters()):
+        state = optimizer.state[param]
+        assert torch.equal(state["exp_avg"], saved[index]["exp_avg"]), index
+        assert torch.equal(state["exp_avg_sq"], saved[index]["exp_avg_sq"]), index
+        assert float(state["step"]) == 2 * steps_per_pass
+
+    fit(swap, tmp_path / "swap", dataset=mnist, progress=False, device="cpu")
+    after = load_checkpoint(tmp_path / "swap" / runs.CHECKPOINT_FILE).optimizer_state["state"]
+    assert {float(state["step"]) for state in after.values()} == {3 * steps_per_pass}  # the step count carried on
+
+    fresh = swap.replace(fresh_optimizer=True)
+    fit(fresh, tmp_path / "fresh", dataset=mnist, progress=False, device="cpu")
+    restarted = load_checkpoint(tmp_path / "fresh" / runs.CHECKPOINT_FILE).optimizer_state["state"]
+    assert {float(state["step"]) for state in restarted.values()} == {steps_per_pass}
+
+    other = swap.replace(optimizer="adam", beta1=0.9)
+    with pytest.raises(runs.RunError, match="--fresh-optimizer"):
+        load_initial_optimizer(build_optimizer(model, other), model, other)
 
 
-def _grads_of(model: torch.nn.Module, step: int) -> None:
-    generator = torch.Generator().manual_seed(step)
-    for param in model.parameters():
-        param.grad = torch.randn(param.shape, generator=generator)
+@pytest.mark.usefixtures("one_thread")
+def test_an_authors_run_resumes_bit_for_bit(tmp_path: Path, mnist) -> None:
+    config = build_train_config({**TINY, "protocol": "authors", "k": 3, "epochs": 3})
+    fit(config, tmp_path / "whole", dataset=mnist, progress=False, device="cpu")
+    fit(config, tmp_path / "parts", dataset=mnist, progress=False, device="cpu", max_epochs=1)
+    fit(config, tmp_path / "parts", dataset=mnist, progress=False, device="cpu", resume=True)
+    whole, _ = runs.load_model(tmp_path / "whole")
+    parts, _ = runs.load_model(tmp_path / "parts")
+    for (name, a), (_, b) in zip(whole.state_dict().items(), parts.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
 
 
-def test_adam_step_equals_optimizer_step_bit_for_bit() -> None:
-    """Over several steps and a change of learning rate (a stage of Burda's schedule); state_dicts equal too."""
-    config = TrainConfig(stages=((2, 1e-3), (2, 3e-4)))
-    (direct_model, direct), (reference_model, reference) = _adam_pair(config)
-    for step in range(6):
-        for optimizer in (direct, reference):
-            optimizer.param_groups[0]["lr"] = 1e-3 if step < 3 else 3e-4
-        _grads_of(direct_model, step)
-        _grads_of(reference_model, step)
-        adam_step(direct)
-        reference.step()
-    for got, want in zip(direct_model.parameters(), reference_model.parameters(), strict=True):
-        assert torch.equal(got, want)
-    for got, want in zip(direct.state.values(), reference.state.values(), strict=True):
-        assert all(torch.equal(got[key], want[key]) for key in ("step", "exp_avg", "exp_avg_sq"))
+@pytest.mark.usefixtures("one_thread")
+def test_every_objective_and_estimator_trains(tmp_path: Path, mnist) -> None:
+    small = ModelConfig(x_dim=784, latent_dims=(4,), hidden_dims=((16,),))
+    data = dataclasses.replace(mnist, valid=mnist.valid.subset(20))
+    extra = {"miwae": {"M": 2}, "piwae": {"M": 2}, "ciwae": {"beta": 0.05}, "power": {"p": 0.5}, "vr": {"alpha": 0.5}}
+    for objective in objective_names():
+        for estimator in ESTIMATOR_NAMES:
+            config = TrainConfig(
+                objective=make_objective(objective, **extra.get(objective, {})), estimator=estimator, k=4, model=small,
+                stages=((1, 1e-3),), train_limit=40, valid_k=2,
+            )  # fmt: skip
+            result = fit(config, tmp_path / f"{objective}-{estimator}", dataset=data, progress=False, device="cpu")
+            assert result.complete and math.isfinite(result.train_bound), (objective, estimator)
 
 
-def test_adam_step_leaves_what_it_does_not_cover_to_the_optimizer() -> None:
-    config = TrainConfig()
-    (model, optimizer), _ = _adam_pair(config)
-    calls = []
-    optimizer.register_step_post_hook(lambda *args: calls.append(1))
-    for step in range(2):
-        _grads_of(model, step)
-        adam_step(optimizer)
-    assert calls == [1, 1]  # hooks run: through optimizer.step()
-    (model, optimizer), _ = _adam_pair(config)
-    _grads_of(model, 0)
-    adam_step(optimizer)  # the first step creates the state through optimizer.step()
-    model[0].weight.grad = None
-    before = model[0].weight.detach().clone()
-    adam_step(optimizer)  # a parameter without a gradient: optimizer.step() skips it
-    assert torch.equal(model[0].weight, before)
+def test_a_grown_schedule_trains_each_stage_at_its_minibatch_and_k(tmp_path: Path, mnist) -> None:
+    config = TrainConfig(
+        objective="iwae", k=3, model=SMALL, stages=((1, 1e-3), (2, 1e-3)), stage_batch_sizes=(20, 50),
+        stage_k=(1, 3), train_limit=200, valid_k=5,
+    )  # fmt: skip
+    assert total_steps(config, 200) == 10 + 2 * 4 and steps_before(config, 200, 2) == 14
+    fit(config, tmp_path / "run", dataset=mnist, progress=False, device="cpu")
+    metrics = runs.read_metrics(tmp_path / "run")
+    assert [(m["batch_size"], m["k"]) for m in metrics] == [(20, 1), (50, 3), (50, 3)]
+    resumed = tmp_path / "resumed"  # resume across the change of minibatch and k: the same run
+    fit(config, resumed, dataset=mnist, progress=False, device="cpu", max_epochs=1)
+    fit(config, resumed, dataset=mnist, progress=False, device="cpu", resume=True)
+    assert [m["train_bound"] for m in runs.read_metrics(resumed)] == [m["train_bound"] for m in metrics]
 
 
-def test_clear_gradients_sets_every_gradient_to_none() -> None:
-    (model, optimizer), _ = _adam_pair(TrainConfig())
-    _grads_of(model, 0)
-    clear_gradients(optimizer)
-    assert all(param.grad is None for param in model.parameters())
+def test_a_commit_interrupted_after_its_marker_rolls_forward(tmp_path: Path) -> None:
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    for d in dirs:
+        d.mkdir()
+        (d / runs.CHECKPOINT_FILE).write_text("old")
+        (d / STAGED_CHECKPOINT).write_text("new")
+    (dirs[1] / COMMIT_MARKER).write_text(json.dumps({"stack": [str(d) for d in dirs]}))
+    settle_staged_checkpoints(dirs)
+    assert [(d / runs.CHECKPOINT_FILE).read_text() for d in dirs] == ["new", "new"]
+    assert not any((d / COMMIT_MARKER).exists() or (d / STAGED_CHECKPOINT).exists() for d in dirs)

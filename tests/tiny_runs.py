@@ -1,7 +1,6 @@
 """The settings of a tiny run of the lab (a 4-unit model, 100 training images, L_4 on 20 test images), shared by the
-lab's tests (``tests/lab/``, ``tests/integration/``, ``tests/test_cluster.py``); imported by name, as
-``tests/oracles.py`` is (``tests/`` is on the path: pytest's default import mode puts the root conftest's folder
-there)."""
+lab's tests (``tests/lab/``, ``tests/integration/``); imported by name, as ``tests/oracles.py`` is (``tests/`` is on
+the path: ``pythonpath`` in pyproject.toml's pytest section)."""
 
 from __future__ import annotations
 

@@ -59,7 +59,8 @@ def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-# The flat fields of configurations written before the objective became one nested value.
+# An objective's parameters as flat keys beside its name (``"objective": "miwae", "M": 5``), which the builder and
+# TrainConfig.from_dict take.
 LEGACY_OBJECTIVE_KEYS = ("M", "beta", "p", "alpha")
 BURDA_ADAM_BETA1 = BURDA_BETAS[0]  # the authors' Adam (optimizers.py): 0.99; torch's and the paper's is 0.9
 # What ``protocol = "authors"`` sets: the authors' code (github yburda/iwae) as it ran; see docs/protocol.md.
@@ -168,8 +169,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """From :meth:`to_dict`'s form, or from a configuration saved before the objective was nested
-        (``"objective": "miwae", "M": 5, "beta": null, ...``), which loads as the same run."""
+        """From :meth:`to_dict`'s form, or from the flat form (``"objective": "miwae", "M": 5, "beta": null, ...``),
+        which loads as the same run. With ``init_from`` but no ``fresh_optimizer`` key, the run had a fresh
+        optimiser (docs/cli.md#iwae-train)."""
         if not isinstance(data, dict):
             raise ValueError(f"a configuration is a JSON object, got {type(data).__name__}")
         try:
@@ -181,7 +183,7 @@ class TrainConfig:
     def _from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         legacy = {key: values.pop(key) for key in LEGACY_OBJECTIVE_KEYS if key in values}
         if values.get("init_from") is not None and "fresh_optimizer" not in values:
-            values["fresh_optimizer"] = True  # saved before runs continued their base's optimiser: it started afresh
+            values["fresh_optimizer"] = True  # no key: the run started with a fresh optimiser
         if legacy or isinstance(values.get("objective"), str):
             values["objective"] = make_objective(values.get("objective", "iwae"), **legacy)
         elif "objective" in values:
@@ -312,19 +314,27 @@ def parse_k_schedule(spec: Any, n_stages: int) -> tuple[int, ...]:
 
 
 def build_train_config(settings: Mapping[str, Any]) -> TrainConfig:
-    """The :class:`TrainConfig` that flat settings describe: the CLI's ``iwae train`` arguments, a sweep grid's
-    keys and a report's rows all come through here.
+    """The :class:`TrainConfig` that flat settings describe: ``iwae train``'s arguments, a grid's keys, a report's row.
 
-    Keys: every :class:`TrainConfig` field but ``model`` and ``stages``; the objective as ``objective`` (a name)
-    with ``M``/``beta``/``p``/``alpha``; the model as ``layers`` (Burda's 1 or 2), ``latent_dims`` (any depth),
-    ``hidden_dims`` and ``activation`` (:func:`_model_config`); ``protocol`` (``default`` or ``authors``:
-    :data:`AUTHORS_PROTOCOL`; ``optimizer = "burda-adam"`` alone also takes the authors' ``beta1`` 0.99 unless
-    ``beta1`` is given); the schedule as ``schedule`` (``burda``, ``burda:S``) or ``epochs`` with ``lr``, and how it
-    is run: ``batch_schedule`` (``fixed``, or ``grow``: :func:`grow_batch_schedule`), ``lr_scale`` (``none``,
-    ``linear``, ``sqrt``: :func:`scale_learning_rates` for a ``batch_size`` other than 20) and ``k_schedule``
-    (one k per stage, ending at ``k``, which it sets when ``k`` is not given). ``None`` values are the defaults.
-    Raises a one-line ``ValueError`` for an unknown key or a bad value. The keys, their defaults and their simple
-    checks are :mod:`iwae.settings`'.
+    Args:
+        settings: the keys of :mod:`iwae.settings` (their defaults and simple checks are declared there; ``None``
+            values are the defaults):
+
+            - every :class:`TrainConfig` field but ``model`` and ``stages``;
+            - the objective: ``objective`` (a name) with ``M``, ``beta``, ``p``, ``alpha``;
+            - the model: ``layers`` (Burda's 1 or 2), ``latent_dims`` (any depth), ``hidden_dims``, ``activation``;
+            - ``protocol``: ``default`` or ``authors`` (:data:`AUTHORS_PROTOCOL`); ``optimizer = "burda-adam"``
+              alone also sets the authors' ``beta1`` 0.99 unless ``beta1`` is given;
+            - the schedule: ``schedule`` (``burda``, ``burda:S``) or ``epochs`` with ``lr``; ``batch_schedule``
+              (``fixed``, or ``grow``: :func:`grow_batch_schedule`); ``lr_scale`` (``none``, ``linear``, ``sqrt``:
+              :func:`scale_learning_rates`); ``k_schedule`` (one k per stage, ending at ``k``, which it sets when
+              ``k`` is not given).
+
+    Returns:
+        The checked :class:`TrainConfig`.
+
+    Raises:
+        ValueError: one line, for an unknown key or a bad value.
     """
     unknown = set(settings) - setting_names()
     if unknown:

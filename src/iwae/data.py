@@ -328,10 +328,14 @@ def binarize(images: Tensor, binarization: str, generator: torch.Generator | Non
 
 
 def for_run(dataset: Dataset, binarization: str | None = None, train_split: str = "train") -> Dataset:
-    """The dataset as a run sees it: its grey levels binarised ``binarization`` way (None: the dataset's own;
-    ``dynamic`` or ``threshold`` for grey-level data), and trained on ``train`` (Burda's split) or ``train+valid``
-    (every training image, as some reproductions do; the validation images then lie inside the training set).
-    Applied twice, it changes nothing the second time."""
+    """The dataset as a run sees it; applied twice, it changes nothing the second time.
+
+    Args:
+        dataset: the loaded dataset.
+        binarization: None (the dataset's own), or ``dynamic`` or ``threshold`` for grey-level data.
+        train_split: ``train`` (Burda's split) or ``train+valid`` (every training image, as some reproductions do;
+            the validation images then lie inside the training set).
+    """
     if binarization is not None and binarization != dataset.binarization:
         if dataset.binarization != "dynamic":
             raise DataError(

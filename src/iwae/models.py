@@ -343,17 +343,20 @@ class LatentVariableModel(nn.Module):
 
     # -- pruning ------------------------------------------------------------------------------
     def without_units(self, keep: list[Tensor]) -> LatentVariableModel:
-        """A smaller copy of this model with the units ``keep`` marks False cut out of the weight matrices, as the
-        authors' ``chop_units_with_variance_under_threshold`` (github yburda/iwae, iwae.py) does.
+        """A smaller copy of this model with the units that ``keep`` marks False cut out of the weight matrices.
 
-        ``keep``: per stochastic layer, a ``[d_j]`` boolean (or 0/1) mask of the units to keep. For each layer j,
-        q(h_j | h_{j-1})'s mean and log-std rows of cut units go, and so do the input columns of cut units of
-        h_{j-1} in its first layer; p(h_{j-1} | h_j) (p(x | h_1) for j = 1) loses the input columns of cut units of
-        h_j in its first layer and, where its output is a latent layer, the mean and log-std rows of cut units of
-        h_{j-1}. The copy's :class:`ModelConfig` has the smaller ``latent_dims``; its parameters are new tensors on
-        this model's device and dtype. It is the model of ``forward(..., unit_masks=keep)``: a cut unit there is
-        clamped to 0, which feeds nothing forward, and is left out of every density. Every layer needs a unit
-        kept (a :class:`ModelConfig` has no empty layer).
+        As the authors' ``chop_units_with_variance_under_threshold`` (github yburda/iwae, iwae.py): for each layer j,
+        the rows of cut units go from q(h_j | h_{j-1})'s mean and log-std and, where p(h_{j-1} | h_j) outputs a latent
+        layer, from its mean and log-std; the columns of cut units go from the first layer of every network that
+        takes them as input. The result is the model of ``forward(..., unit_masks=keep)``, where a cut unit is
+        clamped to 0 and left out of every density.
+
+        Args:
+            keep: per stochastic layer, a ``[d_j]`` boolean (or 0/1) mask of the units to keep; at least one per
+                layer (a :class:`ModelConfig` has no empty layer).
+
+        Returns:
+            A new model with the smaller ``latent_dims``, its parameters new tensors on this model's device and dtype.
         """
         dims = self.config.latent_dims
         if len(keep) != len(dims):

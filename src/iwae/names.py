@@ -4,7 +4,7 @@ the choices of the training and evaluation protocols, in a module that imports n
 The command line offers and checks them before it loads PyTorch, so that ``iwae train --help`` and a mistyped
 ``--objective`` answer at once. The registries are the truth (:data:`iwae.data.DATASETS`,
 :func:`iwae.objectives.objective_names`, :data:`iwae.estimators.ESTIMATOR_NAMES`, the keys of
-:data:`iwae.models.ACTIVATIONS`); ``tests/test_cli_commands.py`` and ``tests/test_settings.py`` check that these
+:data:`iwae.models.ACTIVATIONS`); ``tests/test_names.py`` and ``tests/test_settings.py`` check that these
 lists equal them. The protocol choices below have no other home: the training settings (:mod:`iwae.settings`), the
 configuration (:mod:`iwae.config`), the data (:mod:`iwae.data`), evaluation (:mod:`iwae.evaluate`), the lab and the
 command line take them from here.

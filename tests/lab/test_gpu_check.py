@@ -17,8 +17,6 @@ from iwae.lab import gpu_check
 from iwae.models import LatentVariableModel
 from iwae.train import FitResult, build_model, create_run_dir
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 def test_the_smoke_check_writes_its_json_and_summary(tmp_path: Path, capsys) -> None:
     assert main(["gpu-check", "--smoke", "--out", str(tmp_path / "check"), "--no-progress"]) == 0
@@ -191,13 +189,3 @@ def test_a_training_process_reports_its_step_and_on_cuda_only_its_peak_memory(tm
     assert gpu_check._read_worker_report(tmp_path / "none.log") == {}
 
 
-def test_the_help_says_what_compile_does_on_each_device_as_docs_cli_md_prints_it(monkeypatch, capsys) -> None:
-    monkeypatch.setenv("COLUMNS", "100")  # as docs/cli.md's help texts are taken
-    with pytest.raises(SystemExit) as exit_info:
-        main(["gpu-check", "--help"])
-    assert exit_info.value.code == 0
-    help_text = capsys.readouterr().out
-    assert "CUDA graphs on CUDA" in " ".join(help_text.split())
-    assert "torch.compile on other devices" in " ".join(help_text.split())
-    documented = (REPO / "docs" / "cli.md").read_text().split("```text\nusage: iwae gpu-check ", 1)[1]
-    assert "usage: iwae gpu-check " + documented.split("```", 1)[0] == help_text

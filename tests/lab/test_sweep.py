@@ -1,5 +1,6 @@
 """Sweeps (iwae.lab.sweep): changed training settings refused, finished runs of another grid reused, a continued
-run of a reused base run once, and a sweep run again with nothing to do."""
+run of a reused base run once, a sweep run again with nothing to do, and stacked sweeps (seeds and objectives in
+one stack; by default on a GPU only)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from iwae import runs
 from iwae.lab import sweep
 from iwae.lab.grid import RUNS_SUBDIR
 from iwae.lab.store import ResultStore
+from iwae.lab.sweep import run_sweep, stacks_by_default
 
 
 def test_sweep_refuses_changed_training_settings_but_not_changed_evaluation(tmp_path: Path) -> None:
@@ -66,3 +68,35 @@ def test_a_continued_run_of_a_reused_base_runs_once_and_the_sweep_can_be_repeate
 
     rows = table2(load_records([tmp_path])[0]).rows
     assert [row[1:3] for row in rows] == [["iwae k=2", "vae k=2"]]  # the continued run finds its (reused) base
+
+
+def test_a_sweep_stacks_seeds_and_objectives_and_records_each_run(tmp_path: Path) -> None:
+    grid = {
+        "fixed": {
+            "dataset": "mnist",
+            "layers": 1,
+            "k": 2,
+            "epochs": 2,
+            "train_limit": 100,
+            "valid_k": 2,
+            "eval_k": 4,
+            "eval_limit": 10,
+            "samples": False,
+        },
+        "axes": {"objective": ["vae", "iwae"], "seed": [0, 1]},
+    }
+    summary = run_sweep(grid, tmp_path / "sweep", device="cpu", progress=False, stack=True)
+    assert summary["failed"] == {} and summary["ran"] == 4 and summary["stack"] is True
+    rows = ResultStore.in_dir(tmp_path / "sweep").rows()
+    assert {r["status"] for r in rows} == {"finished"} and len(rows) == 4
+    for r in rows:
+        metrics = runs.read_metrics(Path(r["run_dir"]))
+        assert [m["stacked"] for m in metrics] == [4, 4]  # one stack of all four
+        assert r["eval"]["nll"] is not None
+    again = run_sweep(grid, tmp_path / "sweep", device="cpu", progress=False, stack=True)
+    assert again["skipped"] == 4 and again["ran"] == 0
+
+
+def test_sweeps_stack_by_default_on_a_gpu_only() -> None:
+    """On a CPU a stacked step costs what the fast path's single steps cost (docs/performance.md): no gain."""
+    assert stacks_by_default("cpu") is False

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from iwae.names import DEVICE_PATTERN
-from iwae.names import MAX_SEED as MAX_SEED  # tests/test_bad_inputs.py compares it with iwae.config's
+from iwae.names import MAX_SEED as MAX_SEED  # tests/cli/test_common.py compares it with iwae.config's
 from iwae.settings import Setting
 
 # The argument types of numbers, lists and seeds live with the settings that use them (iwae.settings, torch-free);
@@ -117,8 +117,8 @@ class _DeprecatedAlias(argparse.Action):
 
 def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: argparse.Action) -> None:
     """Accept ``old`` as a hidden, deprecated spelling of the option ``new`` (the action ``add_argument``
-    returned): same destination and type, left out of ``--help``, one warning line on stderr when used.
-    Kept for one release after a rename."""
+    returned): same destination and type, left out of ``--help``, one warning line on stderr when used
+    (docs/cli.md says which old spellings are accepted)."""
     parser.add_argument(
         old,
         action=_DeprecatedAlias,

@@ -25,7 +25,8 @@ DEFAULT_REPEATS = 100
 DEFAULT_BATCH = 1
 MODELS = ("mnist", "rainforth")
 RAINFORTH_REPEATS = 1000  # the first round; the repeats then grow per (estimator, K)
-RAINFORTH_DATA = 1024  # iwae.studies.rainforth.N_DATA, here without torch (tests/test_snr.py checks they agree)
+# iwae.studies.rainforth.N_DATA, here without torch (tests/studies/test_rainforth.py checks they agree)
+RAINFORTH_DATA = 1024
 RAINFORTH_ONLY = ("max_samples", "rel_error", "floor_factor")  # flags that only --model rainforth takes
 
 

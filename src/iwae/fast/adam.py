@@ -4,11 +4,11 @@
 hooks and profiling: a noticeable part of a step at Burda's minibatch 20
 (docs/performance.md#what-makes-the-difference).
 :func:`adam_step` makes the two calls that ``Adam.step`` makes (the step counts' increment and the fused kernel) once
-every parameter has its state: the same update, bit for bit (``tests/test_fast.py``). Anything else goes through
+every parameter has its state: the same update, bit for bit (``tests/fast/test_adam.py``). Anything else goes through
 ``optimizer.step()``.
 
 Private PyTorch API: ``torch._fused_adam_`` and the optimizer's hook lists. :func:`available` checks that they are
-there (the public ``optimizer.step()`` serves where not); ``tests/test_fast.py`` fails loudly on a PyTorch that
+there (the public ``optimizer.step()`` serves where not); ``tests/fast/test_adam.py`` fails loudly on a PyTorch that
 changed them.
 """
 

@@ -4,7 +4,7 @@ Shape convention: samples first (``[k, batch, d]`` latents, ``[k, batch]`` log-d
 
 :func:`for_evaluation` returns a copy of a model whose networks take oneDNN's fused linear layers and whose Bernoulli
 log-likelihood takes :mod:`iwae.fast.native`'s row kernel, for L_k's gradient-free forward passes: the same values up
-to float32 rounding (``tests/test_fast.py``), faster on a CPU (docs/performance.md#what-makes-the-difference).
+to float32 rounding (``tests/fast/test_forward.py``), faster on a CPU (docs/performance.md#what-makes-the-difference).
 :func:`iwae.evaluate.evaluate_model` takes it as its ``accelerate`` argument; ``iwae eval`` and sweeps pass it.
 """
 

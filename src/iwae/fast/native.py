@@ -5,7 +5,7 @@ Shape convention: samples first. ``pre`` is ``[k, batch, n]`` (any leading dimen
 
 Both serve float32 tensors on the CPU; elsewhere (other devices or dtypes), where they cannot run, or with
 ``IWAE_FAST`` switching them off (:mod:`iwae.fast.switches`) plain PyTorch operations serve. :func:`status` says
-which paths are in use. Results equal the PyTorch formulas up to float32 rounding (``tests/test_native.py``).
+which paths are in use. Results equal the PyTorch formulas up to float32 rounding (``tests/fast/test_native.py``).
 
 - :func:`bernoulli_log_prob_rows`: ``sum_j x_j l_j - softplus(l_j)`` with ``l = pre + bias``, and its gradient
   ``grad * (x - sigmoid(l))``, in one pass over ``pre`` each (``kernels.c``: polynomial exp and log1p, each row
@@ -126,17 +126,27 @@ def build_and_load(
     load: Callable[[Path], T],
     extra_identity: tuple[str, ...] = (),
 ) -> tuple[T | None, str]:
-    """Build ``name`` with the compiler that ``$compiler_variable`` names (``cc`` for C, ``c++`` for C++) under the
-    first of ``flag_sets`` that builds, into :func:`build_dir` under a name that hashes the sources, the compiler,
-    the flags, the machine, the CPU and ``extra_identity`` (a cached build is reused), and load it.
+    """Build ``name`` into :func:`build_dir` (or reuse its cached build) and load it.
 
-    The cache is private (:mod:`iwae.fast.cache`): made with mode ``0o700``, and refused if it is a link, someone
-    else's or writable by others, the build then going to a fresh private temporary directory (one warning line on
-    stderr; the returned line says why); a cached library is loaded only if its owner, mode and SHA-256 (recorded
-    after its build) check out, else it is rebuilt.
+    The file's name hashes the sources, the compiler, the flags, the machine, the CPU and ``extra_identity``. The
+    cache is private (:mod:`iwae.fast.cache`): made with mode ``0o700``, and refused if it is a link, someone else's
+    or writable by others, the build then going to a fresh private temporary directory (with one warning line on
+    stderr); a cached library is loaded only if its owner, mode and SHA-256 (recorded after its build) check out,
+    else it is rebuilt.
 
-    ``command(compiler, flags)`` gives the compiler's arguments before ``-o`` and the libraries after it. Returns
-    what ``load`` gave and the file, or None and one line saying why there is nothing."""
+    Args:
+        name: the library's name, the start of its file name.
+        language: ``"C"`` or ``"C++"``.
+        compiler_variable: the environment variable that names the compiler (default ``cc`` for C, ``c++`` for C++).
+        sources: the files whose text enters the hash.
+        flag_sets: tried in turn; the first that builds is used.
+        command: ``command(compiler, flags)`` gives the compiler's arguments before ``-o`` and the libraries after.
+        load: loads the built file.
+        extra_identity: more strings that enter the hash.
+
+    Returns:
+        What ``load`` gave and one line naming the file, or None and one line saying why there is nothing.
+    """
     compiler = os.environ.get(compiler_variable, {"C": "cc", "C++": "c++"}[language])
     if shutil.which(compiler) is None:
         return None, f"no {language} compiler {compiler!r} on PATH (set {compiler_variable} to one)"

@@ -9,7 +9,7 @@ on models with Bernoulli observations and tanh layers, from two Python calls ins
 log-weights, and :func:`backward` accumulates every parameter's gradient. The operators make the same ATen calls in
 the same order as the Python; small layers go through ``addmm`` and :file:`kernels.c`'s tanh instead of oneDNN's
 fused layer, whose fixed cost per call dominates there (docs/performance.md#what-makes-the-difference). Results equal
-the Python's up to float32 rounding (``tests/test_native_step.py``).
+the Python's up to float32 rounding (``tests/fast/test_step.py``).
 
 Compiled on first use with ``$CXX`` (default ``c++``) against the installed PyTorch, into :mod:`iwae.fast.native`'s
 private cache (:mod:`iwae.fast.cache`), under a name that hashes the sources, the compiler, the flags, the CPU and
@@ -69,7 +69,7 @@ def _command(compiler: str, flags: tuple[str, ...]) -> tuple[list[str], tuple[st
 
 def cxx11_abi() -> bool:
     """The C++ ABI PyTorch was built with. ``torch._C._GLIBCXX_USE_CXX11_ABI`` is private: where it is gone,
-    ``torch.compiled_with_cxx11_abi()`` (public) answers; ``tests/test_fast.py`` fails loudly if neither exists."""
+    ``torch.compiled_with_cxx11_abi()`` (public) answers; ``tests/fast/test_adam.py`` fails loudly if neither exists."""
     private = getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", None)
     return bool(private) if private is not None else bool(torch.compiled_with_cxx11_abi())
 

@@ -98,7 +98,7 @@ def run_one(
         raise RuntimeError(f"{run_dir}: {len(metrics)} epochs of metrics for a {config.total_epochs}-epoch schedule")
     settings = eval_options(options)
     saved = json.loads((run_dir / EVAL_FILE).read_text()) if (run_dir / EVAL_FILE).is_file() else {}
-    # settings saved before a setting existed have its default
+    # a setting missing from the saved eval_settings has its default
     if saved.get("eval_settings") is None or {**EVAL_DEFAULTS, **saved["eval_settings"]} != settings:
         evaluate_run(
             run_dir,
@@ -163,15 +163,24 @@ def run_group(
     env: dict[str, Any] | None = None,
     attempt: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Train, evaluate and write the result of specs (``RunSpec.to_dict()``): one run, or several that train as
-    one stack (:func:`iwae.train.fit_runs`, stacked) and are then evaluated one by one. A sweep's unit of work,
-    wherever it runs; it never touches the database.
+    """Train, evaluate and write the result of one run, or of several trained as one stack: a sweep's unit of work.
 
-    Holds ``runs/NAME/.lock`` of every run throughout (:class:`~iwae.lab.locks.LockBusy`, and nothing touched,
-    if another process holds one), and writes each run's row (the store's columns, plus ``attempt``) to
-    ``runs/NAME/result.json``, atomically; errors are written there, not raised, so one bad run does not stop a
-    sweep. Runs of a stack whose directories are at different points go on one by one; where some runs of a stack
-    diverge, those are recorded ``diverged`` and the others go on one by one. Returns the rows.
+    Holds every run's ``runs/NAME/.lock`` throughout and writes each run's row (the store's columns, plus
+    ``attempt``) to ``runs/NAME/result.json`` atomically; it never touches the database. Errors are written there,
+    not raised, so one bad run does not stop a sweep. Runs of a stack whose directories are at different points,
+    and the rest of a stack some of whose runs diverged, go on one by one.
+
+    Args:
+        specs: ``RunSpec.to_dict()`` of each run; several train as one stack (:func:`iwae.train.fit_runs`) and are
+            then evaluated one by one.
+        out_dir: the sweep folder.
+        attempt: recorded in each row.
+
+    Returns:
+        The rows written.
+
+    Raises:
+        iwae.lab.locks.LockBusy: another process holds one of the runs' locks (nothing is touched).
     """
     out_dir = Path(out_dir)
     env = env if env is not None else environment()

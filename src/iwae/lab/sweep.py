@@ -289,15 +289,26 @@ def run_sweep(
     wait: bool = False,
     runner: Runner | None = None,
 ) -> dict[str, Any]:
-    """Run every configuration of ``grid`` not yet finished in ``out_dir``; phases one after the other. With
-    ``stack``, the runs of a phase that share everything but seed, objective and ``init_from`` (the architecture,
-    k, the minibatches and the schedule) train as one stacked computation (:mod:`iwae.stacked`); ``None`` (the
-    default) stacks where that pays, on a GPU (:func:`stacks_by_default`).
+    """Run every configuration of ``grid`` not yet finished in ``out_dir``, phase after phase.
 
-    Everything is checked before anything is written (a bad grid or ``out_dir`` raises a one-line
-    ``ValueError``); then the sweep holds the folder (:func:`sweep_lock`; ``wait``: wait for another sweep there)
-    and runs each phase through ``runner`` (default: a :class:`~iwae.lab.runner.LocalRunner` of ``workers``). The
-    summary names the runs that ``failed``, ``diverged`` or were ``busy`` (held by another process).
+    Everything is checked before anything is written; then the sweep holds the folder (:func:`sweep_lock`) and runs
+    each phase through ``runner``.
+
+    Args:
+        grid: a loaded grid (:func:`iwae.lab.grid.load_grid`).
+        out_dir: the sweep folder.
+        workers: parallel runs of the default runner.
+        stack: train the runs of a phase that share the architecture, k, the minibatches and the schedule (all but
+            seed, objective and ``init_from``) as one stacked computation (:mod:`iwae.stacked`); None stacks on a
+            GPU only (:func:`stacks_by_default`).
+        wait: wait for another sweep holding the folder instead of stopping.
+        runner: default a :class:`~iwae.lab.runner.LocalRunner` of ``workers``.
+
+    Returns:
+        The summary; it names the runs that ``failed``, ``diverged`` or were ``busy`` (held by another process).
+
+    Raises:
+        ValueError: one line, for a bad grid or ``out_dir``.
     """
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")

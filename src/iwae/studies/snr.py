@@ -1,35 +1,26 @@
 """Gradient signal-to-noise ratio (Rainforth et al. 2018) of the estimators in :mod:`iwae.estimators`.
 
-At fixed parameters and a fixed minibatch ``x`` ``[batch, x_dim]``, each estimator draws k samples
-(log-weights ``[k, batch]``) and returns one gradient of the loss ``-mean(surrogate)``. Over R repeated
-draws, the per-parameter SNR is ``|mean| / std`` (std with R - 1 degrees of freedom); parameters whose
-gradient is exactly zero in every repeat (e.g. first-layer weights of pixels that are 0 in the whole
-minibatch) have no SNR and are left out. The summary per (estimator, part, K) is the median SNR
-over parameters; its log-log slope against K is fitted by ordinary least squares, with the OLS
-standard error and a 95% Student-t interval (n_K - 2 degrees of freedom). The interval reflects how
-well a straight line fits the medians, not the Monte Carlo noise of each median.
+Shapes: a fixed minibatch ``x`` is ``[batch, x_dim]``; each estimator draws k samples (log-weights ``[k, batch]``)
+and returns one gradient of the loss ``-mean(surrogate)``.
 
-The target is IWAE_K (:class:`~iwae.objectives.IWAE`) unless another objective is given. Any model that
-follows :class:`iwae.protocol.Model` can be studied. Rainforth et al. predict
-slopes of about +1/2 (decoder) and -1/2 (encoder, standard estimator); DReG's encoder slope is positive.
-A true SNR of 0 is estimated as about ``sqrt(2/pi) / sqrt(R)`` (``snr_floor``): medians near it are
-limited by the number of repeats.
-
-Those slopes are asymptotic: they need the importance weights to be far from degenerate, i.e. an
-effective sample size ``ESS = 1 / sum_i w~_i^2`` that grows like K. The study therefore also reports
-the median ESS over the minibatch per K and its log-log slope; where ESS grows like K^s with s < 1,
-the decoder's SNR grows roughly like sqrt(ESS), K^(s/2), rather than K^(1/2).
+Over R repeated draws at fixed parameters, the per-parameter SNR is ``|mean| / std`` (R - 1 degrees of freedom);
+parameters whose gradient is exactly zero in every repeat (say, first-layer weights of pixels that are 0 in the
+whole minibatch) have no SNR and are left out. The summary per (estimator, part, K) is the median SNR over
+parameters; its log-log slope against K is fitted by ordinary least squares, with a 95% Student-t interval
+(n_K - 2 degrees of freedom) that reflects how well a line fits the medians, not their Monte Carlo noise. The target
+is IWAE_K unless another objective is given; any model that follows :class:`iwae.protocol.Model` can be studied. A
+true SNR of 0 is estimated as about ``sqrt(2/pi) / sqrt(R)`` (:func:`snr_floor`). The median effective sample size
+``ESS = 1 / sum_i w~_i^2`` per K and its slope are reported too: Rainforth et al.'s asymptotic slopes (+1/2 decoder,
+-1/2 standard encoder; DReG's encoder positive) need ESS to grow like K; where it grows like K^s, the decoder's SNR
+grows roughly like K^(s/2).
 
 :func:`run_adaptive_study` (``iwae snr --model rainforth``) is the floor-aware variant for models that follow
-:class:`iwae.protocol.NoiseModel`, vectorised over repeats with :func:`torch.func.vmap`
-(:func:`noise_gradients`). Its repeats grow per (estimator, K), from ``repeats`` until the smaller of the two parts'
-median SNRs ``s`` reaches a relative error ``1 / (s sqrt(R)) <= rel_error``, i.e. ``R >= 1 / (rel_error^2 s^2)``,
-or until ``R K batch`` reaches ``max_samples`` (:func:`adaptive_gradient_blocks`). Each slope is fitted only over
-the Ks whose median stands clear of its floor (``median > floor_factor * snr_floor(R)``, :func:`clear_of_floor`);
-the fit reports which Ks entered, with their repeats, the OLS Student-t interval as above, and a bootstrap interval
-over repeats (the repeats of each (estimator, K) are kept as 64 blocks of running sums, of about equal repeats; a
-replicate resamples each K's blocks with replacement and refits the slope over the same Ks; 2.5% and 97.5%
-percentiles), which measures the Monte Carlo noise.
+:class:`iwae.protocol.NoiseModel`, vectorised over repeats (:func:`noise_gradients`). Repeats grow per (estimator, K)
+until the smaller part's median SNR ``s`` has relative error ``1 / (s sqrt(R)) <= rel_error``, or ``R K batch``
+reaches ``max_samples`` (:func:`adaptive_gradient_blocks`). Each slope is fitted over the Ks whose median exceeds
+``floor_factor * snr_floor(R)`` (:func:`clear_of_floor`), with the t-interval and a bootstrap interval over repeats
+(64 blocks of running sums per (estimator, K), resampled with replacement; 2.5% and 97.5% percentiles), which
+measures the Monte Carlo noise.
 """
 
 from __future__ import annotations
@@ -400,9 +391,8 @@ class RepeatBlocks:
     """Sums of per-repeat gradients (flattened, float64) and of their squares in ``max_blocks`` blocks of repeats.
 
     Each :meth:`add` goes whole into the block with the fewest repeats so far, so blocks of chunks of equal size
-    stay about equal. The sums live in two tensors allocated once, added to in place: keeping a small tensor per
-    chunk instead fragmented glibc's heap between the large temporaries of the gradients, and the process grew
-    by about 16 MB a chunk (4 GB in a minute of the standard estimator at K = 30)."""
+    stay about equal. The sums live in two tensors allocated once, added to in place, so that glibc's heap does not
+    fragment between the gradients' large temporaries (docs/results.md, ``iwae snr --model rainforth``)."""
 
     def __init__(self, max_blocks: int = MAX_BLOCKS) -> None:
         self.counts = np.zeros(max_blocks, dtype=np.int64)

@@ -9,8 +9,8 @@ Active units come in three definitions (:mod:`iwae.evaluate`): ours (``units``: 
 images of E_q[u|x] > 0.01), the authors' (``units_authors``: the first 500 training images, one sample of h_1 for
 layer 2, variance >= 0.01) and the per-unit KL's (``units_kl``). A run evaluated with ``units="authors"``
 (``pruned_by``) shows the authors' counts and pruned NLL in the tables (:attr:`RunRecord.shown_units`); others show
-ours. Evaluations written before ``pruned_by`` existed computed ``active_units_authors`` with our 100-sample
-definition: a record leaves them out (``units_authors`` None) rather than show them under the authors' name.
+ours. In an ``eval.json`` without ``pruned_by``, ``active_units_authors`` is not the authors' count
+(docs/protocol.md#protocol-notes): a record leaves it out (``units_authors`` None).
 
 Only runs in Burda's setup sit beside the paper's numbers (:func:`is_comparable`): :func:`burda_departures` names,
 as a reader reads them, the ways in which a run's setup is not Burda's (architecture, minibatch, binarisation,
@@ -63,7 +63,7 @@ class RunRecord:
     samples_png: str | None
     config: TrainConfig
     env: dict[str, Any] = field(default_factory=dict)
-    units_authors: tuple[int, ...] | None = None  # the authors' definition (None: not evaluated, or an old file)
+    units_authors: tuple[int, ...] | None = None  # the authors' definition (None: not evaluated, or no pruned_by)
     units_kl: tuple[int, ...] | None = None  # mean per-unit KL > 0.01
     nll_pruned: float | None = None  # L_k without the inactive units of ``pruned_by``'s definition
     pruned_by: str = "ours"  # whose units nll_pruned leaves out, and whose counts the tables show

@@ -21,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 SMALL = ["--epochs", "2", "--train-limit", "300", "--device", "cpu", "--no-progress"]
@@ -40,10 +41,10 @@ def tensor_digests(path: Path) -> dict[str, str]:
         return {}
     with safe_open(str(path), framework="pt") as handle:
         return {
-            name: hashlib.sha256(handle.get_tensor(name).contiguous().view(-1).view(dtype=__import__("torch").uint8)
-                                 .numpy().tobytes()).hexdigest()[:16]
+            name: hashlib.sha256(handle.get_tensor(name).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            .hexdigest()[:16]
             for name in sorted(handle.keys())
-        }  # fmt: skip
+        }
 
 
 def metrics(path: Path) -> list[dict]:
@@ -97,7 +98,7 @@ def compare(before_path: str, after_path: str) -> int:
             continue
         for run in sorted(set(old["runs"]) | set(new["runs"])):
             a, b = old["runs"].get(run), new["runs"].get(run)
-            parts = [part for part in ("model", "checkpoint", "metrics") if a is None or b is None or a[part] != b[part]]
+            parts = [part for part in ("model", "checkpoint", "metrics") if not (a and b and a[part] == b[part])]
             print(f"{name} {run}: {'same' if not parts else 'DIFFERS in ' + ', '.join(parts)}"
                   f" ({old['gradients'][0]} -> {new['gradients'][0]})")  # fmt: skip
             failures += bool(parts)

@@ -11,7 +11,18 @@ from iwae import bounds
 from iwae.config import TrainConfig, build_train_config
 from iwae.models import LatentVariableModel, ModelConfig
 from iwae.optim import BurdaAdam
-from iwae.steps import REFERENCE_PATH, StepPath, build_optimizer, choose_step_path, clear_gradients, training_step
+from iwae.steps import (
+    REFERENCE_PATH,
+    PerModelStep,
+    StackedModelsStep,
+    StepPath,
+    build_optimizer,
+    choose_step_path,
+    clear_gradients,
+    select_step,
+    stacks,
+    training_step,
+)
 from iwae.train import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -105,3 +116,24 @@ def test_clear_gradients_sets_every_gradient_to_none() -> None:
     random_gradients(model, 0)
     clear_gradients(optimizer)
     assert all(param.grad is None for param in model.parameters())
+
+
+def test_the_selector_stacks_on_a_gpu_and_steps_each_model_on_its_own_elsewhere() -> None:
+    """auto: one vmapped step on CUDA for several models (or for --compile, as CUDA graphs); each model's own path on a
+    CPU; on and off as asked. The strategies say which in their descriptions."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert stacks(4, cuda) and stacks(1, cuda, compile_model=True) and not stacks(1, cuda)
+    assert not stacks(4, cpu) and not stacks(4, cpu, compile_model=True)
+    assert stacks(1, cpu, stack="on") and not stacks(4, cuda, stack="off")
+    with pytest.raises(ValueError, match="stack must be one of auto, on, off"):
+        stacks(2, cpu, stack="yes")
+    configs = [TrainConfig(seed=seed, model=ModelConfig(x_dim=12, latent_dims=(3,), hidden_dims=((6,),)))
+               for seed in (0, 1)]  # fmt: skip
+    models = [build_model(c, torch.rand(10, 12), cpu) for c in configs]
+    optimizers = [build_optimizer(m, c) for m, c in zip(models, configs, strict=True)]
+    own = select_step(models, optimizers, configs, cpu)
+    assert isinstance(own, PerModelStep) and own.groups == [range(0, 1), range(1, 2)]
+    assert own.description.endswith("2 models, one after another")
+    stacked = select_step(models, optimizers, configs, cpu, stack="on")
+    assert isinstance(stacked, StackedModelsStep) and stacked.groups == [range(0, 2)]
+    assert stacked.description.startswith("stacked (2 models)")

@@ -65,7 +65,7 @@ from iwae.runs import (
     resolve_device,
 )
 from iwae.stacked import check_stackable, continues_optimizer
-from iwae.steps import build_optimizer, optimizer_for, select_step
+from iwae.steps import Step, build_optimizer, optimizer_for, select_step
 
 
 @dataclass
@@ -189,11 +189,14 @@ def steps_before(config: TrainConfig, n_train: int, epochs_done: int) -> int:
     return sum(math.ceil(n_train / config.batch_size_of_stage(config.stage_of_epoch(e)[0])) for e in range(epochs_done))
 
 
-def progress_bar(config: TrainConfig, n_train: int, epochs_done: int, desc: str, enabled: bool) -> tqdm:
-    """The bar of a run's minibatches over the whole schedule (each stage at its own minibatch), from where it is."""
+def progress_bar(
+    config: TrainConfig, n_train: int, epochs_done: int, desc: str, enabled: bool, passes_per_epoch: int = 1
+) -> tqdm:
+    """The bar of the minibatches over the whole schedule (each stage at its own minibatch), from where the runs
+    are; ``passes_per_epoch``: the groups of models that take their own pass each epoch."""
     return tqdm(
-        total=total_steps(config, n_train),
-        initial=steps_before(config, n_train, epochs_done),
+        total=total_steps(config, n_train) * passes_per_epoch,
+        initial=steps_before(config, n_train, epochs_done) * passes_per_epoch,
         unit="batch",
         desc=desc,
         disable=not enabled,
@@ -419,6 +422,56 @@ def _divergence(runs: _Runs, indices: list[int], epoch: int, lr: float, what: st
     return divergence_error(run_dirs, epoch, lr, what, runs.checkpoint_epoch, len(runs.models))
 
 
+def _train_epoch(runs: _Runs, step: Step, epoch: int, bar: tqdm) -> tuple[list[float], float]:
+    """One pass over the training images for every model (each group of the step's in turn): each model's mean
+    training bound and the seconds it took. Raises a :class:`~iwae.runs.DivergenceError` where a bound or a
+    parameter is non-finite."""
+    config, models = runs.configs[0], runs.models
+    stage, lr = config.stage_of_epoch(epoch)
+    batch_size, k = config.batch_size_of_stage(stage), config.k_of_stage(stage)
+    images = runs.train_split.images
+    n_train, device = len(images), images.device
+    step.set_lr(lr)
+    started = time.perf_counter()
+    for model in models:
+        model.train()
+    bound_sums = torch.zeros(len(models), dtype=torch.float64, device=device)
+    orders = [minibatch_order(config, n_train, g, device) for g in runs.generators]
+    for group in step.groups:  # a whole pass of each group in turn; one group for a single run or a stack
+        generators = [runs.generators[i] for i in group]
+        for start in range(0, n_train, batch_size):
+            xs = [
+                binarize(images[orders[i][start : start + batch_size]], runs.data.binarization, g)
+                for i, g in zip(group, generators, strict=True)
+            ]
+            bound_sums[group.start : group.stop] += step(group, xs, generators, k)
+            bar.update(1)
+    seconds = time.perf_counter() - started
+    step.sync()
+    train_bounds = (bound_sums / n_train).tolist()
+    finite = step.finite_models()
+    diverged = [i for i, ok in enumerate(finite) if not (ok and math.isfinite(train_bounds[i]))]
+    if diverged:
+        bound = train_bounds[diverged[0]]
+        what = f"training bound {bound}" if not math.isfinite(bound) else "non-finite parameters"
+        what = what if len(models) == 1 else "non-finite training bound or parameters"
+        raise _divergence(runs, diverged, epoch + 1, lr, what)
+    return train_bounds, seconds
+
+
+def _validate(runs: _Runs, epoch: int, lr: float) -> list[float]:
+    """Each model's validation bound after 0-based ``epoch``; a non-finite one is a divergence."""
+    valid_bounds = []
+    for model, config in zip(runs.models, runs.configs, strict=True):
+        model.eval()
+        valid_bounds.append(validation_bound(model, config, runs.valid_split, runs.data.binarization, epoch))
+    diverged = [i for i, bound in enumerate(valid_bounds) if not math.isfinite(bound)]
+    if diverged:
+        what = "non-finite validation bound" if len(runs.models) > 1 else f"validation bound {valid_bounds[0]}"
+        raise _divergence(runs, diverged, epoch + 1, lr, what)
+    return valid_bounds
+
+
 def fit_runs(
     configs: Sequence[TrainConfig],
     run_dirs: Sequence[str | Path],
@@ -470,7 +523,7 @@ def fit_runs(
     stage_ends = config.stage_ends()
     desc = f"{'+'.join(sorted({c.objective.label() for c in configs}))}/{config.estimator} k={config.k}"
     desc = desc if n_models == 1 else f"{n_models} runs: {desc}"
-    bar = progress_bar(config, n_train, epochs_done, desc, progress)
+    bar = progress_bar(config, n_train, epochs_done, desc, progress, passes_per_epoch=len(step.groups))
     last_save = time.monotonic()
     train_bounds: list[float] | None = None
     valid_bounds: list[float] | None = None
@@ -482,40 +535,10 @@ def fit_runs(
 
     try:
         for epoch in range(epochs_done, stop_epoch):
-            stage, lr = config.stage_of_epoch(epoch)
-            batch_size, k = config.batch_size_of_stage(stage), config.k_of_stage(stage)
-            step.set_lr(lr)
-            started = time.perf_counter()
-            for model in models:
-                model.train()
-            bound_sums = torch.zeros(n_models, dtype=torch.float64, device=torch_device)
-            orders = [minibatch_order(config, n_train, g, torch_device) for g in runs.generators]
-            for start in range(0, n_train, batch_size):
-                xs = [
-                    binarize(runs.train_split.images[order[start : start + batch_size]], runs.data.binarization, g)
-                    for order, g in zip(orders, runs.generators, strict=True)
-                ]
-                bound_sums += step(xs, runs.generators, k)
-                bar.update(1)
-            seconds = time.perf_counter() - started
+            lr = config.stage_of_epoch(epoch)[1]
+            train_bounds, seconds = _train_epoch(runs, step, epoch, bar)
             elapsed += seconds
-            step.sync()
-            train_bounds = (bound_sums / n_train).tolist()
-            finite = step.finite_models()
-            diverged = [i for i, ok in enumerate(finite) if not (ok and math.isfinite(train_bounds[i]))]
-            if diverged:
-                bound = train_bounds[diverged[0]]
-                what = f"training bound {bound}" if not math.isfinite(bound) else "non-finite parameters"
-                raise _divergence(runs, diverged, epoch + 1, lr, what if n_models == 1 else
-                                  "non-finite training bound or parameters")  # fmt: skip
-            valid_bounds = []
-            for model, c in zip(models, configs, strict=True):
-                model.eval()
-                valid_bounds.append(validation_bound(model, c, runs.valid_split, runs.data.binarization, epochs_done))
-            diverged = [i for i, bound in enumerate(valid_bounds) if not math.isfinite(bound)]
-            if diverged:
-                what = "non-finite validation bound" if n_models > 1 else f"validation bound {valid_bounds[0]}"
-                raise _divergence(runs, diverged, epoch + 1, lr, what)
+            valid_bounds = _validate(runs, epoch, lr)
             extra = {"stacked": n_models} if n_models > 1 else {}
             for index, c in enumerate(configs):
                 append_metrics(run_dirs[index], c, epoch, train_bounds[index], valid_bounds[index], seconds, n_train,

@@ -7,16 +7,16 @@ hyper-parameters and the training progress as JSON. Nothing is unpickled on load
 A file is written to a temporary name, flushed to disk and renamed over the old one, so an
 interruption leaves either the old checkpoint or the new one, never a torn file.
 
-:func:`atomic_write_bytes` is the package's one way to write a file that a user keeps (checkpoints, models,
-``config.json``, ``eval.json``, figures, reports, CSV exports): the temporary is created exclusively in the
-target's folder under a fresh random name (an existing path, or a symlink planted there, is never opened), and the
-rename replaces the target itself (a symlink at the target is replaced, not followed). A failed write (a full disk
-above all) removes the temporary, leaves the previous file intact and raises :class:`WriteError` with a one-line
-message naming the path.
+:func:`atomic_write_bytes` is the package's one way to write a file that a user keeps: checkpoints, models,
+``config.json``, ``eval.json``, figures, reports, CSV exports. The temporary is created exclusively in the target's
+folder under a fresh random name, so an existing path or a planted symlink is never opened; the rename replaces the
+target itself (a symlink there is replaced, not followed). A failed write (a full disk above all) removes the
+temporary, leaves the previous file intact and raises :class:`WriteError`, one line naming the path.
 
-Loading checks what it reads: a file that is empty, truncated, garbled or fails the checksum stored with its tensors,
-a checkpoint without its training state, and (:func:`check_model_state`, :func:`restore_checkpoint`) tensors missing
-from, or shaped unlike, the run's architecture raise :class:`CheckpointError`, one line naming the file and the fault.
+Loading checks what it reads and raises :class:`CheckpointError`, one line naming the file and the fault, for: a
+file that is empty, truncated, garbled or fails the checksum stored with its tensors; a checkpoint without its
+training state; tensors missing from, or shaped unlike, the run's architecture (:func:`check_model_state`,
+:func:`restore_checkpoint`).
 """
 
 from __future__ import annotations
@@ -66,8 +66,10 @@ class WriteError(OSError):
 
 
 class CheckpointError(ValueError):
-    """A checkpoint or model file that cannot be used: damaged, incomplete or another architecture's. Its message is
-    one line naming the file and the fault."""
+    """A checkpoint or model file that cannot be used: damaged, incomplete or another architecture's.
+
+    Its message is one line naming the file and the fault.
+    """
 
 
 def _create_temporary(path: Path) -> tuple[int, str]:
@@ -174,7 +176,7 @@ def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     except (SafetensorError, OSError) as error:
         reason = str(error).splitlines()[0].lower() if str(error) else type(error).__name__
         raise CheckpointError(f"{path} is truncated, garbled or not a safetensors file ({reason}); {_REDO}") from None
-    digest = metadata.get("digest")  # files written before the digest have none
+    digest = metadata.get("digest")  # a file without a digest is read unchecked
     if digest is not None and digest != tensors_digest(tensors):
         raise CheckpointError(f"{path} is damaged: its tensors fail the checksum stored with them; {_REDO}")
     return tensors, metadata
@@ -212,6 +214,17 @@ def save_checkpoint(
     progress: dict[str, Any],
     config_json: str,
 ) -> None:
+    """Save the resumable training state to ``path``, atomically.
+
+    Args:
+        path: the ``.safetensors`` file; its folder is created.
+        model: its parameters go under ``model.<name>``.
+        optimizer: its tensors go under ``optimizer.<param index>.<key>``, its hyper-parameters and scalars into
+            the metadata.
+        generator: the run's random source; its state goes under ``rng_state``.
+        progress: ``{"epochs_done": ..., "seconds": ...}``.
+        config_json: the run's configuration, as JSON.
+    """
     tensors: dict[str, Tensor] = {f"model.{name}": value for name, value in model.state_dict().items()}
     optimizer_state = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
@@ -233,6 +246,7 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path) -> TrainingCheckpoint:
+    """Read a file :func:`save_checkpoint` wrote; :class:`CheckpointError` if it is damaged or lacks training state."""
     tensors, metadata = _read(path)
     model_state: dict[str, Tensor] = {}
     optimizer_entries: dict[int, dict[str, Any]] = {}
@@ -275,8 +289,10 @@ def nonfinite_tensors(state: dict[str, Tensor]) -> list[str]:
 
 
 def check_model_state(path: Path, state: dict[str, Tensor], module: nn.Module) -> None:
-    """Raise :class:`CheckpointError` unless ``state`` (read from ``path``) has exactly ``module``'s tensors, each in
-    its shape: a missing tensor, an extra one or another shape names the first such tensor."""
+    """Raise :class:`CheckpointError` unless ``state`` (read from ``path``) has exactly ``module``'s tensors.
+
+    A missing tensor, an extra one or another shape: the message names the first such tensor.
+    """
     expected = module.state_dict()
     missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing:
@@ -311,9 +327,11 @@ def check_optimizer_state(path: Path, optimizer_state: dict[str, Any], optimizer
 
 
 def check_generator_state(path: Path, rng_state: Tensor, generator: torch.Generator) -> None:
-    """Raise :class:`CheckpointError` if the generator state read from ``path`` is another device type's than
-    ``generator``'s (a CPU run resumed on CUDA, or the reverse): no generator takes another device type's state, so
-    the run resumes only on a device of the type that saved it."""
+    """Raise :class:`CheckpointError` if the generator state read from ``path`` is another device type's.
+
+    No generator takes another device type's state, so a run resumes only on a device of the type that saved it
+    (not a CPU run on CUDA, or the reverse).
+    """
     saved_bytes = rng_state.numel() * rng_state.element_size()
     if saved_bytes == generator.get_state().numel():
         return
@@ -329,8 +347,14 @@ def check_generator_state(path: Path, rng_state: Tensor, generator: torch.Genera
 def restore_checkpoint(
     path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
 ) -> dict[str, Any]:
-    """Load the checkpoint at ``path`` into ``model``, ``optimizer`` and ``generator``, after checking that it fits
-    them (:class:`CheckpointError` otherwise); returns its progress (``epochs_done``, ``seconds``)."""
+    """Load the checkpoint at ``path`` into ``model``, ``optimizer`` and ``generator``, after checking that it fits.
+
+    Returns:
+        Its progress, ``{"epochs_done": ..., "seconds": ...}``.
+
+    Raises:
+        CheckpointError: the file is damaged or does not fit them.
+    """
     state = load_checkpoint(path)
     check_model_state(path, state.model_state, model)
     check_optimizer_state(path, state.optimizer_state, optimizer)

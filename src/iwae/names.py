@@ -1,11 +1,11 @@
-"""The names of the built-in datasets, objectives and gradient estimators, the devices and the seeds' range, and
-the choices of the training and evaluation protocols, in a module that imports nothing heavy.
+"""The built-in names and protocol choices, in a module that imports nothing heavy.
 
-The command line offers and checks them before it loads PyTorch, so that ``iwae train --help`` and a mistyped
-``--objective`` answer at once. The registries are the truth (:data:`iwae.data.DATASETS`,
-:func:`iwae.objectives.objective_names`, :data:`iwae.estimators.ESTIMATOR_NAMES`, the keys of
-:data:`iwae.models.ACTIVATIONS`); ``tests/test_names.py`` and ``tests/test_settings.py`` check that these
-lists equal them. The protocol choices below have no other home: the training settings (:mod:`iwae.settings`), the
+Datasets, objectives, gradient estimators, activations, devices, the seeds' range, and the choices of the training
+and evaluation protocols. The command line offers and checks them before it loads PyTorch, so that
+``iwae train --help`` and a mistyped ``--objective`` answer at once. The registries are the truth
+(:data:`iwae.data.DATASETS`, :func:`iwae.objectives.objective_names`, :data:`iwae.estimators.ESTIMATOR_NAMES`,
+the keys of :data:`iwae.models.ACTIVATIONS`); ``tests/test_names.py`` and ``tests/test_settings.py`` check that
+these lists equal them. The protocol choices below have no other home: the training settings (:mod:`iwae.settings`), the
 configuration (:mod:`iwae.config`), the data (:mod:`iwae.data`), evaluation (:mod:`iwae.evaluate`), the lab and the
 command line take them from here.
 """

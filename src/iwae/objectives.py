@@ -135,6 +135,7 @@ class Objective:
 
     # -- configuration -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """``{"name": ..., <parameters>}``, the form configuration files carry (:func:`objective_from_dict`)."""
         return {"name": self.name, **asdict(self)}
 
     def label(self) -> str:
@@ -182,9 +183,11 @@ class IWAE(Objective):
         return 1.0
 
     def encoder_loss_gradient(self, log_w: Tensor) -> tuple[Tensor, Tensor]:
-        """``-w~ / batch`` with the normalised weights taken as ``exp(log_w - logsumexp(log_w))``, as autograd
-        computes them (a softmax rounds differently): closed, because autograd through ``logsumexp`` costs a dozen
-        small operator calls, as much as a layer at minibatch 20."""
+        """Closed form: ``(-w~ / batch [k, batch], L_k [batch])``, both detached.
+
+        The normalised weights are ``exp(log_w - logsumexp(log_w))``, rounded as autograd rounds them (a softmax
+        rounds differently). Why a closed form: docs/performance.md#what-makes-the-difference.
+        """
         k, batch = log_w.shape
         log_w = log_w.detach()
         log_sum = torch.logsumexp(log_w, dim=0)
@@ -303,8 +306,17 @@ def _objective_class(name: str) -> type[Objective]:
 
 
 def make_objective(name: str, **params: Any) -> Objective:
-    """The registered objective ``name`` with its parameters; ``None`` values are left out (so the flat
-    ``M``/``beta``/``p``/``alpha`` settings of a grid or the CLI pass straight through)."""
+    """The registered objective ``name`` with its parameters.
+
+    Args:
+        name: a registered name (:func:`objective_names`).
+        **params: the objective's parameters; ``None`` values are left out, so the flat
+            ``M``/``beta``/``p``/``alpha`` settings of a grid or the CLI pass straight through, and ``M=1``
+            is accepted by every objective.
+
+    Raises:
+        ValueError: an unknown name, a parameter of another objective, or a required one missing.
+    """
     cls = _objective_class(name)
     known = {f.name for f in fields(cls)}
     given = {key: value for key, value in params.items() if value is not None}

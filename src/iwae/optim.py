@@ -61,6 +61,7 @@ class BurdaAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Tensor | None:  # type: ignore[override]
+        """One update of every parameter that has a gradient; returns ``closure()``'s loss if given."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -127,8 +128,16 @@ def _foreach_available() -> bool:
 
 
 def build_optimizer(name: str, parameters: list[Tensor], lr: float, betas: tuple[float, float], eps: float):
-    """The optimiser a run's config names: ``adam`` (``torch.optim.Adam``, the fused kernel where the device has
-    one) or ``burda-adam`` (:class:`BurdaAdam`)."""
+    """The optimiser a run's config names.
+
+    Args:
+        name: ``adam`` (``torch.optim.Adam``, the fused kernel on CPU and CUDA, ``foreach`` elsewhere) or
+            ``burda-adam`` (:class:`BurdaAdam`).
+        parameters: the parameters, all on one device (the first one's device picks Adam's kernel).
+        lr: the learning rate.
+        betas: ``(beta1, beta2)``.
+        eps: added to ``sqrt(v)``.
+    """
     if name == "burda-adam":
         return BurdaAdam(parameters, lr=lr, betas=betas, eps=eps)
     if name != "adam":

@@ -37,10 +37,12 @@ class ImportanceSample:
 
     @property
     def log_joint(self) -> Tensor:
+        """``log p(x, h) = log p(x | h) + log p(h)``, ``[k, batch]``."""
         return self.log_px_given_h + self.log_prior
 
     @property
     def log_w(self) -> Tensor:
+        """The log-weights ``log p(x, h) - log q(h | x)``, ``[k, batch]``."""
         return self.log_px_given_h + self.log_prior - self.log_q
 
 
@@ -80,9 +82,11 @@ class NoiseModel(Model, Protocol):
 
 
 class SampleWithNoise(nn.Module):
-    """A :class:`NoiseModel`'s ``sample_with_noise`` as ``forward`` (its parameters under ``model.``), which is what
-    :func:`torch.func.functional_call` calls: stacked training (:mod:`iwae.stacked`) and the SNR study's vmapped
-    repeats (:mod:`iwae.studies.snr`) take a model's sample as a pure function of its parameters and noise."""
+    """A :class:`NoiseModel`'s ``sample_with_noise`` as ``forward``, for :func:`torch.func.functional_call`.
+
+    The model's parameters are under ``model.``. Stacked training (:mod:`iwae.stacked`) and the SNR study's vmapped
+    repeats (:mod:`iwae.studies.snr`) take a model's sample as a pure function of its parameters and noise.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()

@@ -38,9 +38,11 @@ class RunError(RuntimeError):
 
 
 class DivergenceError(RunError):
-    """Training reached a non-finite bound or non-finite parameters and stopped before writing anything non-finite:
-    each run keeps its last finite checkpoint. ``run_dirs`` are the runs that diverged, ``epoch`` the (1-based) epoch
-    in which they did."""
+    """Training reached a non-finite bound or non-finite parameters, and stopped.
+
+    Nothing non-finite was written: each run keeps its last finite checkpoint. ``run_dirs`` are the runs that
+    diverged, ``epoch`` the (1-based) epoch in which they did.
+    """
 
     def __init__(self, message: str, run_dirs: Sequence[Path] = (), epoch: int | None = None) -> None:
         super().__init__(message)
@@ -67,8 +69,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def load_config(run_dir: Path) -> TrainConfig:
-    """The run's :class:`TrainConfig`, from ``config.json``; :class:`RunError` names the file if it is no valid
-    configuration."""
+    """The run's :class:`TrainConfig`, from ``config.json``.
+
+    Raises:
+        RunError: the file is missing or no valid configuration (the message names it).
+    """
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise RunError(f"{run_dir} is not a run directory (no {CONFIG_FILE}); train one with 'iwae train'")
@@ -81,9 +86,15 @@ def load_config(run_dir: Path) -> TrainConfig:
 
 
 def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[LatentVariableModel, TrainConfig]:
-    """The run's final model, or its latest checkpoint if training has not finished. The file must hold the
-    architecture's tensors in their shapes, all finite (:class:`RunError` or
-    :class:`~iwae.checkpoint.CheckpointError` otherwise)."""
+    """The run's final model, or its latest checkpoint if training has not finished, in eval mode on ``device``.
+
+    Returns:
+        ``(model, config)``.
+
+    Raises:
+        RunError: no config, no model file, or non-finite parameters.
+        iwae.checkpoint.CheckpointError: the file lacks the architecture's tensors in their shapes.
+    """
     run_dir = Path(run_dir)
     config = load_config(run_dir)
     for name in (MODEL_FILE, CHECKPOINT_FILE):
@@ -104,8 +115,11 @@ def load_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[Laten
 
 
 def parse_metrics(path: Path) -> list[dict]:
-    """The records of a ``metrics.jsonl``. A last line cut short (a kill mid-write) is left out; any other line that
-    is not a JSON object with an ``epoch`` raises :class:`RunError`."""
+    """The records of a ``metrics.jsonl``, one dict per epoch.
+
+    A last line cut short (a kill mid-write) is left out; any other line that is not a JSON object with an
+    ``epoch`` raises :class:`RunError`.
+    """
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     records = []
     for number, line in enumerate(lines, start=1):
@@ -122,6 +136,7 @@ def parse_metrics(path: Path) -> list[dict]:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The run's ``metrics.jsonl`` records (:func:`parse_metrics`); ``[]`` if it has none yet."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []

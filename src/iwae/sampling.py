@@ -53,7 +53,21 @@ def sample_figure(
     title: str = "",
     shape: tuple[int, int] = (28, 28),
 ) -> Path:
-    """Write one PNG with three panels: prior samples, data vs reconstructions, interpolations."""
+    """Write one PNG with three panels: prior samples, data vs reconstructions, interpolations.
+
+    Args:
+        model: the trained model.
+        test_images: ``[n_test, x_dim]`` grey levels; the first 20 are binarised and reconstructed.
+        binarization: the dataset's binarisation (:func:`iwae.data.binarize`).
+        out_path: the PNG, written atomically.
+        seed: the random source of samples, binarisation and reconstructions.
+        n: how many prior samples (a square number fills the panel).
+        title: the figure's title.
+        shape: an image's ``(height, width)``.
+
+    Returns:
+        ``out_path``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,6 +111,7 @@ def sample_run(
     device: str = "auto",
     data_dir: str | None = None,
 ) -> Path:
+    """:func:`sample_figure` of a run's model on its dataset's test images; ``out`` defaults to ``RUN/samples.png``."""
     run_dir = Path(run_dir)
     model, config = load_model(run_dir, resolve_device(device))
     data = load_dataset(config.dataset, data_dir, progress=False)

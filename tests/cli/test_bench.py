@@ -64,3 +64,20 @@ def test_the_help_says_what_compile_does_on_each_device_as_docs_cli_md_prints_it
     assert "torch.compile on other devices" in " ".join(help_text.split())
     documented = (REPO / "docs" / "cli.md").read_text().split("```text\nusage: iwae gpu-check ", 1)[1]
     assert "usage: iwae gpu-check " + documented.split("```", 1)[0] == help_text
+
+
+def test_gpu_check_exits_1_and_names_the_phases_that_failed(tmp_path, monkeypatch, capsys) -> None:
+    """A check some of whose phases failed prints its summary all the same, one line naming them, and exits 1."""
+    import iwae.lab.gpu_check
+
+    def run_check(settings, out, data_dir):
+        return {"seconds": 1.0, "errors": [{"phase": "steps", "error": "RuntimeError: CUDA error"}]}
+
+    monkeypatch.setattr(iwae.lab.gpu_check, "run_check", run_check)
+    monkeypatch.setattr(iwae.lab.gpu_check, "markdown", lambda result: "summary")
+    with pytest.raises(SystemExit) as exited:
+        main(["gpu-check", "--smoke", "--out", str(tmp_path / "check")])
+    assert exited.value.code == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["seconds"] == 1.0
+    assert "phases failed (steps)" in captured.err.splitlines()[-1]

@@ -204,7 +204,7 @@ def test_a_report_embeds_only_files_inside_the_sweep_folders(tmp_path: Path) -> 
     [
         ({"train_limit": -5}, "train_limit must be a whole number >= 1"),
         ({"eval_k": 0}, "eval_k must be a whole number >= 1"),
-        ({"eval_split": "validation"}, "eval_split must be train, valid or test"),
+        ({"eval_split": "validation"}, "eval_split must be test, train or valid"),
         ({"k": 1.5}, "k must be a whole number"),
         ({"lr": "fast"}, "learning rate must be a finite number > 0"),
         ({"epochs": 2.5}, "epochs must be a whole number >= 1"),

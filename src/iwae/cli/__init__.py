@@ -3,13 +3,15 @@
 Only this package reads ``sys.argv``. Each command lives in a module of ``iwae.cli`` listed in
 :data:`COMMAND_MODULES`; the module's ``register(subparsers)`` adds its parsers, each with
 ``set_defaults(handler=fn)``, where ``fn`` takes the parsed arguments and returns the JSON-serialisable result
-to print. Bad arguments and inputs (flags, configuration files, damaged checkpoints) end with a one-line error on
-stderr and exit code 2, having changed nothing on disk; results go to stdout as one JSON object, strictly JSON: a
-non-finite number (NaN, an infinity) is written as null. A run that diverges (:class:`iwae.runs.DivergenceError`)
-stops with one line and exit code 2, its last finite checkpoint kept. A file that cannot be written
-(:class:`iwae.checkpoint.WriteError`: a full disk, a quota, a read-only folder) ends with a one-line error and exit
-code 1, not 2: the command was right and the previous file is intact, so the same command succeeds once space is
-freed; 2 stays the sign of arguments or inputs to change.
+to print. Results go to stdout as one JSON object, strictly JSON: a non-finite number (NaN, an infinity) is
+written as null. Failures end with one line on stderr:
+
+- exit code 2: bad arguments or inputs (flags, configuration files, damaged checkpoints), nothing changed on
+  disk; also a run that diverges (:class:`iwae.runs.DivergenceError`), its last finite checkpoint kept. 2 is the
+  sign of arguments or inputs to change;
+- exit code 1: a file that cannot be written (:class:`iwae.checkpoint.WriteError`: a full disk, a quota, a
+  read-only folder). The command was right and the previous file is intact, so the same command succeeds once
+  space is freed.
 
 Building the parser imports no torch (the command modules defer it to their handlers), so ``iwae --help`` and
 usage errors answer at once.
@@ -42,6 +44,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``iwae`` parser with every command of :data:`COMMAND_MODULES` (imports no torch)."""
     parser = _Parser(prog="iwae", description="Importance-weighted variational inference (VAE, IWAE).")
     parser.add_argument("--version", action="version", version=f"iwae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -58,6 +61,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command ``argv`` (``sys.argv[1:]`` if None), print its JSON result; returns the exit code."""
     try:
         args = _parse(argv)
     except UsageError as error:

@@ -15,11 +15,13 @@ from iwae.cli.common import add_deprecated_alias, add_run_options, positive_int,
 
 
 def _common(p: argparse.ArgumentParser, data: bool = True) -> None:
+    """``--seed`` and the run options every analysis takes (``--data-dir`` only with ``data``)."""
     p.add_argument("--seed", type=int, default=0)
     add_run_options(p, json_flag=True, data=data)
 
 
 def cmd_posterior(args: argparse.Namespace) -> dict:
+    """``iwae posterior``: :func:`iwae.studies.posterior.posterior_run`."""
     from iwae.studies.posterior import posterior_run
 
     result = posterior_run(
@@ -36,6 +38,7 @@ def cmd_posterior(args: argparse.Namespace) -> dict:
 
 
 def cmd_camel(args: argparse.Namespace) -> dict:
+    """``iwae camel``: :func:`iwae.studies.camel.run_camel`."""
     from iwae.studies.camel import CamelSettings, run_camel
 
     settings = CamelSettings(k=args.k, vae_k=args.vae_k, epochs=args.epochs, n_train=args.n_train,
@@ -48,6 +51,7 @@ def cmd_camel(args: argparse.Namespace) -> dict:
 
 
 def cmd_anomaly(args: argparse.Namespace) -> dict:
+    """``iwae anomaly``: :func:`iwae.studies.anomaly.anomaly_run`, after checking the hold-out flags."""
     from iwae.studies.anomaly import anomaly_run
 
     if args.holdout_digit is not None and not 0 <= args.holdout_digit <= 9:
@@ -66,6 +70,7 @@ def cmd_anomaly(args: argparse.Namespace) -> dict:
 
 
 def cmd_impute(args: argparse.Namespace) -> dict:
+    """``iwae impute``: :func:`iwae.studies.impute.impute_run`; the epochs default per dataset."""
     from iwae.studies.impute import ImputeSettings, impute_run
 
     if not 0.0 < args.missing < 1.0:
@@ -80,6 +85,7 @@ def cmd_impute(args: argparse.Namespace) -> dict:
 
 
 def register(subparsers) -> None:
+    """Add ``posterior``, ``camel``, ``anomaly`` and ``impute`` to the ``iwae`` subparsers."""
     p = subparsers.add_parser("posterior", help="q_IW against the true posterior for a 2-D latent model")
     p.add_argument("run", help="run directory (one stochastic layer with a 2-D latent)")
     p.add_argument("--ks", type=positive_int_list, default=[1, 10, 100], help="proposal counts k (default 1,10,100)")

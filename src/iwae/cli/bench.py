@@ -2,7 +2,8 @@
 
 See :mod:`iwae.lab.bench` for what is measured (shapes: minibatches ``[batch, x_dim]``, log-weights
 ``[k, batch]``). The Markdown table goes to stderr (and ``OUT/bench.md``), the JSON object to stdout
-(and ``OUT/bench.json``); ``--json`` leaves the table out of stderr.
+(and ``OUT/bench.json``); ``--json`` leaves the table out of stderr. ``iwae bench --stacked N`` times stacked
+steps instead (:mod:`iwae.lab.bench.stacked`); ``iwae gpu-check`` runs the GPU check (:mod:`iwae.lab.gpu_check`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import sys
 from pathlib import Path
 
 from iwae.cli.common import add_run_options, positive_int, positive_int_list
+from iwae.names import BATCH_SCHEDULES, LR_SCALES
 
 # Deferred on purpose: the benchmark (iwae.lab.bench, iwae.fast, iwae.data) imports torch, which takes seconds
 # that ``iwae --help`` and usage errors should not pay; the handler imports it.
 
 
 def register(subparsers) -> None:
+    """Add ``bench`` and ``gpu-check`` to the ``iwae`` subparsers."""
     p = subparsers.add_parser(
         "bench",
         help="benchmark training steps and L_5000 evaluation against Pyro, plain PyTorch and the matmul roofline",
@@ -56,9 +59,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="directory for gpu-check.json, gpu-check.md and the column's runs")
     p.add_argument("--smoke", action="store_true", help="toy sizes on the CPU (seconds), as the test suite runs it")
     p.add_argument("--budget", type=positive_int, metavar="SECONDS", help="the whole check's time (default 520)")
-    p.add_argument("--batch-schedule", choices=["fixed", "grow"], help="the column's (default grow)")
+    p.add_argument("--batch-schedule", choices=BATCH_SCHEDULES, help="the column's (default grow)")
     p.add_argument("--batch-size", type=positive_int, help="the column's minibatch (default 20; grow starts there)")
-    p.add_argument("--lr-scale", choices=["none", "linear", "sqrt"], help="the column's rate scaling for --batch-size")
+    p.add_argument("--lr-scale", choices=LR_SCALES, help="the column's rate scaling for --batch-size")
     p.add_argument(
         "--no-compile",
         action="store_true",
@@ -70,6 +73,7 @@ def register(subparsers) -> None:
 
 
 def cmd_gpu_check(args: argparse.Namespace) -> dict:
+    """``iwae gpu-check``: :func:`iwae.lab.gpu_check.run_check`; its summary goes to stderr."""
     from dataclasses import replace
 
     from iwae.lab.gpu_check import CheckSettings, markdown, run_check, smoke_settings
@@ -88,10 +92,17 @@ def cmd_gpu_check(args: argparse.Namespace) -> dict:
         changes["compile"] = False
     result = run_check(replace(settings, **changes), args.out, args.data_dir)
     print(markdown(result), file=sys.stderr)
-    return {"out": args.out, "json": str(Path(args.out) / "gpu-check.json"), "seconds": round(result["seconds"], 1)}
+    summary = {"out": args.out, "json": str(Path(args.out) / "gpu-check.json"), "seconds": round(result["seconds"], 1)}
+    if result.get("errors"):  # the phases that ran are in the JSON; say which failed, and exit 1
+        print(json.dumps(summary))
+        phases = ", ".join(error["phase"] for error in result["errors"])
+        print(f"gpu-check {args.out}: phases failed ({phases}); see {summary['json']}", file=sys.stderr)
+        raise SystemExit(1)
+    return summary
 
 
 def cmd_stacked(args: argparse.Namespace) -> dict:
+    """``iwae bench --stacked N``: :func:`iwae.lab.bench.stacked.measure` at each k and ``--batch-sizes``."""
     import torch
 
     from iwae.checkpoint import atomic_write_text
@@ -130,6 +141,7 @@ def cmd_stacked(args: argparse.Namespace) -> dict:
 
 
 def cmd_bench(args: argparse.Namespace) -> dict:
+    """``iwae bench``: :func:`iwae.lab.bench.run.run_bench` (or :func:`cmd_stacked` with ``--stacked``)."""
     if args.stacked is not None:
         return cmd_stacked(args)
     from iwae.data import load_dataset

@@ -1,12 +1,12 @@
-"""``iwae snr [RUN]``: the gradient signal-to-noise study of Rainforth et al. (2018), see :mod:`iwae.studies.snr`.
+"""``iwae snr [RUN]``: the gradient signal-to-noise study of Rainforth et al. (2018) (:mod:`iwae.studies.snr`).
 
 Gradients are taken at fixed parameters on one fixed minibatch ``x`` ``[batch, x_dim]`` (the first
 ``--batch-size`` training examples, binarised once with ``--seed``); each estimate draws k samples per
 example (log-weights ``[k, batch]``). Without RUN a fresh, seeded one-layer MNIST model is used.
 
-``--model rainforth`` studies Rainforth et al.'s Gaussian model instead (:mod:`iwae.studies.rainforth`; no RUN):
-``x`` is the first ``--batch-size`` points of its seeded data set, the repeats grow per (estimator, K) and each
-slope is fitted over the Ks clear of their floor (:func:`iwae.studies.snr.run_adaptive_study`).
+``--model rainforth`` studies Rainforth et al.'s Gaussian model instead (:mod:`iwae.studies.rainforth`; no RUN).
+There ``x`` is the first ``--batch-size`` points of its seeded data set, the repeats grow per (estimator, K), and
+each slope is fitted over the Ks clear of their floor (:func:`iwae.studies.snr.run_adaptive_study`).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def _sample_count(text: str) -> int:
 
 
 def register(subparsers) -> None:
+    """Add ``snr`` to the ``iwae`` subparsers."""
     p = subparsers.add_parser(
         "snr",
         help="gradient signal-to-noise ratio against K for the standard, STL and DReG estimators",
@@ -246,6 +247,7 @@ def _cmd_rainforth(args: argparse.Namespace) -> dict:
 
 
 def cmd_snr(args: argparse.Namespace) -> dict:
+    """``iwae snr``: run the study (the Rainforth model's adaptive one with ``--model rainforth``), write its files."""
     _check_rainforth_args(args)
     if args.model == "rainforth":
         return _cmd_rainforth(args)

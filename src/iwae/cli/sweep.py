@@ -3,16 +3,16 @@
 - ``iwae sweep GRID.toml --workers N --out DIR`` runs a grid (a TOML file or a preset name) on this machine;
   ``--executor slurm`` submits it as Slurm job arrays instead (:mod:`iwae.lab.cluster`). The sweep owns DIR
   while it runs: a second sweep there stops with one line naming the holder (exit 2), or waits (``--wait``).
-- ``iwae reproduce table1 --preset quick|smoke|full`` (``table2``, ``ksweep``, ``schedules``, ``student``; with
-  ``--protocol authors`` as the authors' code ran it) runs a shipped preset
-  and writes ``DIR/report.md`` and ``DIR/report.html``.
+- ``iwae reproduce table1 --preset quick|smoke|full`` (also ``table2``, ``ksweep``, ``schedules``, ``student``)
+  runs a shipped preset and writes ``DIR/report.md`` and ``DIR/report.html``; ``--protocol authors`` runs it as
+  the authors' code ran it.
 - ``iwae results DIR [--csv FILE] [--rescan]`` lists the runs in a sweep's database and exports them;
   ``--rescan`` first indexes the runs' result files (what cluster jobs wrote) into it.
 - ``iwae report DIR [DIR ...] --out REPORT`` writes ``REPORT.md`` and a self-contained ``REPORT.html``.
 
 Each handler returns the JSON object the CLI prints; tables and progress go to stderr. A bad grid is one line
-on stderr and exit code 2, with nothing written. A sweep (or reproduce) some of whose runs failed, diverged or
-were busy (held by another process) prints its JSON summary all the same, then one line on stderr, and exits
+on stderr and exit code 2, with nothing written. When some runs of a sweep (or reproduce) failed, diverged or
+were busy (held by another process), it prints its JSON summary all the same, then one line on stderr, and exits
 with code 1 (:data:`EXIT_RUNS_FAILED`).
 """
 
@@ -104,6 +104,7 @@ def _add_runner_options(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
+    """Add ``sweep``, ``reproduce``, ``results`` and ``report`` to the ``iwae`` subparsers."""
     p = subparsers.add_parser("sweep", help="run a grid of experiments (TOML file or preset), resumably")
     p.add_argument("grid", help="grid TOML file, or a preset name (table1-smoke, table1-quick, ...)")
     p.add_argument("--out", required=True, help="sweep directory (runs/ and results.sqlite)")
@@ -202,8 +203,11 @@ def _run(
 
 
 def _finish(summary: dict[str, Any]) -> dict[str, Any]:
-    """The summary to print; where runs failed, diverged or were busy, print it here, then one line on stderr,
-    and exit with :data:`EXIT_RUNS_FAILED`."""
+    """The summary to print.
+
+    Where runs failed, diverged or were busy, print it here, then one line on stderr, and exit with
+    :data:`EXIT_RUNS_FAILED`.
+    """
     problems = {status: summary[status] for status in ("failed", "diverged", "busy") if summary.get(status)}
     if not problems:
         return summary
@@ -226,12 +230,14 @@ def _check_grid_source(source: str) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> dict[str, Any]:
+    """``iwae sweep``: run the grid in ``--out``; returns the sweep's summary."""
     _check_grid_source(args.grid)
     runner = _runner(args)  # before anything runs: a misplaced flag is a usage error
     return _finish(_run(args.grid, args.out, args, runner))
 
 
 def cmd_reproduce(args: argparse.Namespace) -> dict[str, Any]:
+    """``iwae reproduce``: run the preset's sweep, then write its report (and the schedules study's table)."""
     from iwae.lab.reports import write_report
 
     preset = _preset_for(args.what, args.preset)
@@ -310,6 +316,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def cmd_results(args: argparse.Namespace) -> dict[str, Any]:
+    """``iwae results``: the runs of a sweep's database (indexed first with ``--rescan``), as a table and CSV."""
     indexed = None
     if args.rescan:
         from iwae.lab.sweep import rescan, sweep_lock
@@ -335,6 +342,7 @@ def cmd_results(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    """``iwae report``: :func:`iwae.lab.reports.write_report` of the sweep directories."""
     from iwae.lab.reports import write_report
 
     return write_report(args.dirs, args.out, title=args.title)

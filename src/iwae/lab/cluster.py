@@ -1,10 +1,11 @@
 """Sweeps on a cluster through submitit: each phase of a grid becomes one Slurm job array.
 
 ``iwae sweep GRID --out DIR --executor slurm`` runs :func:`iwae.lab.sweep.run_sweep` with a
-:class:`SubmititRunner`: each of a phase's tasks (one run, or one stack of runs) becomes one task of a job array
+:class:`SubmititRunner`. Each of a phase's tasks (one run, or one stack of runs) becomes one task of a job array
 (submitit's ``map_array``), with the partition, time limit, GPUs per task and array parallelism of
-:class:`ClusterOptions`. A task runs :func:`iwae.lab.runner.run_task` on a node: it takes the run's lock,
-trains and evaluates, and writes each run's row to ``runs/NAME/result.json``; it never opens the SQLite file.
+:class:`ClusterOptions`. On a node, a task runs :func:`iwae.lab.runner.run_task`: it takes the run's lock, trains
+and evaluates, and writes each run's row to ``runs/NAME/result.json``; it never opens the SQLite file.
+
 The submitting sweep waits for the array, indexes the result files into ``DIR/results.sqlite`` (the database's
 one writer) and goes on to the next phase, which may start from this one's runs (``init_from``). If the sweep
 stops (Ctrl-C, an error) it cancels its jobs; if it is killed outright they run on, and
@@ -33,8 +34,12 @@ ENGINES = ("slurm", "local", "debug")
 
 @dataclass(frozen=True)
 class ClusterOptions:
-    """How the tasks are submitted: Slurm's partition (None: the cluster's default), the time limit of each task
-    in minutes, GPUs per task, how many tasks of an array run at once, and submitit's engine."""
+    """How the tasks are submitted.
+
+    Fields: Slurm's ``partition`` (None: the cluster's default), each task's ``time_limit_min`` in minutes,
+    ``gpus_per_task``, ``array_parallelism`` (how many tasks of an array run at once) and submitit's ``engine``
+    (one of :data:`ENGINES`).
+    """
 
     partition: str | None = None
     time_limit_min: int = 24 * 60
@@ -59,9 +64,10 @@ def _first_line(error: BaseException) -> str:
 class SubmititRunner:
     """A runner for :func:`~iwae.lab.sweep.run_sweep`: a phase's tasks as one job array, waited for.
 
-    Made before the sweep starts, it checks at once (a one-line ``ValueError``, nothing written) that submitit is
-    installed and, for Slurm, that this machine can submit (``srun`` on the ``PATH``); its files go to
-    ``DIR/submitit/`` of the sweep's folder."""
+    Made before the sweep starts, it checks at once that submitit is installed and, for Slurm, that this machine
+    can submit (``srun`` on the ``PATH``); if not, a one-line ``ValueError``, nothing written. Its files go to
+    ``DIR/submitit/`` of the sweep's folder.
+    """
 
     def __init__(self, options: ClusterOptions | None = None) -> None:
         self.options = options or ClusterOptions()

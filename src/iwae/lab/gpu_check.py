@@ -1,6 +1,7 @@
-"""The GPU check: one command, sized for 9 minutes on one GPU, that says what a GPU does for this library
-(``iwae gpu-check --out DIR``, or ``benchmarks/gpu_check.sh DIR``; ``--smoke`` runs it at toy sizes on the CPU, as
-the test suite does, so it cannot rot).
+"""The GPU check: one command, sized for 9 minutes on one GPU, that says what a GPU does for this library.
+
+Run it as ``iwae gpu-check --out DIR`` or ``benchmarks/gpu_check.sh DIR``; ``--smoke`` runs it at toy sizes on the
+CPU, as the test suite does. Results and their conditions: docs/gpu.md.
 
 It writes ``DIR/gpu-check.json`` and ``DIR/gpu-check.md`` with:
 
@@ -45,6 +46,8 @@ WORKER_REPORT = "gpu-check worker: "  # the prefix of a training process's repor
 
 @dataclass(frozen=True)
 class CheckSettings:
+    """What the check runs: the device, the time budget and each part's sizes (:func:`smoke_settings` for toys)."""
+
     device: str = "cuda"
     budget_seconds: float = 520.0  # the whole check, sized to end within 9 minutes
     # 1. training steps
@@ -279,8 +282,10 @@ def _read_worker_report(log_path: Path) -> dict[str, Any]:
 
 
 def train_worker(spec_json: str) -> None:
-    """One stacked process of the column's training (run by :func:`_train_column` as a subprocess). It prints its
-    report (:func:`_worker_report`) after the training and again after the evaluations."""
+    """One stacked process of the column's training, run by :func:`_train_column` as a subprocess.
+
+    It prints its report (:func:`_worker_report`) after the training and again after the evaluations.
+    """
     import torch
 
     from iwae.config import build_train_config
@@ -374,12 +379,18 @@ def _train_column(settings: CheckSettings, out: Path, data_dir: str | None, seco
 
 
 def run_check(settings: CheckSettings, out: str | Path, data_dir: str | None = None) -> dict[str, Any]:
-    """Run the check; write ``gpu-check.json`` and ``gpu-check.md`` into ``out`` after every phase (atomically, so
-    an interruption leaves the last complete pair); return the JSON object.
+    """Run the check and return its JSON object.
 
-    Each phase (``steps``, ``column_hours``, ``evaluation``, ``column``, ``agreement``) runs in a guard: one that
-    raises leaves its entry ``None`` and adds ``{"phase": ..., "error": one line}`` to ``errors``, and the check
-    goes on with the next."""
+    ``gpu-check.json`` and ``gpu-check.md`` are rewritten in ``out`` after every phase, atomically, so an
+    interruption leaves the last complete pair. Each phase (``steps``, ``column_hours``, ``evaluation``, ``column``,
+    ``agreement``) runs in a guard: one that raises leaves its entry ``None``, adds ``{"phase": ..., "error": one
+    line}`` to ``errors``, and the check goes on with the next.
+
+    Args:
+        settings: :class:`CheckSettings` (:func:`smoke_settings` for toy sizes).
+        out: the folder, created if missing; the column's runs go under ``out/column``.
+        data_dir: where MNIST is looked for (:func:`iwae.data.load_dataset`).
+    """
     from iwae.data import load_dataset
     from iwae.runs import resolve_device
 
@@ -440,8 +451,11 @@ def _number(value: Any, digits: int = 2) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The check's summary as a reader wants it: environment, step table, evaluation, the column beside the paper,
-    and the phases that failed. A phase not reached or failed reads "not measured"."""
+    """The check's summary in Markdown.
+
+    Environment, step table, evaluation, the column beside the paper, and the phases that failed. A phase not
+    reached or failed reads "not measured".
+    """
     from iwae.lab.bench.stacked import markdown as steps_table
 
     env = result["environment"]

@@ -43,7 +43,7 @@ from typing import Any
 
 from iwae.config import TrainConfig, build_train_config, setting_names
 from iwae.data import DATASETS
-from iwae.names import AUTHORS_EVAL_BATCH, UNIT_DEFINITIONS
+from iwae.names import AUTHORS_EVAL_BATCH, EVAL_SPLITS, UNIT_DEFINITIONS
 
 RUNS_SUBDIR = "runs"
 
@@ -74,18 +74,22 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=+-]*")
 
 # -- options -> TrainConfig ----------------------------------------------------------------------
 def known_options() -> set[str]:
+    """Every setting a grid may name: the training settings, the evaluation's and the run's."""
     return setting_names() | set(EVAL_DEFAULTS) | set(RUN_DEFAULTS)
 
 
 def check_options(options: dict[str, Any]) -> None:
+    """Raise a one-line ``ValueError`` naming the settings :func:`known_options` lacks."""
     unknown = set(options) - known_options()
     if unknown:
         raise ValueError(f"unknown grid settings {sorted(unknown)}; known: {', '.join(sorted(known_options()))}")
 
 
 def train_config(options: dict[str, Any]) -> TrainConfig:
-    """The :class:`~iwae.config.TrainConfig` that a run's settings describe (:func:`iwae.config.build_train_config`
-    on its training settings; the evaluation and run settings are left out)."""
+    """The :class:`~iwae.config.TrainConfig` that a run's settings describe.
+
+    :func:`iwae.config.build_train_config` of its training settings; the evaluation and run settings are left out.
+    """
     check_options(options)
     return build_train_config({key: value for key, value in options.items() if key in setting_names()})
 
@@ -107,7 +111,7 @@ def _whole(value: Any, low: int | None = None) -> bool:
 SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval_k": (lambda v: _whole(v, 1), "a whole number >= 1"),
     "eval_limit": (lambda v: v is None or _whole(v, 1), "a whole number >= 1"),
-    "eval_split": (lambda v: v in ("train", "valid", "test"), "train, valid or test"),
+    "eval_split": (lambda v: v in EVAL_SPLITS, ", ".join(EVAL_SPLITS[:-1]) + " or " + EVAL_SPLITS[-1]),
     "eval_seed": (_whole, "a whole number"),
     "eval_batch_size": (lambda v: _whole(v, 1), "a whole number >= 1"),
     "eval_units": (lambda v: v in UNIT_DEFINITIONS, " or ".join(UNIT_DEFINITIONS)),
@@ -122,9 +126,14 @@ SETTING_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 def check_settings(options: dict[str, Any]) -> TrainConfig:
-    """Check every setting of a run as the run would read it, and return its TrainConfig: unknown settings, the
-    types and ranges in :data:`SETTING_CHECKS` (evaluation and run settings with their defaults filled in), and
-    the TrainConfig built (which checks the rest). Raises a one-line ``ValueError``."""
+    """Check every setting of a run as the run would read it, and return its TrainConfig.
+
+    Checked: unknown settings; the types and ranges in :data:`SETTING_CHECKS` (evaluation and run settings with
+    their defaults filled in); the TrainConfig built, which checks the rest.
+
+    Raises:
+        ValueError: one line naming the first bad setting.
+    """
     check_options(options)
     given = {key: value for key, value in options.items() if value is not None}
     values = {**given, **eval_options(options), "samples": options.get("samples", RUN_DEFAULTS["samples"])}
@@ -139,8 +148,11 @@ def check_settings(options: dict[str, Any]) -> TrainConfig:
 
 
 def check_name(name: Any, what: str) -> str:
-    """``name`` if it is one safe path component (letters, digits and ``. _ = + -``, starting with a letter,
-    a digit or ``_``, without ``..``); else a one-line ``ValueError``. Phase and run names name directories."""
+    """``name`` if it is one safe path component, else a one-line ``ValueError``; ``what`` names it there.
+
+    Safe: letters, digits and ``. _ = + -``, starting with a letter, a digit or ``_``, without ``..``. Phase and
+    run names name directories.
+    """
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
         raise ValueError(
             f"{what} {name!r} must be letters, digits and . _ = + - (no path separators, no '..', not empty), "
@@ -155,8 +167,12 @@ def inside(path: str | Path, root: str | Path) -> bool:
 
 
 def run_dir_of(out_dir: str | Path, name: str) -> Path:
-    """``OUT/runs/NAME``, refused (``ValueError``) unless ``name`` is a safe name and the directory resolves
-    inside ``OUT`` (a link under ``runs/`` that points elsewhere, say)."""
+    """``OUT/runs/NAME``, checked.
+
+    Raises:
+        ValueError: ``name`` is not a safe name (:func:`check_name`), or the directory resolves outside ``OUT``
+            (a link under ``runs/`` that points elsewhere, say).
+    """
     path = Path(out_dir) / RUNS_SUBDIR / check_name(name, "run name")
     if not inside(path, out_dir):
         raise ValueError(f"run directory {path} resolves to {path.resolve()}, outside the sweep folder {out_dir}")
@@ -173,10 +189,12 @@ class RunSpec:
     options: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"name", "phase", "options"}``, JSON-able."""
         return {"name": self.name, "phase": self.phase, "options": dict(self.options)}
 
 
 def preset_names() -> list[str]:
+    """The shipped grids (``src/iwae/presets/*.toml``), by name, sorted."""
     folder = resources.files("iwae") / "presets"
     return sorted(entry.name[: -len(".toml")] for entry in folder.iterdir() if entry.name.endswith(".toml"))
 

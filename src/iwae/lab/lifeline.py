@@ -53,8 +53,11 @@ def alive(pid: int) -> bool:
 
 
 def watch(sweep_pid: int, interval_s: float = INTERVAL_S) -> None:
-    """Tie this worker to the sweep ``sweep_pid``: die with the parent, and check every ``interval_s`` that the
-    sweep and the parent are still there (ending this process at once if not, now included)."""
+    """Tie this worker to the sweep ``sweep_pid``.
+
+    It dies with its parent (:func:`die_with_parent`), and a thread checks every ``interval_s`` that the sweep and
+    the parent are still there, ending this process at once if not (the first check is now).
+    """
     parent = os.getppid()
     die_with_parent()
 

@@ -2,11 +2,13 @@
 
 A lock is ``fcntl.flock`` on an open file, so the kernel drops it when its holder ends, however it ends
 (``kill -9`` included): a lock never outlives its process and there is nothing stale to clean up. The holder writes
-its pid, host and start time into the file, for the one-line message of a process that is refused (the text stays
-after release; only the flock says whether the file is held). The locks keep this package's own processes apart
-and nothing else. On a network file system flock holds across machines where the client maps it to POSIX locks
-(Linux NFS does; Lustre when mounted with ``flock``). Where there is no ``fcntl`` (Windows), ``msvcrt.locking``
-locks one byte far past the holder's text instead.
+its pid, host and start time into the file, for the one-line message of a process that is refused; the text stays
+after release, and only the flock says whether the file is held. The locks keep this package's own processes apart
+and nothing else.
+
+On a network file system flock holds across machines where the client maps it to POSIX locks (Linux NFS does;
+Lustre when mounted with ``flock``). Where there is no ``fcntl`` (Windows), ``msvcrt.locking`` locks one byte far
+past the holder's text instead.
 """
 
 from __future__ import annotations
@@ -71,9 +73,19 @@ def hold(
     wait: bool = False,
     on_wait: Callable[[str], None] | None = None,
 ) -> Iterator[None]:
-    """Hold the lock ``path`` (created if missing) for the block. If another process holds it, raise
-    :class:`LockBusy` ('``what`` is in use by pid ... on host ... since ...', then ``hint``), or with ``wait``
-    block until it is free (calling ``on_wait`` with that message first)."""
+    """Hold the lock ``path`` (created if missing) for the block.
+
+    Args:
+        path: the lock file.
+        what: what the lock guards, as the refusal names it.
+        hint: what to do, appended to the refusal.
+        wait: block until the lock is free instead of raising.
+        on_wait: called once with the waiting message before blocking.
+
+    Raises:
+        LockBusy: another process holds it and ``wait`` is false: '``what`` is in use by pid ... on host ...
+            since ...', then ``hint``.
+    """
     path = Path(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the holder's text must survive our attempt
     try:

@@ -148,8 +148,7 @@ def run_one(
 def _failure(error: Exception) -> dict[str, Any]:
     """A run's status and error for an exception: ``diverged`` for :class:`iwae.runs.DivergenceError` (a
     non-finite bound stopped it), else ``failed``."""
-    divergence = getattr(runs, "DivergenceError", ())  # () where the training loop does not define it: never matches
-    status = "diverged" if isinstance(error, divergence) else "failed"
+    status = "diverged" if isinstance(error, runs.DivergenceError) else "failed"
     return {"status": status, "error": f"{type(error).__name__}: {error}"}
 
 

@@ -1,12 +1,13 @@
 """Tasks and runners: how a sweep hands its work out and learns how it ended.
 
-A :class:`Task` is one :func:`iwae.lab.run.run_group` (one run, or one stack of runs), picklable for a worker
-process or a cluster job; :func:`run_task` is what the worker or the job calls, and never raises; a
-:class:`TaskEnd` says how a task ended as its runner saw it. A runner (:data:`Runner`) takes a phase's tasks and
-runs them: :class:`LocalRunner` (the default) runs each task in a fresh process (forked from a ``forkserver`` that
-has imported torch, else ``spawn``), ``workers`` at a time with ``cores // workers`` threads each, and its processes
-end with the sweep however it ends (:mod:`iwae.lab.lifeline`); :class:`iwae.lab.cluster.SubmititRunner` submits
-each phase as one Slurm job array.
+- :class:`Task`: one :func:`iwae.lab.run.run_group` (one run, or one stack of runs), picklable for a worker
+  process or a cluster job;
+- :func:`run_task`: what the worker or the job calls; it never raises;
+- :class:`TaskEnd`: how a task ended, as its runner saw it;
+- a runner (:data:`Runner`) takes a phase's tasks and runs them. :class:`LocalRunner` (the default) runs each task
+  in a fresh process (forked from a ``forkserver`` that has imported torch, else ``spawn``), ``workers`` at a time
+  with ``cores // workers`` threads each; its processes end with the sweep however it ends
+  (:mod:`iwae.lab.lifeline`). :class:`iwae.lab.cluster.SubmititRunner` submits each phase as one Slurm job array.
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ PRELOAD = [
 
 @dataclass(frozen=True)
 class Task:
-    """One unit of a sweep's work, picklable for a worker process or a cluster job: the specs of one
-    :func:`~iwae.lab.run.run_group` and how to run them. ``attempt`` marks the result files this task writes, so
-    that the sweep never takes an older attempt's file for this one's."""
+    """One unit of a sweep's work, picklable for a worker process or a cluster job.
+
+    The specs of one :func:`~iwae.lab.run.run_group` and how to run them. ``attempt`` marks the result files this
+    task writes, so that the sweep never takes an older attempt's file for this one's.
+    """
 
     specs: tuple[dict[str, Any], ...]
     out_dir: str
@@ -49,9 +52,12 @@ class Task:
 
 @dataclass(frozen=True)
 class TaskEnd:
-    """How a task ended, as its runner saw it. Both fields None: it ran (each run's outcome is in its result
-    file). ``busy``: another process holds one of its runs (nothing was touched). ``error``: it ended without
-    writing its results (a crash, a killed process, a failed or cancelled cluster job)."""
+    """How a task ended, as its runner saw it.
+
+    Both fields None: it ran (each run's outcome is in its result file). ``busy``: another process holds one of its
+    runs (nothing was touched). ``error``: it ended without writing its results (a crash, a killed process, a failed
+    or cancelled cluster job).
+    """
 
     busy: str | None = None
     error: str | None = None
@@ -75,6 +81,7 @@ Runner = Callable[[list[Task], Callable[[Task], None], Callable[[Task, TaskEnd],
 
 
 def available_cores() -> int:
+    """The cores this process may run on (its affinity on Linux, else the CPU count)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -100,9 +107,11 @@ def _work(task: Task, writer: Any, sweep_pid: int, threads: int) -> None:
 
 
 class LocalRunner:
-    """Runs each task in a fresh process on this machine, ``workers`` at a time, each with ``cores // workers``
-    threads. The processes come from :func:`_context` and end with the sweep, however it ends
-    (:mod:`iwae.lab.lifeline`); if the sweep stops on an exception (Ctrl-C included) it kills them first."""
+    """Runs each task in a fresh process on this machine, ``workers`` at a time.
+
+    Each process has ``cores // workers`` threads, comes from :func:`_context` and ends with the sweep, however it
+    ends (:mod:`iwae.lab.lifeline`); if the sweep stops on an exception (Ctrl-C included) it kills them first.
+    """
 
     def __init__(self, workers: int = 1) -> None:
         if workers < 1:

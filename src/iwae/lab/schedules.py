@@ -1,5 +1,7 @@
-"""The schedules study: does a run with fewer, larger steps (or a k schedule) land where Burda's minibatch-20
-schedule lands, and how much wall time does it save? (``iwae reproduce schedules``, presets ``schedules-*``.)
+"""The schedules study: do fewer, larger steps (or a k schedule) land where Burda's minibatch-20 schedule lands?
+
+And how much wall time do they save? ``iwae reproduce schedules`` runs it (presets ``schedules-*``); the outcome is
+in docs/results.md.
 
 Every run of a sweep is labelled by how it ran its schedule; runs that differ only in the seed are one cell (mean,
 sample standard deviation, number of seeds); each cell is compared with the cell of the same objective and final k
@@ -34,11 +36,14 @@ def schedule_label(config: TrainConfig) -> str:
 
 
 def is_baseline(config: TrainConfig) -> bool:
+    """Whether the run ran Burda's schedule: minibatch 20, one k, no growing minibatch."""
     return config.stage_k is None and config.stage_batch_sizes is None and config.batch_size == BURDA_BATCH_SIZE
 
 
 @dataclass
 class Cell:
+    """The runs of one setting, seeds pooled: their NLLs, training seconds and the schedule's number of steps."""
+
     objective: str
     k: int
     schedule: str
@@ -87,8 +92,16 @@ def cells(rows: Iterable[dict[str, Any]]) -> list[Cell]:
 
 
 def comparison(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each cell beside the minibatch-20 cell of its objective and k: NLL difference, whether it is within
-    :data:`MATCH_NATS`, and the training time saved."""
+    """Each cell beside the minibatch-20 cell of its objective and k, one dict per cell.
+
+    Args:
+        rows: a sweep's store rows (:meth:`iwae.lab.store.ResultStore.rows`).
+
+    Returns:
+        Per cell: its NLL (mean and sample standard deviation over seeds), steps, mean training seconds, the NLL
+        difference from the minibatch-20 cell, whether that is within :data:`MATCH_NATS`, and the fraction of
+        training time saved (None where the cell has no minibatch-20 cell).
+    """
     found = cells(rows)
     baselines = {(c.objective, c.k): c for c in found if c.baseline}
     table = []

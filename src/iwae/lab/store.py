@@ -1,17 +1,19 @@
 """The results database of a sweep: one SQLite file (``DIR/results.sqlite``), one row per run.
 
 A sweep is the database's one writer: its workers and cluster jobs write each run's row to the run's
-``result.json``, which the sweep (or ``iwae results DIR --rescan``) indexes here
-(:mod:`iwae.lab.sweep`), so no process on another machine writes the file over a shared file
-system. Processes on one machine may still write at once (``execute`` called by a launcher, readers
-during a sweep): the database runs in WAL mode (readers never block the writer), every connection
-waits up to ``BUSY_TIMEOUT_S`` for a lock, and each write is one short transaction retried with
-back-off if SQLite still reports the database busy or locked. A row holds the run's configuration
-(JSON), status (``pending`` / ``running`` / ``finished`` / ``failed`` / ``diverged``: a non-finite
-bound stopped it), timestamps (ISO 8601, UTC), timings (``seconds``: training time summed over
-epochs and resumed calls; ``seconds_per_epoch`` its mean), final train and validation bounds, the
-evaluation results (the ``eval.json`` object, JSON), the per-epoch metrics (JSON list, for learning
-curves) and the environment it ran in (package and torch versions, device, git commit or NULL).
+``result.json``, which the sweep (or ``iwae results DIR --rescan``) indexes here (:mod:`iwae.lab.sweep`), so no
+process on another machine writes the file over a shared file system. Processes on one machine may still write at
+once (``execute`` called by a launcher, readers during a sweep), so:
+
+- the database runs in WAL mode (readers never block the writer);
+- every connection waits up to ``BUSY_TIMEOUT_S`` for a lock;
+- each write is one short transaction, retried with back-off while SQLite reports the database busy or locked.
+
+A row (:data:`COLUMNS`) holds the run's configuration (JSON); its status (one of :data:`STATUSES`; ``diverged``: a
+non-finite bound stopped it); timestamps (ISO 8601, UTC); timings (``seconds``: training time summed over epochs
+and resumed calls, ``seconds_per_epoch`` its mean); the final train and validation bounds; the evaluation results
+(the ``eval.json`` object, JSON); the per-epoch metrics (JSON list, for learning curves); and the environment it
+ran in (package and torch versions, device, git commit or NULL).
 
 No tensors live here; the shape convention of the package does not arise.
 """
@@ -61,6 +63,7 @@ T = TypeVar("T")
 
 
 def now() -> str:
+    """The current time, ISO 8601 in UTC, to the second."""
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
@@ -87,6 +90,7 @@ class ResultStore:
 
     @classmethod
     def in_dir(cls, directory: str | Path) -> ResultStore:
+        """The store of the sweep folder ``directory`` (``DIR/results.sqlite``)."""
         return cls(Path(directory) / DB_FILE)
 
     @contextmanager
@@ -157,15 +161,18 @@ class ResultStore:
         return record
 
     def get(self, name: str) -> dict[str, Any] | None:
+        """The run's row (JSON columns decoded), or None."""
         rows = self._read("SELECT * FROM runs WHERE name = ?", (name,))
         return rows[0] if rows else None
 
     def rows(self, status: str | None = None) -> list[dict[str, Any]]:
+        """Every row, or those with ``status``, in insertion order."""
         if status is None:
             return self._read("SELECT * FROM runs ORDER BY rowid")
         return self._read("SELECT * FROM runs WHERE status = ? ORDER BY rowid", (status,))
 
     def integrity(self) -> str:
+        """SQLite's ``PRAGMA integrity_check`` answer (``"ok"`` for a sound file)."""
         def action() -> str:
             with self._connect() as db:
                 return str(db.execute("PRAGMA integrity_check").fetchone()[0])

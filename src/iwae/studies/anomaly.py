@@ -145,6 +145,7 @@ def train_holdout(base_config, digit: int, run_dir: Path, epochs: int, train_lim
 
 
 def plot_rocs(experiments: dict[str, dict[str, dict]], path: Path) -> Path:
+    """Every score's ROC curve, one panel per experiment, as one PNG at ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,6 +169,7 @@ def plot_rocs(experiments: dict[str, dict[str, dict]], path: Path) -> Path:
 
 
 def markdown_table(experiments: dict[str, dict[str, dict]]) -> str:
+    """AUROC per score (rows) and experiment (columns), as a Markdown table."""
     names = list(experiments)
     lines = ["| score | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for score in SCORES:
@@ -190,8 +192,29 @@ def anomaly_run(
     data_dir: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """MNIST test (normal) vs Fashion-MNIST test (anomalous) with RUN's model and, with ``holdout_digit``,
-    MNIST test without that digit (normal) vs that digit (anomalous) with a model trained without it."""
+    """The anomaly study of an MNIST run; writes ``anomaly.md``, ``anomaly.json`` and ``roc.png``.
+
+    MNIST test (normal) vs Fashion-MNIST test (anomalous) with the run's model and, with ``holdout_digit``, MNIST
+    test without that digit (normal) vs that digit (anomalous) with a model trained without it.
+
+    Args:
+        run_dir: a run trained on MNIST.
+        n_samples: L, the samples per example behind every score.
+        limit: examples per side (None: all).
+        holdout_digit: the digit to hold out, or None for the first experiment only.
+        holdout_run: a run already trained without the digit; otherwise one is trained (or resumed) under
+            ``OUT/holdout-<digit>`` like ``run_dir`` (:func:`train_holdout`).
+        holdout_epochs: that training's epochs.
+        holdout_train_limit: that training's examples (None: all).
+        out_dir: where the files go (default ``RUN/anomaly``).
+        seed: the random source of binarisation and samples.
+        device: as :func:`iwae.runs.resolve_device` takes it.
+        data_dir: where the datasets are looked for.
+        progress: show progress bars.
+
+    Returns:
+        The AUROCs per experiment and score, the paths written and the Markdown table.
+    """
     from iwae.runs import load_model, resolve_device
 
     torch_device = resolve_device(device)

@@ -1,5 +1,6 @@
-"""The 1-D "camel" density: a VAE and an IWAE fitted to a two-hump mixture (after a reproduction
-report of Burda et al.; its numbers and their source are in docs/references.md).
+"""The 1-D "camel" density: a VAE and an IWAE fitted to a two-hump mixture.
+
+After a reproduction report of Burda et al.; its numbers and their source are in docs/references.md.
 
 Data: ``p(x) = 0.5 N(-1, 0.5^2) + 0.5 N(1, 0.5^2)``. Model: a 1-D latent with p(z) = N(0, 1),
 q(z | x) and p(x | z) Gaussian with mean and log-std from 2 x 5 tanh networks. The true
@@ -61,6 +62,9 @@ def sample_camel(n: int, generator: torch.Generator) -> Tensor:
 
 @dataclass(frozen=True)
 class CamelSettings:
+    """The study's sizes: IWAE's and the VAE's k, training (epochs, examples, minibatch, learning rates), the test
+    sample, L_k's k, the density grid's points and the seed."""
+
     k: int = 20
     vae_k: int = 20
     epochs: int = 200
@@ -75,7 +79,10 @@ class CamelSettings:
 
 
 def train_camel(objective: str, k: int, data: Tensor, settings: CamelSettings, progress: bool = False):
-    """Adam with a learning rate decaying geometrically from ``lr`` to ``lr_final``; returns the model."""
+    """Train one camel model with the objective ``objective`` and ``k`` samples; returns the model.
+
+    ``data`` is ``[n, 1]``; Adam's learning rate decays geometrically from ``settings.lr`` to ``settings.lr_final``.
+    """
     torch.manual_seed(settings.seed)
     model = LatentVariableModel(CAMEL_MODEL)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr, eps=1e-4)
@@ -102,6 +109,7 @@ def log_likelihood(model: LatentVariableModel, x: Tensor, k: int, seed: int) -> 
 
 
 def plot_densities(grid: np.ndarray, densities: dict[str, np.ndarray], path: Path, title: str) -> Path:
+    """The true density and the ``vae`` and ``iwae`` densities over ``grid``, as one PNG at ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")

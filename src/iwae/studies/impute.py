@@ -53,8 +53,11 @@ def mcar_mask(shape: tuple[int, int], missing: float, generator: torch.Generator
 
 
 def load_table(name: str, seed: int = 0, limit: int | None = None) -> tuple[Tensor, str]:
-    """A complete data table ``[n, p]`` and its likelihood: ``mnist`` (the first ``limit`` training images,
-    binarised once with ``seed``, Bernoulli) or ``breast-cancer`` (569 x 30, standardised, Gaussian)."""
+    """A complete data table ``[n, p]`` and its likelihood (``"bernoulli"`` or ``"gaussian"``).
+
+    ``mnist``: the first ``limit`` training images (2,000 if None), binarised once with ``seed``, Bernoulli.
+    ``breast-cancer``: 569 x 30, standardised, Gaussian.
+    """
     if name == "mnist":
         from iwae.data import load_dataset
 
@@ -108,6 +111,15 @@ def impute(
     """Single (SNIS) and multiple (SIR) imputations: ``[n, p]`` and ``[n_multiple, n, p]``.
 
     Observed entries are kept as they are in both; only missing entries are filled in.
+
+    Args:
+        model: a model trained on the observed entries (:func:`train_miwae`).
+        x: ``[n, p]`` the table (its missing entries are not read).
+        mask: ``[n, p]``, 1 = observed.
+        n_samples: L, the importance samples per row.
+        n_multiple: the SIR imputations per row.
+        generator: the random source.
+        max_rows: sample rows (``L * p`` per example) held at once; rows are taken in chunks below it.
     """
     x_in = x * mask
     batch = max(1, max_rows // (n_samples * x.shape[1]))
@@ -147,6 +159,8 @@ def missing_mse(x: Tensor, imputed: Tensor, mask: Tensor) -> float:
 
 @dataclass
 class ImputeResult:
+    """The study's outcome: the table, the missing rate, the error per method (MSE and RMSE), the SIR spread."""
+
     dataset: str
     likelihood: str
     n: int

@@ -276,6 +276,7 @@ def _grid_draws(log_probs: Tensor, n: int, generator: torch.Generator) -> Tensor
 
 
 def require_2d(model: LatentVariableModel) -> None:
+    """Raise a one-line ``ValueError`` unless the model has one stochastic layer with a 2-D latent."""
     dims = model.config.latent_dims
     if len(dims) != 1 or dims[0] != 2:
         raise ValueError(
@@ -299,8 +300,21 @@ def posterior_study(
 ) -> tuple[PosteriorReport, dict[str, Tensor]]:
     """True posterior, q and q_IW (for each k) on a grid for each example of ``x`` (``[batch, x_dim]``).
 
-    Returns the report and the arrays for plotting: ``log_post``, ``log_q``, ``log_qiw_<k>`` and
-    ``hist_<k>`` ([batch, G, G]), ``z1``/``z2`` ([batch, G]), ``recon_q`` and ``recon_q_iw`` ([batch, x_dim]).
+    Args:
+        model: a model with one 2-D stochastic layer (:func:`require_2d`).
+        x: ``[batch, x_dim]`` binarised examples.
+        ks: the proposal counts of q_IW.
+        n_draws: SIR draws per example for the histograms.
+        n_outer: draws of the other proposals in q_IW's density (:func:`q_iw_log_density`).
+        grid_size: G, cells per side of the window (:func:`fit_grid`).
+        seed: the random source.
+        labels: the examples' digits, for the report.
+        progress: show a progress bar.
+
+    Returns:
+        ``(report, arrays)``; the arrays for plotting are ``log_post``, ``log_q``, ``log_qiw_<k>`` and
+        ``hist_<k>`` (``[batch, G, G]``), ``z1``/``z2`` (``[batch, G]``), ``recon_q`` and ``recon_q_iw``
+        (``[batch, x_dim]``).
     """
     require_2d(model)
     generator = torch.Generator(device=x.device).manual_seed(seed)

@@ -1,5 +1,6 @@
-"""Rainforth et al.'s Gaussian model (ICML 2018, "Tighter variational bounds are not necessarily better", section 4),
-the test bed of ``iwae snr --model rainforth`` (:mod:`iwae.studies.snr`).
+"""Rainforth et al.'s Gaussian model, the test bed of ``iwae snr --model rainforth`` (:mod:`iwae.studies.snr`).
+
+Source: Rainforth et al., "Tighter variational bounds are not necessarily better" (ICML 2018), section 4.
 
 Generative model ``z ~ N(mu, I)``, ``x | z ~ N(z, I)`` in D = 20 dimensions, so ``x ~ N(mu, 2 I)`` and the true
 posterior is ``N((x + mu) / 2, I / 2)``. Inference network ``q(z | x) = N(A x + b, (2/3) I)``: A is D x D, b a
@@ -12,7 +13,7 @@ Rainforth et al. the study's parameters are that optimum with every entry of A, 
 independent draw from ``N(0, 0.01^2)`` (``perturbation``; seeded, the same generator after the data).
 
 The study takes the gradient for one data point, the first of the data set (``--batch-size B``: a fixed
-minibatch of the first B, the loss their mean), which is our reading of their section 4: SNRs of one data
+minibatch of the first B, the loss their mean). That is our reading of their section 4: SNRs of one data
 point's gradient, not of the full data set's. Everything is float64. The model follows
 :class:`iwae.protocol.NoiseModel` (noise ``[k, batch, D]``), so the estimators of :mod:`iwae.estimators`
 differentiate it, and :func:`torch.func.vmap` takes it whole over repeats. Shapes: ``x`` is ``[batch, D]``,
@@ -57,9 +58,11 @@ class RainforthGaussian(nn.Module):
 
     # -- the protocol -----------------------------------------------------------------------------------------
     def encoder_parameters(self) -> list[nn.Parameter]:
+        """q's parameters (phi): ``[A, b]``."""
         return [self.A, self.b]
 
     def decoder_parameters(self) -> list[nn.Parameter]:
+        """p's parameter (theta): ``[mu]``."""
         return [self.mu]
 
     def draw_noise(self, x: Tensor, k: int, generator: torch.Generator | None = None) -> list[Tensor]:
@@ -88,8 +91,11 @@ class RainforthGaussian(nn.Module):
         return gaussian_log_prob(x, self.mu, torch.full_like(x, 0.5 * math.log(2.0)))
 
     def elbo(self, x: Tensor) -> Tensor:
-        """Exact ELBO (IWAE_1's expectation), ``[batch]``: with ``m = A x + b`` and ``s^2`` q's variance,
-        ``-D log(2 pi) / 2 - |m - mu|^2 / 2 - |x - m|^2 / 2 - D s^2 + D log(s^2) / 2 + D / 2``."""
+        """Exact ELBO (IWAE_1's expectation), ``[batch]``.
+
+        With ``m = A x + b`` and ``s^2`` q's variance:
+        ``-D log(2 pi) / 2 - |m - mu|^2 / 2 - |x - m|^2 / 2 - D s^2 + D log(s^2) / 2 + D / 2``.
+        """
         m = x @ self.A.T + self.b
         d, s2 = self.dim, self.q_variance
         return (
@@ -150,6 +156,16 @@ def gradient_checks(
     draws: int = 100,
 ) -> dict:
     """What the study's mean gradients should approach, beside what they measured (loss = ``-mean`` over the batch).
+
+    Args:
+        model: the perturbed model.
+        x: ``[batch, D]``, the study's data points.
+        ks: the study's K values.
+        mean_gradients: per estimator, per K, the mean gradient (encoder's entries first, then the decoder's).
+        stderr_gradients: the same layout, their standard errors.
+        n_encoder: how many entries of a gradient are the encoder's.
+        generator: the random source of the IWAE bound's estimates.
+        draws: estimates averaged for the IWAE bound at the largest K.
 
     As K grows the expected IWAE_K gradient tends to that of ``log p(x)``: the decoder's to
     ``-mean_n (x_n - mu) / 2`` (``decoder_limit``), the encoder's to 0. Per estimator and K: the largest absolute

@@ -1,5 +1,6 @@
-"""One cell of the grid (stochastic layers, k, batch): iwae's, the plain and the Pyro training steps, timed
-round-robin with the roofline's matmuls, and the ratios between them.
+"""One cell of the benchmark's grid (stochastic layers, k, batch): the training steps timed, and their ratios.
+
+iwae's, the plain and the Pyro training steps are timed round-robin with the roofline's matmuls.
 
 Every step starts from the same initial parameters and cycles through the same pool of pre-binarised
 minibatches ``[batch, x_dim]`` (binarisation is outside the timer).
@@ -50,8 +51,10 @@ def _cycling(step: Callable[[Tensor], Any], pool: Sequence[Tensor]) -> Callable[
 
 
 def iwae_step(model: LatentVariableModel, config: TrainConfig, compile_model: bool = False) -> Callable[[Tensor], None]:
-    """This library's training step, as :func:`iwae.train.fit` takes it (with ``compile_model``, as
-    ``iwae train --compile`` does: the first warm-up call compiles)."""
+    """This library's training step, as :func:`iwae.train.fit` takes it.
+
+    With ``compile_model``, as ``iwae train --compile`` takes it: the first warm-up call compiles.
+    """
     optimizer = build_optimizer(model, config)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -66,6 +69,7 @@ def iwae_step(model: LatentVariableModel, config: TrainConfig, compile_model: bo
 
 
 def plain_step(plain: PlainIWAE, config: TrainConfig) -> Callable[[Tensor], None]:
+    """The plain PyTorch model's training step with ``torch.optim.Adam`` at the config's settings."""
     optimizer = torch.optim.Adam(plain.parameters(), **adam_settings(config))
 
     def step(x: Tensor) -> None:
@@ -122,16 +126,21 @@ def measure_cell(
 
 
 def burda_schedule_hours(ms_per_step: float | None, batch: int) -> float | None:
-    """Hours that Burda's schedule (3,280 passes over 59,600 images at minibatch 20) takes at this step time,
-    validation and data preparation not counted; None for other minibatch sizes or without a time."""
+    """Hours that Burda's schedule takes at this step time; None for other minibatch sizes or without a time.
+
+    The schedule: 3,280 passes over 59,600 images at minibatch 20, validation and data preparation not counted.
+    """
     if ms_per_step is None or batch != BURDA_BATCH:
         return None
     return ms_per_step / 1e3 * math.ceil(BURDA_TRAIN_IMAGES / batch) * BURDA_PASSES / 3600
 
 
 def compare(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Ratios for one cell: iwae's GFLOP/s over the roofline's, iwae's examples/s over each baseline's; at
-    minibatch 20 also the hours of Burda's schedule at iwae's step time."""
+    """Ratios for one cell, from :func:`measure_cell`'s rows.
+
+    iwae's GFLOP/s over the roofline's, iwae's examples/s over each baseline's; at minibatch 20 also the hours of
+    Burda's schedule at iwae's step time (:func:`burda_schedule_hours`).
+    """
     by_impl = {row["impl"]: row for row in rows}
     ours = by_impl["iwae"]
 

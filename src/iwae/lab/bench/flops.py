@@ -1,5 +1,8 @@
-"""The FLOP model (matmuls only: ``2 * in * out`` per row per linear layer, a training step = 3x the forward pass)
-and the matmul roofline: every linear layer's training matmuls on random data of a step's shapes."""
+"""The FLOP model and the matmul roofline.
+
+The FLOP model counts matmuls only: ``2 * in * out`` per row per linear layer, a training step 3x the forward pass.
+The roofline times every linear layer's training matmuls on random data of a step's shapes.
+"""
 
 from __future__ import annotations
 
@@ -76,8 +79,11 @@ class ModelFlops:
 
 
 def model_flops(config: ModelConfig) -> ModelFlops:
-    """For Burda's one-layer model: 433,600 per example (encoder 784-200-200-2x50) and 413,600 per sample
-    (decoder 50-200-200-784); for the two-layer model 473,600 per example and 563,600 per sample."""
+    """The forward pass's matmul FLOPs of the model ``config`` describes.
+
+    For Burda's one-layer model: 433,600 per example (encoder 784-200-200-2x50) and 413,600 per sample
+    (decoder 50-200-200-784); for the two-layer model 473,600 per example and 563,600 per sample.
+    """
     shapes = linear_shapes(config)
 
     def total(part: str, per_sample: bool) -> int:
@@ -87,8 +93,11 @@ def model_flops(config: ModelConfig) -> ModelFlops:
 
 
 def matmul_calls(rows: int, in_dim: int, out_dim: int, device: torch.device) -> dict[str, Timed]:
-    """A linear layer's training matmuls on random data: forward ``addmm(b, x, W^T)`` ``[rows, in] x [in, out]``,
-    gradient of the input ``g @ W`` and of the weight ``x^T @ g``."""
+    """A linear layer's three training matmuls on random data, as timed calls by name.
+
+    Forward ``addmm(b, x, W^T)`` ``[rows, in] x [in, out]``, gradient of the input ``g @ W`` and of the weight
+    ``x^T @ g``.
+    """
     x = torch.randn(rows, in_dim, device=device)
     weight = torch.randn(out_dim, in_dim, device=device)
     bias = torch.randn(out_dim, device=device)
@@ -102,8 +111,12 @@ def matmul_calls(rows: int, in_dim: int, out_dim: int, device: torch.device) -> 
 
 
 def roofline_calls(config: ModelConfig, k: int, batch: int, device: torch.device) -> tuple[dict[str, Timed], list[str]]:
-    """The matmuls of a training step by shape (each shape once), and the call names of every linear layer
-    in order (a shape used by two layers is listed twice), whose median times add up to the roofline time."""
+    """The matmuls of a training step, and the call names whose median times add up to the roofline time.
+
+    Returns:
+        ``(calls, per_layer)``: the timed calls by shape (each shape once), and the call names of every linear
+        layer in order (a shape used by two layers is listed twice).
+    """
     calls: dict[str, Timed] = {}
     per_layer: list[str] = []
     for shape in linear_shapes(config):

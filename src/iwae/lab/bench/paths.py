@@ -25,8 +25,12 @@ def native_kernels(device: torch.device) -> str:
     return native.status() if device.type == "cpu" else "not used on this device"
 
 
-def gradient_path(settings: BenchSettings) -> str:
-    """How the iwae training steps get their gradients (:func:`iwae.steps.training_step`'s choice)."""
+def gradient_path(settings: BenchSettings, device: torch.device | str = "cpu") -> str:
+    """How the iwae training steps get their gradients on ``device`` (:func:`iwae.steps.choose_step_path`'s
+    choice; the model is described on ``meta`` where ``device`` is not the CPU, which nothing allocates)."""
     if settings.compile:
         return "torch.compile (iwae train --compile)"
-    return training_path(LatentVariableModel(ModelConfig.burda(1)), IWAE(), "standard").description
+    model = LatentVariableModel(ModelConfig.burda(1))
+    if torch.device(device).type != "cpu":
+        model = model.to("meta")  # off the CPU: what the fast layer says of a model that is not on the CPU
+    return training_path(model, IWAE(), "standard").description

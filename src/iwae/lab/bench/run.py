@@ -1,5 +1,7 @@
-"""The whole run of ``iwae bench``: the grid's cells in this process, then ``L_5000`` in a fresh subprocess
-(:mod:`iwae.lab.bench.worker`), summed up in the JSON-serialisable result (see :mod:`iwae.lab.bench`)."""
+"""The whole run of ``iwae bench``, summed up in the JSON-serialisable result (see :mod:`iwae.lab.bench`).
+
+The grid's cells run in this process, then ``L_5000`` in a fresh subprocess (:mod:`iwae.lab.bench.worker`).
+"""
 
 from __future__ import annotations
 
@@ -135,7 +137,7 @@ def _summary(
         "torch_version": torch.__version__,
         "native_kernels": native_kernels(device),
         "compile": settings.compile,
-        "gradients": gradient_path(settings),
+        "gradients": gradient_path(settings, device),
         "pyro_version": version,
         "pyro_status": pyro_status or "ok",
         "mode": settings.mode,
@@ -159,8 +161,11 @@ def _summary(
 def measure_eval(
     test_images: Tensor, mean_x: Tensor, settings: BenchSettings, device: torch.device, threads: int
 ) -> dict[str, Any]:
-    """Time ``L_5000`` on the first ``settings.eval_images`` of ``test_images`` in a fresh
-    ``python -m iwae.lab.bench.worker`` subprocess (:func:`iwae.lab.bench.worker.eval_worker`); returns its result."""
+    """Time ``L_5000`` on the first ``settings.eval_images`` of ``test_images`` in a fresh subprocess.
+
+    The subprocess is ``python -m iwae.lab.bench.worker`` (:func:`iwae.lab.bench.worker.eval_worker`), whose
+    result this returns; ``mean_x`` (``[x_dim]``) sets the fresh model's output bias.
+    """
     n = min(settings.eval_images, test_images.shape[0])
     batch_size = min(settings.eval_batch_size, n)
     with tempfile.TemporaryDirectory(prefix="iwae-bench-") as tmp:

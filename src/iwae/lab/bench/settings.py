@@ -63,7 +63,10 @@ def full_settings(**changes: Any) -> BenchSettings:
 
 
 def quick_settings(**changes: Any) -> BenchSettings:
-    """Under a minute on 2 cores: one layer, k in {5, 50}, batch in {20, 100}, L_5000 on 20 images (5 passes)."""
+    """The quick preset: one layer, k in {5, 50}, batch in {20, 100}, L_5000 on 20 images (5 passes).
+
+    How long it takes: ``iwae bench --help`` (docs/cli.md#iwae-bench).
+    """
     quick = BenchSettings(
         mode="quick",
         layers=(1,),

@@ -1,13 +1,16 @@
-"""Stacked against single training steps (``iwae bench --stacked N``): how many more examples a second the same
-device trains when N models share each step (:mod:`iwae.stacked`).
+"""Stacked against single training steps (``iwae bench --stacked N``).
+
+How many more examples a second the same device trains when N models share each step (:mod:`iwae.stacked`).
+Results: docs/performance.md#stacked-training, docs/gpu.md.
 
 For each (k, minibatch) the bench times, round-robin in one process, on pre-binarised minibatches of MNIST:
 
-- ``single``: one step of one model as ``iwae train`` takes it (:func:`iwae.steps.choose_step_path`: on the CPU
-  the fast layer's C++ step, elsewhere autograd), noise drawn from the run's generator;
-- ``stacked``: one step of N models as ``iwae train --seeds`` takes it (:class:`iwae.stacked.StackedStep` and one
-  Adam; each model's noise from its own generator): ``eager``, or with ``--compile`` (:func:`iwae.stacked.step_mode`)
-  CUDA graphs on CUDA and ``torch.compile`` elsewhere.
+- ``single``: one step of one model as ``iwae train`` takes it (:func:`iwae.steps.choose_step_path`, never
+  compiled: on the CPU the fast layer's C++ step, elsewhere its explicit backpropagation in Python), noise drawn
+  from the run's generator;
+- ``stacked``: one step of N models as ``iwae train --seeds --stack on`` takes it (:class:`iwae.stacked.StackedStep`
+  and one Adam; each model's noise from its own generator): ``eager``, or with ``--compile``
+  (:func:`iwae.stacked.step_mode`) CUDA graphs on CUDA and ``torch.compile`` elsewhere.
 
 ``speedup`` is N single steps' time over one stacked step's: the training throughput of N stacked models over that
 of N single runs taken one after another on the same device. At minibatch 20 the rows also give the hours of
@@ -50,8 +53,26 @@ def measure(
     warmup: int = 3,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """One row: single and stacked step times for ``models`` models of Burda's architecture (IWAE, standard
-    estimator) at this k and minibatch, on ``images``' device."""
+    """One row: single and stacked step times for ``models`` models at this k and minibatch.
+
+    The models are Burda's architecture with ``layers`` stochastic layers (IWAE, standard estimator, seeds
+    ``seed``, ``seed + 1``, ...), trained on ``images``' device from a pool of its minibatches.
+
+    Args:
+        images: ``[n, x_dim]`` grey levels, on the device to time.
+        models: N, the models in the stack.
+        k: samples per example.
+        batch: the minibatch size.
+        layers: stochastic layers (1 or 2).
+        compile_model: the stacked step with CUDA graphs on CUDA, ``torch.compile`` elsewhere.
+        repeats: timed repeats (the median is kept).
+        warmup: untimed calls first.
+        seed: the first model's seed.
+
+    Returns:
+        The times (``single_ms``, ``stacked_ms``, ``stacked_ms_per_model``), ``speedup``, examples a second,
+        the paths taken and, at minibatch 20, Burda's schedule in hours.
+    """
     device = images.device
     configs = [
         TrainConfig(objective="iwae", k=k, batch_size=batch, model=ModelConfig.burda(layers), seed=seed + index)
@@ -109,6 +130,7 @@ def measure(
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+    """:func:`measure`'s rows as a Markdown table."""
     lines = [
         "| layers | k | batch | models | single (ms) | stacked (ms) | per model (ms) | speedup | stacked path |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---|",

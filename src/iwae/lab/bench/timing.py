@@ -21,8 +21,10 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 @dataclass(frozen=True)
 class Timed:
-    """A call to time; a repeat loops it until it takes at least ``min_seconds`` (so microsecond calls
-    are not timer noise)."""
+    """A call to time; a repeat loops it until it takes at least ``min_seconds``.
+
+    The loop keeps microsecond calls above the timer's noise.
+    """
 
     fn: Callable[[], Any]
     min_seconds: float = 0.0

@@ -1,5 +1,7 @@
-"""The ``L_5000`` evaluation worker: ``python -m iwae.lab.bench.worker NPZ [--k K] ...``, spawned by
-:func:`iwae.lab.bench.run.measure_eval` in a fresh process, prints its result as one JSON line on stdout.
+"""The ``L_5000`` evaluation worker of ``iwae bench``, run in a fresh process.
+
+``python -m iwae.lab.bench.worker NPZ [--k K] ...``, spawned by :func:`iwae.lab.bench.run.measure_eval`, prints
+its result as one JSON line on stdout.
 
 Its peak resident memory is reported above the process's baseline after imports and a tiny warm-up (and, on
 CUDA, ``torch.cuda.max_memory_allocated``); see :mod:`iwae.lab.bench.memory`. It leaves malloc alone, as
@@ -32,9 +34,21 @@ from iwae.runs import resolve_device
 def eval_worker(
     data_path: str, k: int, threads: int, device_name: str, batch_size: int, seed: int, repeats: int = 1
 ) -> dict[str, Any]:
-    """In a fresh process: time ``L_k`` of a fresh one-layer model on the images in ``data_path`` (``.npz``),
-    ``repeats`` times, in the chunks ``iwae eval`` takes on the device (:func:`iwae.evaluate.chunk_rows` sample rows:
-    250,000 on CUDA, 5,000 on a CPU); ``seconds`` is the median pass."""
+    """Time ``L_k`` of a fresh one-layer model on the images in ``data_path``, ``repeats`` times, in this process.
+
+    Args:
+        data_path: an ``.npz`` with ``images`` ``[n, x_dim]`` and ``mean_x`` ``[x_dim]`` (the output bias).
+        k: samples per image.
+        threads: torch's threads.
+        device_name: as :func:`iwae.runs.resolve_device` takes it.
+        batch_size: images per minibatch.
+        seed: the model's initialisation and the samples' random source.
+        repeats: passes over the images.
+
+    Returns:
+        ``seconds`` (the median pass), every pass's time, peak memory above the baseline after a warm-up, and
+        the sizes. The chunks are those ``iwae eval`` takes on the device (:func:`iwae.evaluate.chunk_rows`).
+    """
     torch.set_num_threads(threads)
     device = resolve_device(device_name)
     arrays = np.load(data_path)

@@ -1,13 +1,12 @@
 """Reports: our Table 1 / Table 2 / k-sweep beside Burda et al.'s, with figures, as Markdown and HTML.
 
-Every number in a report comes from the sweep databases (:mod:`iwae.lab.store`): evaluation results,
-per-epoch metrics and timings are stored there by the runner; the published numbers come from
-:data:`PUBLISHED_TABLE1` and :data:`PUBLISHED_TABLE2` (Burda, Grosse and Salakhutdinov,
-"Importance Weighted Autoencoders", ICLR 2016, Tables 1 and 2 and Appendix D, as transcribed in
-docs/references.md), beside our runs in Burda's setup only (:func:`is_comparable`; the others go into
-:func:`not_comparable_table`, whose note quotes :func:`burda_departures`). Only the sample grids are read from
-the PNG files whose paths the database records. ``REPORT.md`` links its figures from ``REPORT_files/``;
-``REPORT.html`` embeds them as base64 PNG and stands alone.
+Every number in a report comes from the sweep databases (:mod:`iwae.lab.store`), where the runner stores
+evaluation results, per-epoch metrics and timings. The published numbers come from :data:`PUBLISHED_TABLE1` and
+:data:`PUBLISHED_TABLE2` (Burda, Grosse and Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016, Tables 1
+and 2 and Appendix D, as transcribed in docs/references.md). They stand beside our runs in Burda's setup only
+(:func:`is_comparable`); the others go into :func:`not_comparable_table`, whose note quotes
+:func:`burda_departures`. Only the sample grids are read from the PNG files whose paths the database records.
+``REPORT.md`` links its figures from ``REPORT_files/``; ``REPORT.html`` embeds them as base64 PNG and stands alone.
 
 No tensors are handled here (the package's ``[k, batch, ...]`` shape convention does not arise);
 the histograms of log A_u use the per-unit values stored in each run's evaluation.

@@ -1,5 +1,7 @@
-"""The report's figures, as PNG bytes: NLL, active units and seconds per epoch against k (ours beside the paper's),
-learning curves, and histograms of log A_u.
+"""The report's figures, as PNG bytes.
+
+NLL, active units and seconds per epoch against k (ours beside the paper's), learning curves, and histograms of
+log A_u.
 
 Drawn on :class:`matplotlib.figure.Figure` objects, without pyplot: no global figure registry or backend is
 touched, and the PNG is rendered with Agg.
@@ -24,8 +26,17 @@ def _figure_bytes(fig: Figure) -> bytes:
 
 
 def plot_against_k(cells: dict[tuple[str, int, int, str], Cell], quantity: str, paper: bool = True) -> bytes | None:
-    """NLL, active units or seconds per epoch against k, ours (solid: means over seeds, error bars one sample
-    standard deviation) and, if ``paper`` (cells of runs in Burda's setup only), the paper's (dashed)."""
+    """NLL, active units or seconds per epoch against k, one line per (dataset, layers, objective).
+
+    Args:
+        cells: the report's cells by (dataset, layers, k, objective) (:mod:`iwae.lab.reports.records`).
+        quantity: ``"nll"``, ``"units"`` or ``"seconds"``.
+        paper: draw the paper's numbers too (dashed); pass it for cells of runs in Burda's setup only.
+
+    Returns:
+        The PNG, or None if no group has a k-sweep. Ours are solid: means over seeds, error bars one sample
+        standard deviation.
+    """
     groups = ksweep_groups(cells)
     if not groups:
         return None
@@ -70,6 +81,7 @@ def plot_against_k(cells: dict[tuple[str, int, int, str], Cell], quantity: str, 
 
 
 def plot_learning_curves(records: list[RunRecord]) -> bytes | None:
+    """Training bound (dashed) and validation bound (solid) per epoch of each run; None if no run has metrics."""
     curves = [r for r in records if r.metrics]
     if not curves:
         return None
@@ -97,6 +109,7 @@ def plot_learning_curves(records: list[RunRecord]) -> bytes | None:
 
 
 def plot_log_activity(records: list[RunRecord]) -> bytes | None:
+    """Histograms of log A_u per layer, one panel per run, with the 0.01 threshold; None if no run has them."""
     with_values = [r for r in records if r.log_activity]
     if not with_values:
         return None

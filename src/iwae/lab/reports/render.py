@@ -1,5 +1,7 @@
-"""The report assembled (:func:`build_report`) and written (:func:`write_report`): ``OUT.md`` with its figures in
-``OUT_files/``, and ``OUT.html``, which embeds them as base64 PNG and stands alone."""
+"""The report assembled (:func:`build_report`) and written (:func:`write_report`), as Markdown and HTML.
+
+``OUT.md`` has its figures in ``OUT_files/``; ``OUT.html`` embeds them as base64 PNG and stands alone.
+"""
 
 from __future__ import annotations
 
@@ -49,6 +51,9 @@ NOT_COMPARABLE = "Runs not comparable with Burda et al.'s Table 1"
 
 @dataclass
 class Report:
+    """A report as a list of blocks (headings, paragraphs, lists, tables, images), rendered by :meth:`markdown`
+    and :meth:`html`."""
+
     title: str
     blocks: list[tuple[str, Any]] = field(default_factory=list)
 
@@ -192,6 +197,12 @@ def _add_ksweep(
 
 
 def build_report(records: list[RunRecord], unfinished: list[dict[str, Any]], title: str) -> Report:
+    """The report of finished runs and the rows of unfinished ones (:func:`iwae.lab.reports.records.load_records`).
+
+    Table 1 (beside the paper for runs in Burda's setup, apart otherwise), objectives and estimators, Table 2,
+    k-sweeps with figures, all runs, active units, learning curves, histograms of log A_u, sample grids and the
+    runs not finished; each section only where the records hold it.
+    """
     report = Report(title)
     report.text(f"{len(records)} finished run(s), {len(unfinished)} not finished. Published numbers: {SOURCE}.")
     if records:
@@ -254,7 +265,17 @@ def build_report(records: list[RunRecord], unfinished: list[dict[str, Any]], tit
 
 
 def write_report(sweep_dirs: list[str | Path], out: str | Path, title: str = "IWAE experiments") -> dict[str, str]:
-    """Write ``OUT.md`` (figures in ``OUT_files/``) and a self-contained ``OUT.html``."""
+    """Write ``OUT.md`` (figures in ``OUT_files/``) and a self-contained ``OUT.html``, atomically.
+
+    Args:
+        sweep_dirs: the sweep folders whose databases the report reads.
+        out: the report's path without suffix (a ``.md`` or ``.html`` suffix is dropped).
+        title: the report's title.
+
+    Returns:
+        The paths written (``markdown``, ``html``, ``figures``) and the counts of ``runs`` and ``unfinished``,
+        as strings.
+    """
     out = Path(out)
     if out.suffix in (".md", ".html"):
         out = out.with_suffix("")

@@ -1,5 +1,7 @@
-"""The report's tables (:class:`Table`: headers and rows of strings): Table 1, Table 2, the k-sweep, the other
-objectives and estimators, all runs, and the paper's orderings checked on our numbers.
+"""The report's tables (:class:`Table`: headers and rows of strings).
+
+Table 1, Table 2, the k-sweep, the other objectives and estimators, all runs, and the paper's orderings checked on
+our numbers.
 
 A cell of several seeds shows its mean ± the sample standard deviation, with the NLL's ``(n=seeds)``:
 ``86.91 ± 0.12 (n=3)``; a single seed shows its number. Differences from the paper and orderings use the mean.
@@ -7,9 +9,10 @@ A cell of several seeds shows its mean ± the sample standard deviation, with th
 Every table that shows active units says whose definition (:data:`UNIT_DEFINITIONS`) in a note under it; a count by
 the authors' definition carries ``(authors)``. :func:`units_table` sets the definitions side by side per run.
 
-Only runs in Burda's setup (:func:`~iwae.lab.reports.records.is_comparable`) stand beside the paper's numbers: the
-others go into :func:`not_comparable_table`, without the paper's columns, whose note (:func:`departures_note`) says
-why; :func:`protocol_note` says under a Table 1 whether its runs trained as the authors' code does."""
+Only runs in Burda's setup (:func:`~iwae.lab.reports.records.is_comparable`) stand beside the paper's numbers. The
+others go into :func:`not_comparable_table`, without the paper's columns; its note (:func:`departures_note`) says
+why. :func:`protocol_note` says under a Table 1 whether its runs trained as the authors' code does.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from iwae.lab.reports.records import (
 
 
 def fmt(value: float | None, digits: int = 2, signed: bool = False) -> str:
+    """``value`` to ``digits`` decimals (with its sign if ``signed``); ``—`` for None or NaN."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
@@ -91,6 +95,8 @@ def units_note(definitions: set[str], paper: bool = True) -> str:
 
 @dataclass
 class Table:
+    """A table as strings: headers, rows, and notes shown under it."""
+
     headers: list[str]
     rows: list[list[str]]
     notes: list[str] = field(default_factory=list)  # shown under the table
@@ -115,6 +121,7 @@ def _compare(ours: Cell | None, paper: tuple[float, tuple[int, ...] | None] | No
 
 
 def table1(cells: dict[tuple[str, int, int, str], Cell]) -> Table:
+    """Burda's Table 1 layout: per (dataset, layers, k), VAE and IWAE NLL and active units beside the paper's."""
     headers = ["dataset", "layers", "k"]
     for objective in ("VAE", "IWAE"):
         headers += [f"{objective} NLL", "paper", "diff", f"{objective} units", "paper", "diff"]
@@ -239,8 +246,10 @@ def estimators_table(records: list[RunRecord]) -> Table | None:
 
 
 def ksweep_table(cells: dict[tuple[str, int, int, str], Cell], paper: bool = True) -> Table | None:
-    """NLL, active units and seconds per epoch against k; with the paper's NLL beside ours if ``paper`` (cells of
-    runs in Burda's setup only)."""
+    """NLL, active units and seconds per epoch against k; None if no group has a k-sweep.
+
+    With ``paper``, the paper's NLL stands beside ours; pass it for cells of runs in Burda's setup only.
+    """
     rows, definitions = [], set()
     for (dataset, layers, objective), points in ksweep_groups(cells).items():
         for k, cell in points:
@@ -264,8 +273,10 @@ def ksweep_table(cells: dict[tuple[str, int, int, str], Cell], paper: bool = Tru
 
 
 def departures_note(records: list[RunRecord]) -> str:
-    """Why runs are not beside the paper's numbers: their :func:`burda_departures`, per setting (runs that depart
-    alike share one list)."""
+    """Why runs are not beside the paper's numbers: their :func:`burda_departures`, per setting.
+
+    Runs that depart alike share one list.
+    """
     by_departures = group_by(records, lambda r: tuple(burda_departures(r.config)))
     why = [
         ("; ".join(departures) if len(by_departures) == 1 else f"{_labels(runs)}: {'; '.join(departures)}")
@@ -278,9 +289,12 @@ def departures_note(records: list[RunRecord]) -> str:
 
 
 def not_comparable_table(records: list[RunRecord]) -> Table | None:
-    """Table 1 runs (VAE or IWAE, standard estimator, from scratch) outside Burda's setup, a row per setting over
-    its seeds: NLL, and active units by the covariance definition (ours, or the authors' where evaluated so) beside
-    the per-unit KL's; no paper columns. The note says how the runs depart from Burda's setup."""
+    """Table 1 runs outside Burda's setup, a row per setting over its seeds, without paper columns; None if none.
+
+    Table 1 runs: VAE or IWAE, standard estimator, from scratch. A row shows the NLL, and active units by the
+    covariance definition (ours, or the authors' where evaluated so) beside the per-unit KL's. The note says how
+    the runs depart from Burda's setup.
+    """
     runs_of = [r for r in records if is_table1_run(r) and burda_departures(r.config)]
     if not runs_of:
         return None
@@ -320,8 +334,10 @@ def not_comparable_table(records: list[RunRecord]) -> Table | None:
 
 
 def protocol_note(records: list[RunRecord]) -> str:
-    """Under a Table 1: whether its runs trained as the authors' code does, with the settings named. The runs of a
-    table share their protocol (it is part of their budget)."""
+    """Under a Table 1: whether its runs trained as the authors' code does, with the settings named.
+
+    The runs of a table share their protocol (it is part of their budget).
+    """
     config = records[0].config
     settings = protocol_settings(config)
     protocol = protocol_of(config)
@@ -339,6 +355,7 @@ def protocol_note(records: list[RunRecord]) -> str:
 
 
 def runs_table(records: list[RunRecord]) -> Table:
+    """One row per run: seed, epochs, examples, evaluation, NLL, active units, its terms, bounds, seconds per epoch."""
     headers = [
         "run",
         "seed",
@@ -376,9 +393,12 @@ def runs_table(records: list[RunRecord]) -> Table:
 
 
 def units_table(records: list[RunRecord]) -> Table:
-    """Per run, its active units by each definition side by side (ours, the per-unit KL's, the authors'), and its
-    NLL beside its pruned NLL with whose units it leaves out. '—' where the evaluation did not record one (the
-    authors' counts of evaluations written before their definition was computed as theirs are left out)."""
+    """Per run, its active units by each definition side by side, and its NLL beside its pruned NLL.
+
+    The definitions: ours, the per-unit KL's, the authors'; the pruned NLL says whose units it leaves out. '—'
+    where the record has no value: an ``eval.json`` without ``pruned_by`` gives no authors' count
+    (:mod:`iwae.lab.reports.records`).
+    """
     headers = [
         "run",
         "units: Var E_q[u|x] (ours)",

@@ -76,7 +76,7 @@ class FitResult:
     valid_bound: float | None
     seconds: float
     complete: bool
-    gradients: str = "autograd"  # the step path's description (StepPath.description)
+    gradients: str = "autograd"  # the step's description (iwae.steps.select_step)
 
 
 def build_model(config: TrainConfig, train_images: torch.Tensor, device: torch.device) -> LatentVariableModel:

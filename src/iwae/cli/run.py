@@ -79,8 +79,9 @@ def register(subparsers) -> None:
         "--stack",
         choices=STACK_CHOICES,
         default="auto",
-        help="the --seeds as one vmapped step of all the models: on, off (each model's own step in turn), or auto "
-        "(default: on CUDA, or with --compile on CUDA; on a CPU the models' own fast steps are faster)",
+        help="the --seeds as one vmapped step of all the models: on, off (each model's own step, a pass at a "
+        "time), or auto (default: on CUDA, and a single run with --compile there as CUDA graphs; off on a CPU, "
+        "where the models' own fast steps are faster)",
     )
     p.add_argument("--out", required=True, help="run directory")
     add_run_options(p)

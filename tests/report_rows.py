@@ -46,46 +46,45 @@ def finished_row(store: ResultStore, name: str, run_dir: Path, nll: float, units
     )
 
 
-def seed_row(
-    store: ResultStore, name: str, directory: Path, nll: float, units: int = 20, seconds: float = 1.5, **options
+def evaluated_row(
+    store: ResultStore,
+    name: str,
+    directory: Path,
+    nll: float,
+    active_units: list[int],
+    *,
+    seconds_per_epoch: float = 1.0,
+    evaluation: dict | None = None,
+    **options,
 ) -> None:
-    """A finished run of one layer, its active units and seconds per epoch given."""
+    """A finished run of one layer without learning curves: its NLL and active units given, L_10 on 30 examples,
+    and ``evaluation``'s further fields in its eval.json."""
     store.upsert(
         name,
         run_dir=str(directory / name),
         config={"dataset": "mnist", "layers": 1, "epochs": 2, "eval_k": 10, **options},
         status="finished",
-        seconds_per_epoch=seconds,
+        seconds_per_epoch=seconds_per_epoch,
         train_bound=-100.0,
         valid_bound=-101.0,
-        eval={"nll": nll, "active_units": [units], "k": 10, "n_examples": 30, "recon_log_lik": -80.0, "kl": 20.0},
+        eval={"nll": nll, "active_units": active_units, "k": 10, "n_examples": 30, "recon_log_lik": -80.0, "kl": 20.0}
+        | (evaluation or {}),
         metrics=[],
     )
+
+
+def seed_row(
+    store: ResultStore, name: str, directory: Path, nll: float, units: int = 20, seconds: float = 1.5, **options
+) -> None:
+    """A finished run of one layer, its active units and seconds per epoch given."""
+    evaluated_row(store, name, directory, nll, [units], seconds_per_epoch=seconds, **options)
 
 
 def setup_row(
     store: ResultStore, name: str, directory: Path, nll: float, units: int, kl_units: int, **options
 ) -> None:
     """A finished run of one layer with both counts of active units: the covariance one and the per-unit KL's."""
-    store.upsert(
-        name,
-        run_dir=str(directory / name),
-        config={"dataset": "mnist", "layers": 1, "epochs": 2, "eval_k": 10, **options},
-        status="finished",
-        seconds_per_epoch=1.0,
-        train_bound=-100.0,
-        valid_bound=-101.0,
-        eval={
-            "nll": nll,
-            "active_units": [units],
-            "active_units_kl": [kl_units],
-            "k": 10,
-            "n_examples": 30,
-            "recon_log_lik": -80.0,
-            "kl": 20.0,
-        },
-        metrics=[],
-    )
+    evaluated_row(store, name, directory, nll, [units], evaluation={"active_units_kl": [kl_units]}, **options)
 
 
 def cells(line: str) -> list[str]:

@@ -95,13 +95,8 @@ class Standard(Estimator):
 
 
 class STL(Standard):
-    """Sticking the landing (Roeder et al. 2017): the standard surrogates of ``log_w_with_q_stopped``."""
-
-    def terms(self, objective: Objective, log_w: Tensor) -> EstimatorTerms:
-        decoder_surrogate = objective.decoder_target(log_w)
-        shared = objective.shared
-        encoder_surrogate = decoder_surrogate if shared else objective.encoder_target(log_w)
-        return EstimatorTerms(decoder_surrogate.detach(), encoder_surrogate, decoder_surrogate, shared)
+    """Sticking the landing (Roeder et al. 2017): the standard estimator's surrogates and gradients, of
+    ``log_w_with_q_stopped`` (``stop_q_params``), which drops the score-function term."""
 
 
 class DReG(Estimator):

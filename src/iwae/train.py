@@ -439,12 +439,13 @@ def _train_epoch(runs: _Runs, step: Step, epoch: int, bar: tqdm) -> tuple[list[f
     orders = [minibatch_order(config, n_train, g, device) for g in runs.generators]
     for group in step.groups:  # a whole pass of each group in turn; one group for a single run or a stack
         generators = [runs.generators[i] for i in group]
+        group_sums = bound_sums[group.start : group.stop]  # a view, taken once per pass
         for start in range(0, n_train, batch_size):
             xs = [
                 binarize(images[orders[i][start : start + batch_size]], runs.data.binarization, g)
                 for i, g in zip(group, generators, strict=True)
             ]
-            bound_sums[group.start : group.stop] += step(group, xs, generators, k)
+            group_sums += step(group, xs, generators, k)
             bar.update(1)
     seconds = time.perf_counter() - started
     step.sync()

@@ -18,6 +18,7 @@ from report_rows import (
     STUDENT_DEPARTURES,
     THRESHOLD,
     cells,
+    evaluated_row,
     finished_row,
     line_cells,
     seed_row,
@@ -110,18 +111,7 @@ def test_other_estimators_get_their_own_table_not_a_table1_cell(tmp_path: Path) 
 
 def _evaluated(store: ResultStore, name: str, directory: Path, evaluation: dict, **options) -> None:
     """A finished run whose evaluation carries ``evaluation`` beside ours: 12 active units, NLL 88."""
-    store.upsert(
-        name,
-        run_dir=str(directory / name),
-        config={"dataset": "mnist", "layers": 1, "epochs": 2, "eval_k": 10, **options},
-        status="finished",
-        seconds_per_epoch=1.0,
-        train_bound=-100.0,
-        valid_bound=-101.0,
-        eval={"nll": 88.0, "active_units": [12], "k": 10, "n_examples": 30, "recon_log_lik": -80.0, "kl": 20.0}
-        | evaluation,
-        metrics=[],
-    )
+    evaluated_row(store, name, directory, 88.0, [12], evaluation=evaluation, **options)
 
 
 def test_reports_say_whose_active_units_they_show(tmp_path: Path) -> None:

@@ -42,8 +42,8 @@ SAVED = [
 SAVED_SETTINGS = [
     {},
     {"protocol": "authors", "objective": "miwae", "M": 2, "k": 4, "epochs": 3, "latent_dims": "8,4",
-     "train_limit": 100, "seed": 7, "init_from": "/runs/base", "batch_schedule": "grow", "binarization": "threshold"},
-]  # fmt: skip
+     "train_limit": 100, "seed": 7, "init_from": "/runs/base", "stage_batch_sizes": [20], "binarization": "threshold"},
+]  # fmt: skip  (stage_batch_sizes [20]: what batch_schedule "grow" made of one stage, before it was refused there)
 
 
 @pytest.mark.parametrize(("text", "flat"), list(zip(SAVED, SAVED_SETTINGS, strict=True)))

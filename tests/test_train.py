@@ -7,29 +7,36 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 import torch
+from lock_holders import held_by_another_thread
 from safetensors.torch import load_file
 
 from iwae import runs
 from iwae.checkpoint import load_checkpoint
 from iwae.config import TrainConfig, build_train_config
 from iwae.estimators import ESTIMATOR_NAMES
+from iwae.locks import LockBusy
 from iwae.models import ModelConfig
 from iwae.objectives import make_objective, objective_names
 from iwae.steps import build_optimizer
 from iwae.train import (
     COMMIT_MARKER,
+    JUMP_NATS,
     STAGED_CHECKPOINT,
     build_model,
     fit,
+    implausible_bound,
     load_initial_optimizer,
     mean_bound,
     minibatch_order,
+    run_state,
     settle_staged_checkpoints,
     steps_before,
+    take_runs,
     total_steps,
 )
 
@@ -220,3 +227,74 @@ def test_a_commit_interrupted_after_its_marker_rolls_forward(tmp_path: Path) -> 
     settle_staged_checkpoints(dirs)
     assert [(d / runs.CHECKPOINT_FILE).read_text() for d in dirs] == ["new", "new"]
     assert not any((d / COMMIT_MARKER).exists() or (d / STAGED_CHECKPOINT).exists() for d in dirs)
+
+
+# -- the divergence rule and the one writer --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("bound", "previous", "says"),
+    [
+        (-95.0, None, None),
+        (-95.0, -96.0, None),
+        (-250.0, -200.0, None),  # a 50-nat fall: within the rule (100 nats and half its size)
+        (-0.5, None, None),  # log p(x) <= 0 but an estimate may sit a little above it on near-deterministic data
+        (float("nan"), None, "nan"),
+        (float("-inf"), -90.0, "-inf"),
+        (2.0, None, "above 0"),
+        (-4e28, -90.0, "below -5434"),
+        (-5435.0, None, "below -5434"),
+        (-400.0, -95.0, "down from -95"),
+        (-1402.26, -824.196, "down from -824.196"),  # 578 nats: more than 100 and than half of 824
+        (-1200.0, -824.196, None),  # 376 nats: less than half of 824
+    ],
+)
+def test_a_bound_no_sound_model_gives_is_a_divergence(bound: float, previous: float | None, says: str | None) -> None:
+    reason = implausible_bound(bound, previous, n_pixels=784)
+    assert (reason is None) if says is None else (says in reason), reason
+
+
+def test_the_jump_rule_needs_both_its_nats_and_its_fraction() -> None:
+    assert implausible_bound(-90.0 - JUMP_NATS - 1, -90.0, 784) is not None  # far more than half of 90
+    assert implausible_bound(-1000.0 - JUMP_NATS + 1, -1000.0, 7840) is None  # less than 100 nats
+    assert implausible_bound(-2000.0 - 499.0, -2000.0, 7840) is None  # more than 100 nats, less than half of 2000
+    assert implausible_bound(-2000.0 - 1001.0, -2000.0, 7840) is not None
+
+
+def test_a_finite_blow_up_stops_the_run_before_its_epoch_is_written(tmp_path: Path, mnist) -> None:
+    config = _config(stages=((3, 1.0),))  # Adam at rate 1: the bound leaves any plausible range, finite
+    with pytest.raises(runs.DivergenceError, match=r"diverged in epoch 1 at learning rate 1 \(training bound"):
+        fit(config, tmp_path / "run", dataset=mnist, progress=False, device="cpu")
+    assert not (tmp_path / "run" / runs.METRICS_FILE).exists()
+
+
+def test_a_second_writer_is_refused_and_changes_nothing(tmp_path: Path, mnist) -> None:
+    config = _config(stages=((2, 1e-3),))
+    fit(config, tmp_path / "run", dataset=mnist, progress=False, device="cpu", max_epochs=1)
+    before = run_state(tmp_path / "run")
+    with held_by_another_thread(tmp_path / "run" / runs.LOCK_FILE), pytest.raises(LockBusy, match="is in use by pid"):
+        fit(config, tmp_path / "run", dataset=mnist, progress=False, device="cpu", resume=True)
+    assert run_state(tmp_path / "run") == before
+    assert fit(config, tmp_path / "run", dataset=mnist, progress=False, device="cpu", resume=True).complete
+
+
+def test_a_run_written_between_its_check_and_its_lock_is_refused(tmp_path: Path) -> None:
+    config = _config()
+    run_dir = tmp_path / "run"
+    checked = run_state(run_dir)  # a new run, as the checks saw it
+    run_dir.mkdir()
+    (run_dir / runs.CONFIG_FILE).write_text("{}")  # another writer got there first
+    with ExitStack() as held, pytest.raises(runs.RunError, match="changed while this call checked it"):
+        take_runs([config], [run_dir], [checked], held)
+    assert (run_dir / runs.CONFIG_FILE).read_text() == "{}"
+
+
+def test_the_temporaries_of_a_killed_write_go_when_the_run_is_next_taken(tmp_path: Path, mnist) -> None:
+    config = _config(stages=((2, 1e-3),))
+    run_dir = tmp_path / "run"
+    fit(config, run_dir, dataset=mnist, progress=False, device="cpu", max_epochs=1)
+    killed = run_dir / ".checkpoint.safetensors.0123456789abcdef.tmp"  # a kill mid-write leaves one of these
+    killed.write_bytes(b"\0" * 1000)
+    kept = [run_dir / ".notes.0123456789abcdef.tmp", run_dir / "checkpoint.safetensors.tmp"]  # not the run's
+    for path in kept:
+        path.write_text("mine")
+    fit(config, run_dir, dataset=mnist, progress=False, device="cpu", resume=True)
+    assert not killed.exists() and all(path.read_text() == "mine" for path in kept)

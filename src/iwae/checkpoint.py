@@ -28,7 +28,9 @@ import io
 import json
 import math
 import os
+import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,24 @@ def _create_temporary(path: Path) -> tuple[int, str]:
         except FileExistsError:
             continue
     raise FileExistsError(errno.EEXIST, "no unused temporary name", str(path.parent))
+
+
+_TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{16}\.tmp")  # _create_temporary's names
+
+
+def remove_temporaries(folder: str | os.PathLike[str], names: Sequence[str]) -> list[Path]:
+    """Delete the temporaries that writes of ``names`` in ``folder`` left behind when killed mid-write (plain files
+    named as :func:`atomic_write_bytes` names them; a link of that name is deleted, never followed). Call it only
+    while holding the folder's lock, so that no write is in flight. Returns the paths deleted."""
+    removed = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            match = _TEMPORARY.fullmatch(entry.name)
+            if match and match.group(1) in names and not entry.is_dir(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
 
 
 def _fsync_directory(folder: Path) -> None:
@@ -314,9 +334,18 @@ def check_model_state(path: Path, state: dict[str, Tensor], module: nn.Module) -
 
 
 def check_optimizer_state(path: Path, optimizer_state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
-    """Raise :class:`CheckpointError` unless the optimiser state read from ``path`` fits ``optimizer``'s parameters."""
+    """Raise :class:`CheckpointError` unless the optimiser state read from ``path`` fits ``optimizer``'s parameters:
+    every parameter has an entry (or none has: before the first step), all entries hold the same keys, and each
+    tensor has its parameter's shape."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    for index, entries in optimizer_state["state"].items():
+    state = optimizer_state["state"]
+    if state:
+        keys = set().union(*(entries.keys() for entries in state.values()))
+        for index in range(len(params)):
+            missing = sorted(keys - set(state.get(index, {})))
+            if missing:
+                raise CheckpointError(f"{path} lacks the optimiser state optimizer.{index}.{missing[0]}; {_REDO}")
+    for index, entries in state.items():
         for key, value in entries.items():
             if not 0 <= index < len(params) or (
                 isinstance(value, Tensor) and value.dim() > 0 and value.shape != params[index].shape

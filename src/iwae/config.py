@@ -8,6 +8,7 @@ declared in :mod:`iwae.settings` (torch-free): their defaults, choices and simpl
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Mapping
@@ -310,6 +311,11 @@ def parse_k_schedule(spec: Any, n_stages: int) -> tuple[int, ...]:
     values = _whole_numbers(spec, "k_schedule takes one whole number per stage, such as '1,2,3,5'")
     if len(values) != n_stages:
         raise ValueError(f"k_schedule needs one k per stage of the schedule ({n_stages}), got {spec!r}")
+    if any(later < earlier for earlier, later in itertools.pairwise(values)):
+        raise ValueError(
+            f"k_schedule grows k over the stages (each stage's k at least the one before), got {spec!r}; "
+            "sort it, or train the stages as runs of their own"
+        )
     return values
 
 
@@ -350,10 +356,20 @@ def build_train_config(settings: Mapping[str, Any]) -> TrainConfig:
         given.pop("hidden_dims", None),
         given.pop("activation", None),
     )
+    lr_scale = given.pop("lr_scale", DEFAULTS["lr_scale"])
+    batch_schedule = given.pop("batch_schedule", DEFAULTS["batch_schedule"])
+    if lr_scale != "none" and "lr" in given:  # no silent product of two rates
+        raise ValueError(
+            f"lr_scale = {lr_scale!r} scales the schedule's rates, and lr gives the rate itself: give one of them"
+        )
+    if batch_schedule == "grow" and "epochs" in given:  # one stage: nothing to grow across
+        raise ValueError(
+            "batch_schedule = 'grow' grows the minibatch from one stage of a schedule to the next, and epochs "
+            "trains one stage: use it with schedule (burda, burda:S), or drop it"
+        )
     stages = parse_schedule(given.pop("schedule", None), given.pop("epochs", None), given.pop("lr", None))
     batch_size = given.get("batch_size", DEFAULTS["batch_size"])
-    stages = scale_learning_rates(stages, batch_size, given.pop("lr_scale", DEFAULTS["lr_scale"]))
-    batch_schedule = given.pop("batch_schedule", DEFAULTS["batch_schedule"])
+    stages = scale_learning_rates(stages, batch_size, lr_scale)
     if batch_schedule == "grow":
         if "stage_batch_sizes" in given:
             raise ValueError("give batch_schedule = 'grow' or stage_batch_sizes, not both")

@@ -7,6 +7,7 @@ Layout::
     RUN/model.safetensors        final parameters, written when the schedule is complete
     RUN/metrics.jsonl            one JSON object per epoch
     RUN/eval.json                written by ``iwae eval`` (its latest result; each also in eval-<settings>.json)
+    RUN/.lock                    held by the one process that writes the run (:func:`hold_run`)
 
 Every file is checked as it is read: a ``config.json`` that is not a valid configuration, a model or checkpoint
 that is damaged, incomplete or another architecture's (:class:`iwae.checkpoint.CheckpointError`), or a model with
@@ -16,11 +17,13 @@ non-finite parameters raises an error with a one-line message naming the file.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from iwae import locks
 from iwae.checkpoint import check_model_state, load_model_state, nonfinite_tensors
 from iwae.config import TrainConfig
 from iwae.models import LatentVariableModel
@@ -31,6 +34,7 @@ CHECKPOINT_FILE = "checkpoint.safetensors"
 MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
+LOCK_FILE = ".lock"
 
 
 class RunError(RuntimeError):
@@ -48,6 +52,21 @@ class DivergenceError(RunError):
         super().__init__(message)
         self.run_dirs = tuple(Path(run_dir) for run_dir in run_dirs)
         self.epoch = epoch
+
+
+@contextmanager
+def hold_run(run_dir: str | Path) -> Iterator[None]:
+    """Be the run's one writer for the block: hold ``RUN/.lock`` (created if missing; the folder must exist).
+    Training of any kind (:func:`iwae.train.fit_runs`, a sweep's worker) takes it; the holding thread may take it
+    again.
+
+    Raises:
+        iwae.locks.LockBusy: another process holds it: one line naming that process.
+        iwae.files.LinkRefused: ``RUN/.lock`` is a symbolic link.
+    """
+    hint = "wait for it to end, or choose another --out"
+    with locks.hold(Path(run_dir) / LOCK_FILE, what=f"run {run_dir}", hint=hint):
+        yield
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -14,9 +14,11 @@ minibatch's loss (mean or sum), the binarisation and the training images (:func:
 another (``init_from``) starts from its final weights and, unless ``fresh_optimizer``, its optimiser's state
 (:func:`load_initial_optimizer`), as the authors' Table 2 did.
 
-Everything is checked before anything is written (run directories, configs and checkpoints, the ``init_from`` runs,
-the data, the memory: :func:`iwae.memory.check_memory`), so a refused call leaves the disk as it was. Runs that diverge
-(a non-finite summed bound, parameter or validation bound) stop at the end of that epoch with a
+Everything is checked before anything is written (run directories and the names in them, none a symbolic link;
+configs and checkpoints, the ``init_from`` runs, the data, the memory: :func:`iwae.memory.check_memory`), so a refused
+call leaves the disk as it was. Then the call becomes each run's one writer (:func:`take_runs`: the run's lock, and a
+second look at its files, which must be as they were checked). Runs that diverge (a non-finite bound or parameter, or a
+bound no sound model gives: :func:`implausible_bound`) stop at the end of that epoch with a
 :class:`~iwae.runs.DivergenceError`, before its metrics or checkpoints are written: the last finite checkpoints stay.
 
 Shape convention: minibatches ``x`` are ``[batch, x_dim]``; log-weights ``[k, batch]``.
@@ -30,6 +32,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,23 +48,29 @@ from iwae.checkpoint import (
     load_checkpoint,
     load_model_state,
     nonfinite_tensors,
+    remove_temporaries,
     restore_checkpoint,
     save_checkpoint,
     save_model,
 )
 from iwae.config import TrainConfig, config_differences
 from iwae.data import Dataset, Split, binarize, for_run, load_dataset
+from iwae.files import append_text, check_derived, check_name_lengths, resolved
 from iwae.memory import check_memory
 from iwae.models import LatentVariableModel
 from iwae.runs import (
     CHECKPOINT_FILE,
     CONFIG_FILE,
+    EVAL_FILE,
+    LOCK_FILE,
     METRICS_FILE,
     MODEL_FILE,
     DivergenceError,
     RunError,
+    hold_run,
     load_config,
     parse_metrics,
+    read_metrics,
     resolve_device,
 )
 from iwae.stacked import check_stackable, continues_optimizer
@@ -239,8 +248,7 @@ def append_metrics(
         "examples_per_second": n_train / seconds,
         **extra,
     }
-    with open(run_dir / METRICS_FILE, "a") as metrics:
-        metrics.write(json.dumps(record, allow_nan=False) + "\n")
+    append_text(run_dir / METRICS_FILE, json.dumps(record, allow_nan=False) + "\n", "the run's metrics")
 
 
 def check_run_dir(config: TrainConfig, run_dir: Path, resume: bool) -> Path | None:
@@ -249,6 +257,11 @@ def check_run_dir(config: TrainConfig, run_dir: Path, resume: bool) -> Path | No
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"{run_dir} is a file, not a run directory; choose another --out")
     if not (run_dir / CONFIG_FILE).is_file():
+        if (run_dir / METRICS_FILE).exists():
+            raise RunError(
+                f"{run_dir} holds a {METRICS_FILE} but no {CONFIG_FILE}, so it is no run to continue and no new "
+                "folder; remove the file, or choose another --out"
+            )
         return None
     if not resume:
         raise RunError(f"{run_dir} already holds a run; pass --resume to continue it, or choose another --out")
@@ -258,8 +271,34 @@ def check_run_dir(config: TrainConfig, run_dir: Path, resume: bool) -> Path | No
             f"{run_dir} was started with different settings ({', '.join(differences)}); "
             "resume with the same arguments, or choose another --out"
         )
+    read_metrics(run_dir)  # a damaged metrics file is refused now, not after the first epoch
     checkpoint = run_dir / CHECKPOINT_FILE
     return checkpoint if checkpoint.is_file() else None
+
+
+def check_run_names(run_dir: Path) -> None:
+    """Refuse, reading only, a run directory that is a loop of links or a link to nothing, whose name is too long,
+    or in which one of the names its writers create (:data:`RUN_NAMES`) is a symbolic link."""
+    resolved(run_dir, "--out")
+    if run_dir.is_symlink() and not run_dir.exists():
+        raise RunError(f"{run_dir} is a symbolic link to nothing; remove it, or choose another --out")
+    check_name_lengths(run_dir, "--out")
+    for name in RUN_NAMES:
+        check_derived(run_dir / name, "the run's")
+
+
+def run_state(run_dir: Path) -> tuple[tuple[int, int, int] | None, ...]:
+    """What a writer changes in a run directory: (inode, size, mtime) of each of its files (None: missing), read
+    once before the checks and again under the run's lock, so that a run another process wrote in between is
+    refused instead of overwritten."""
+    state = []
+    for name in (CONFIG_FILE, CHECKPOINT_FILE, MODEL_FILE, METRICS_FILE):
+        try:
+            stat = os.lstat(run_dir / name)
+            state.append((stat.st_ino, stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            state.append(None)
+    return tuple(state)
 
 
 def create_run_dir(config: TrainConfig, run_dir: Path) -> None:
@@ -270,6 +309,32 @@ def create_run_dir(config: TrainConfig, run_dir: Path) -> None:
         raise WriteError(run_dir, error, existed=False) from error
     if not (run_dir / CONFIG_FILE).is_file():
         atomic_write_text(run_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def take_runs(
+    configs: Sequence[TrainConfig], run_dirs: Sequence[Path], states: Sequence[tuple], held: ExitStack
+) -> None:
+    """Become the one writer of every run (:func:`iwae.runs.hold_run`, held until ``held`` closes), create the new
+    ones, and delete what an earlier writer killed mid-write left behind. ``states`` are the runs'
+    :func:`run_state` as they were checked.
+
+    Raises:
+        iwae.locks.LockBusy: another process holds a run.
+        RunError: another process wrote to a run after it was checked.
+    """
+    for config, run_dir, state in zip(configs, run_dirs, states, strict=True):
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise WriteError(run_dir, error, existed=False) from error
+        held.enter_context(hold_run(run_dir))
+        if run_state(run_dir) != state:
+            raise RunError(
+                f"{run_dir} changed while this call checked it: another process wrote to it; "
+                "rerun (with --resume to continue what it wrote), or choose another --out"
+            )
+        remove_temporaries(run_dir, TEMPORARY_NAMES)
+        create_run_dir(config, run_dir)
 
 
 def truncate_metrics(path: Path, epochs_done: int) -> None:
@@ -319,22 +384,34 @@ def check_progress(path: Path, progress: dict, config: TrainConfig) -> tuple[int
 # -- checkpoints of N runs, committed together ---------------------------------------------------------------------
 STAGED_CHECKPOINT = "checkpoint.next.safetensors"
 COMMIT_MARKER = "stack-commit.json"
+# Every name the run's writers create in it: none may be a symbolic link (check_run_names), and the temporaries of
+# the whole-file ones are deleted when a writer takes the run (take_runs).
+TEMPORARY_NAMES = (CONFIG_FILE, CHECKPOINT_FILE, MODEL_FILE, METRICS_FILE, STAGED_CHECKPOINT, COMMIT_MARKER,
+                   EVAL_FILE)  # fmt: skip
+RUN_NAMES = (*TEMPORARY_NAMES, LOCK_FILE)
 
 
 def settle_staged_checkpoints(run_dirs: Sequence[Path]) -> None:
     """Finish, or undo, a checkpoint commit that a kill interrupted. Every staged checkpoint was complete once any
     run holds the commit marker: then they move into place; without a marker they are deleted (the previous
     checkpoints stand)."""
-    committed = any((run_dir / COMMIT_MARKER).is_file() for run_dir in run_dirs)
+    def is_file(path: Path) -> bool:  # a plain file: a planted link is never taken for one
+        return path.is_file() and not path.is_symlink()
+
+    committed = any(is_file(run_dir / COMMIT_MARKER) for run_dir in run_dirs)
     for run_dir in run_dirs:
         staged = run_dir / STAGED_CHECKPOINT
-        if staged.is_file():
-            if committed:
-                os.replace(staged, run_dir / CHECKPOINT_FILE)
-            else:
-                staged.unlink()
+        if is_file(staged) and committed:
+            os.replace(staged, run_dir / CHECKPOINT_FILE)
+        elif os.path.lexists(staged):
+            staged.unlink()
     for run_dir in run_dirs:
         (run_dir / COMMIT_MARKER).unlink(missing_ok=True)
+
+
+def interrupted_commit(run_dir: Path) -> bool:
+    """Whether a kill interrupted a checkpoint commit in ``run_dir`` (:func:`settle_staged_checkpoints` settles)."""
+    return any(os.path.lexists(run_dir / name) for name in (STAGED_CHECKPOINT, COMMIT_MARKER))
 
 
 def commit_checkpoints(run_dirs: Sequence[Path], write: Callable[[int, Path], None]) -> None:
@@ -367,6 +444,7 @@ class _Runs:
     epochs_done: int
     elapsed: float
     checkpoint_epoch: int | None  # the epoch of the runs' last checkpoint (None: none yet)
+    previous: list[tuple[float | None, float | None]]  # each run's last (training, validation) bound, if any
 
 
 def _prepare(
@@ -378,13 +456,11 @@ def _prepare(
     dataset: Dataset | None,
     progress: bool,
 ) -> _Runs:
-    """Check and build the runs, reading only (a resume first settles an interrupted checkpoint commit)."""
+    """Check and build the runs, reading only."""
     check_stackable(configs)
-    if len(run_dirs) != len(configs) or len({run_dir.resolve() for run_dir in run_dirs}) != len(run_dirs):
+    if len(run_dirs) != len(configs) or len({resolved(run_dir, "--out") for run_dir in run_dirs}) != len(run_dirs):
         raise ValueError("training several runs needs one distinct run directory per configuration")
     config = configs[0]
-    if resume:
-        settle_staged_checkpoints([run_dir for run_dir in run_dirs if run_dir.is_dir()])
     resume_from = [check_run_dir(c, run_dir, resume) for c, run_dir in zip(configs, run_dirs, strict=True)]
     if len({path is None for path in resume_from}) > 1:
         raise RunError("some runs of this stack have a checkpoint and some have not; resume them one by one")
@@ -413,8 +489,41 @@ def _prepare(
             raise RunError("the runs of this stack were saved at different epochs; resume them one by one")
         epochs_done, elapsed = states[0]
     checkpoint_epoch = epochs_done if resume_from[0] is not None else None
+    last = [[r for r in read_metrics(run_dir) if r["epoch"] == epochs_done] for run_dir in run_dirs]
+    previous = [
+        (records[-1].get("train_bound"), records[-1].get(f"valid_L{c.valid_k}")) if records else (None, None)
+        for records, c in zip(last, configs, strict=True)
+    ]
     return _Runs(configs, run_dirs, data, train_split, valid_split, models, optimizers, generators, epochs_done,
-                 elapsed, checkpoint_epoch)  # fmt: skip
+                 elapsed, checkpoint_epoch, previous)  # fmt: skip
+
+
+# A bound that no sound model gives (docs/cli.md, "Divergence stops the run"). The data are binary and the decoder
+# Bernoulli, so log p(x) <= 0 and E[L_k] <= log p(x): a mean bound over the images above CEILING_NATS is no estimate
+# of one. Below FLOOR_COIN_FLIPS times the bound of a model that gives every pixel probability 1/2 (-D log 2), or a
+# fall from the previous epoch's bound by more than JUMP_NATS and JUMP_FRACTION of it, the run has blown up even
+# where every number is still finite (an Adam step at a far too large rate, say).
+CEILING_NATS = 1.0
+FLOOR_COIN_FLIPS = 10.0
+JUMP_NATS = 100.0
+JUMP_FRACTION = 0.5
+
+
+def implausible_bound(bound: float, previous: float | None, n_pixels: int) -> str | None:
+    """Why an epoch's mean bound (nats per image, of binary images of ``n_pixels``) means the run diverged, or None
+    if it is plausible: non-finite, above :data:`CEILING_NATS`, below :data:`FLOOR_COIN_FLIPS` x -D log 2, or fallen
+    from ``previous`` (the run's bound the epoch before, None: none) by more than both :data:`JUMP_NATS` and
+    :data:`JUMP_FRACTION` of its size."""
+    if not math.isfinite(bound):
+        return f"{bound}"
+    if bound > CEILING_NATS:
+        return f"{bound:.6g} nats, above 0, which no model of binary images can give"
+    floor = -FLOOR_COIN_FLIPS * n_pixels * math.log(2)
+    if bound < floor:
+        return f"{bound:.6g} nats, below {floor:.0f} ({FLOOR_COIN_FLIPS:g} times a coin flip per pixel)"
+    if previous is not None and previous - bound > max(JUMP_NATS, JUMP_FRACTION * abs(previous)):
+        return f"{bound:.6g} nats, down from {previous:.6g} the epoch before"
+    return None
 
 
 def _divergence(runs: _Runs, indices: list[int], epoch: int, lr: float, what: str) -> DivergenceError:
@@ -451,11 +560,16 @@ def _train_epoch(runs: _Runs, step: Step, epoch: int, bar: tqdm) -> tuple[list[f
     step.sync()
     train_bounds = (bound_sums / n_train).tolist()
     finite = step.finite_models()
-    diverged = [i for i, ok in enumerate(finite) if not (ok and math.isfinite(train_bounds[i]))]
+    n_pixels = images.shape[1]
+    reasons = [
+        implausible_bound(bound, previous, n_pixels) if ok else "non-finite parameters"
+        for bound, ok, (previous, _) in zip(train_bounds, finite, runs.previous, strict=True)
+    ]
+    diverged = [i for i, reason in enumerate(reasons) if reason is not None]
     if diverged:
-        bound = train_bounds[diverged[0]]
-        what = f"training bound {bound}" if not math.isfinite(bound) else "non-finite parameters"
-        what = what if len(models) == 1 else "non-finite training bound or parameters"
+        reason = reasons[diverged[0]]
+        what = reason if reason == "non-finite parameters" else f"training bound {reason}"
+        what = what if len(models) == 1 else f"{what}, in the first of them"
         raise _divergence(runs, diverged, epoch + 1, lr, what)
     return train_bounds, seconds
 
@@ -466,9 +580,15 @@ def _validate(runs: _Runs, epoch: int, lr: float) -> list[float]:
     for model, config in zip(runs.models, runs.configs, strict=True):
         model.eval()
         valid_bounds.append(validation_bound(model, config, runs.valid_split, runs.data.binarization, epoch))
-    diverged = [i for i, bound in enumerate(valid_bounds) if not math.isfinite(bound)]
+    n_pixels = runs.valid_split.images.shape[1]
+    reasons = [
+        implausible_bound(bound, previous, n_pixels)
+        for bound, (_, previous) in zip(valid_bounds, runs.previous, strict=True)
+    ]
+    diverged = [i for i, reason in enumerate(reasons) if reason is not None]
     if diverged:
-        what = "non-finite validation bound" if len(runs.models) > 1 else f"validation bound {valid_bounds[0]}"
+        what = f"validation bound {reasons[diverged[0]]}"
+        what = what if len(runs.models) == 1 else f"{what}, in the first of them"
         raise _divergence(runs, diverged, epoch + 1, lr, what)
     return valid_bounds
 
@@ -509,15 +629,31 @@ def fit_runs(
     configs = list(configs)
     run_dirs = [Path(run_dir) for run_dir in run_dirs]
     torch_device = resolve_device(device)
-    runs = _prepare(configs, run_dirs, resume, torch_device, data_dir, dataset, progress)
-    config, models = configs[0], runs.models
-    step = select_step(models, runs.optimizers, configs, torch_device, compile_model=compile_model, fast=fast,
-                       stack=stack)  # fmt: skip
-    # Everything is checked: only now is anything written.
-    for c, run_dir in zip(configs, run_dirs, strict=True):
-        create_run_dir(c, run_dir)
-        truncate_metrics(run_dir / METRICS_FILE, runs.epochs_done)
+    for run_dir in run_dirs:
+        check_run_names(run_dir)
+    with ExitStack() as held:
+        if resume and any(run_dir.is_dir() and interrupted_commit(run_dir) for run_dir in run_dirs):
+            existing = [run_dir for run_dir in run_dirs if run_dir.is_dir()]
+            for run_dir in existing:  # a kill interrupted a commit: settled by the runs' writer, before the checks
+                held.enter_context(hold_run(run_dir))
+            settle_staged_checkpoints(existing)
+        states = [run_state(run_dir) for run_dir in run_dirs]
+        runs = _prepare(configs, run_dirs, resume, torch_device, data_dir, dataset, progress)
+        step = select_step(runs.models, runs.optimizers, configs, torch_device, compile_model=compile_model,
+                           fast=fast, stack=stack)  # fmt: skip
+        # Everything is checked: only now is anything written, by the runs' one writer.
+        take_runs(configs, run_dirs, states, held)
+        for run_dir in run_dirs:
+            truncate_metrics(run_dir / METRICS_FILE, runs.epochs_done)
+        return _train(runs, step, progress, checkpoint_minutes, max_epochs, deadline)
 
+
+def _train(
+    runs: _Runs, step: Step, progress: bool, checkpoint_minutes: float, max_epochs: int | None, deadline: float | None
+) -> list[FitResult]:
+    """The epoch loop of :func:`fit_runs`, once the runs are checked and held."""
+    configs, run_dirs, models = runs.configs, runs.run_dirs, runs.models
+    config = configs[0]
     n_train, n_models = len(runs.train_split), len(models)
     epochs_done, elapsed = runs.epochs_done, runs.elapsed
     stop_epoch = config.total_epochs if max_epochs is None else min(config.total_epochs, epochs_done + max_epochs)
@@ -549,6 +685,7 @@ def fit_runs(
             else:
                 postfix = {"bound": f"{max(train_bounds):.2f}"}
             bar.set_postfix(epoch=epoch + 1, lr=lr, **postfix)
+            runs.previous = list(zip(train_bounds, valid_bounds, strict=True))
             epochs_done = epoch + 1
             late = deadline is not None and time.monotonic() >= deadline
             due = time.monotonic() - last_save >= checkpoint_minutes * 60

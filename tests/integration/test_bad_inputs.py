@@ -10,17 +10,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from lock_holders import held_by_another_thread
 from safetensors import safe_open
 from safetensors.torch import save_file
+from trees import assert_refused, snapshot
 
 from iwae.cli import main
+from iwae.lab.store import ResultStore
+from iwae.train import RUN_NAMES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,6 +80,52 @@ class Case:
     argv: Callable[[Path], list[str]]  # the command, given the work folder
     setup: Callable[[Path], None] = field(default=lambda work: None)
     expect: str = ""  # a fragment of the one-line message
+    held: str = ""  # a lock file (relative to the work folder) that another writer holds during the command
+
+
+# -- planted links and other traps (issue 25): each link's target lies in the work folder, so the snapshot of the
+# tree covers it too -----------------------------------------------------------------------------------------------
+def plant_link(link: Path, target: Path, *, target_text: str | None = "precious\n", folder: bool = False) -> None:
+    """Replace ``link`` by a symbolic link to ``target``; ``target`` is made a file with ``target_text`` (None:
+    left missing, a dangling link) or, with ``folder``, an empty folder."""
+    if folder:
+        target.mkdir(parents=True, exist_ok=True)
+    elif target_text is not None:
+        target.write_text(target_text)
+    if os.path.lexists(link):
+        link.unlink()
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target, target_is_directory=folder)
+
+
+def loop(link: Path) -> None:
+    link.symlink_to(link.name)  # a link to itself
+
+
+def stray_metrics(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text("this is not JSON\n")
+
+
+def results_database(folder: Path, content: bytes | None = None) -> Path:
+    """``folder/results.sqlite``: ``content``, or (None) a real, empty results database."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "results.sqlite"
+    if content is None:
+        ResultStore(path)
+        # Back from WAL to a rollback journal: a reader of a WAL database makes and removes SQLite's side files, which
+        # changes the folder's mtime (and nothing else); this suite compares mtimes.
+        with closing(sqlite3.connect(path)) as connection:
+            connection.execute("PRAGMA journal_mode = DELETE")
+    else:
+        path.write_bytes(content)
+    return path
+
+
+def tiny_grid(work: Path) -> Path:
+    grid = work / "grid.toml"
+    grid.write_text('[fixed]\nobjective = "iwae"\nk = 2\nepochs = 1\ntrain_limit = 100\nlatent_dims = [4]\n')
+    return grid
 
 
 CASES = [
@@ -181,6 +233,105 @@ CASES = [
         lambda w: (w / "partial" / "config.json").write_text('{"k": '),
         expect="not valid JSON",
     ),
+    Case(
+        "resume-checkpoint-without-an-optimiser-tensor",
+        lambda w: [*RESUME, "--out", str(w / "partial")],
+        lambda w: drop_tensor(w / "partial" / "checkpoint.safetensors", "optimizer.0.exp_avg"),
+        expect="lacks the optimiser state optimizer.0.exp_avg",
+    ),
+    # iwae train: links, names, stray files and other writers
+    Case("out-link-loop", lambda w: [*TRAIN, "--out", str(w / "loop")], lambda w: loop(w / "loop"), expect="loop"),
+    Case("out-dangling-link", lambda w: [*TRAIN, "--out", str(w / "dangling")],
+         lambda w: plant_link(w / "dangling", w / "nowhere", target_text=None), expect="to nothing"),
+    Case(
+        "init-from-link-loop",
+        lambda w: [*TRAIN, "--init-from", str(w / "loop"), "--out", str(w / "new")],
+        lambda w: loop(w / "loop"),
+        expect="--init-from",
+    ),
+    *(
+        Case(
+            f"{name}-link-{'dangling' if dangling else 'to-a-file'}",
+            lambda w: [*RESUME, "--out", str(w / "partial")],
+            lambda w, name=name, dangling=dangling: plant_link(
+                w / "partial" / name, w / "victim.txt", target_text=None if dangling else "precious\n"
+            ),
+            expect=f"{name} is a symbolic link",
+        )
+        for name in RUN_NAMES  # every name a run's writers create in it
+        for dangling in (False, True)
+    ),
+    Case(
+        "seed-folder-link",
+        lambda w: [*TRAIN, "--seeds", "0,1", "--out", str(w / "seeds")],
+        lambda w: plant_link(w / "seeds" / "seed-0", w / "elsewhere", folder=True),
+        expect="seed-0 is a symbolic link",
+    ),
+    Case("stray-metrics-in-a-new-out", lambda w: [*TRAIN, "--out", str(w / "stray")],
+         lambda w: stray_metrics(w / "stray"), expect="no config.json"),
+    Case("out-name-too-long", lambda w: [*TRAIN, "--out", str(w / ("r" * 300))], expect="longer than a file name"),
+    Case("busy-run", lambda w: [*RESUME, "--out", str(w / "partial")], expect="is in use by", held="partial/.lock"),
+    # iwae train: settings that would be silently ignored or multiplied
+    Case("batch-grow-with-epochs", lambda w: [*TRAIN, "--batch-schedule", "grow", "--out", str(w / "new")],
+         expect="one stage"),
+    Case(
+        "k-schedule-decreasing",
+        lambda w: ["train", *TINY, "--schedule", "burda:2", "--k-schedule", "5,1", "--out", str(w / "new")],
+        expect="grows k",
+    ),
+    Case(
+        "lr-scale-with-lr",
+        lambda w: [*TRAIN, "--lr", "1e-3", "--batch-size", "100", "--lr-scale", "sqrt", "--out", str(w / "new")],
+        expect="give one of them",
+    ),
+    # iwae sweep, results and report: the sweep folder's fixed names
+    Case(
+        "sweep-lock-link",
+        lambda w: ["sweep", str(tiny_grid(w)), "--out", str(w / "sweep"), "--device", "cpu", "--no-progress"],
+        lambda w: plant_link(w / "sweep" / ".sweep.lock", w / "victim.txt"),
+        expect=".sweep.lock is a symbolic link",
+    ),
+    Case(
+        "sweep-database-link",
+        lambda w: ["sweep", str(tiny_grid(w)), "--out", str(w / "sweep"), "--device", "cpu", "--no-progress"],
+        lambda w: plant_link(w / "sweep" / "results.sqlite", w / "victim.txt"),
+        expect="results.sqlite is a symbolic link",
+    ),
+    Case(
+        "sweep-garbage-database",
+        lambda w: ["sweep", str(tiny_grid(w)), "--out", str(w / "sweep"), "--device", "cpu", "--no-progress"],
+        lambda w: results_database(w / "sweep", b"not a database at all"),
+        expect="not a SQLite database",
+    ),
+    Case("results-empty-database", lambda w: ["results", str(w / "sweep")],
+         lambda w: results_database(w / "sweep", b""), expect="is empty"),
+    Case("results-garbage-database", lambda w: ["results", str(w / "sweep")],
+         lambda w: results_database(w / "sweep", b"garbage" * 100), expect="not a SQLite database"),
+    Case(
+        "results-shm-link",
+        lambda w: ["results", str(w / "sweep")],
+        lambda w: (results_database(w / "sweep"), plant_link(w / "sweep" / "results.sqlite-shm", w / "victim.txt")),
+        expect="results.sqlite-shm is a symbolic link",
+    ),
+    Case(
+        "report-figures-folder-link",
+        lambda w: ["report", str(w / "sweep"), "--out", str(w / "report")],
+        lambda w: (results_database(w / "sweep"), plant_link(w / "report_files", w / "elsewhere", folder=True)),
+        expect="report_files is a symbolic link",
+    ),
+    # iwae snr
+    Case(
+        "snr-rainforth-absurd-k",
+        lambda w: ["snr", "--model", "rainforth", "--ks", "1,10000000000000", "--out", str(w / "snr")],
+        expect="needs at least",
+    ),
+    Case(
+        "snr-run-folder-link",
+        lambda w: ["snr", str(w / "done"), "--ks", "1", "--repeats", "2", "--batch-size", "2", "--device", "cpu",
+                   "--no-progress"],
+        lambda w: plant_link(w / "done" / "snr", w / "elsewhere", folder=True),
+        expect="snr is a symbolic link",
+    ),
     # iwae eval
     Case(
         "eval-truncated-model",
@@ -270,16 +421,6 @@ def trained(tmp_path_factory) -> Path:
     return root
 
 
-def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
-    """Every path under ``folder`` with its size and mtime (ns)."""
-    tree = {}
-    for parent, dirs, files in os.walk(folder):
-        for name in [*dirs, *files]:
-            stat = os.lstat(Path(parent) / name)
-            tree[str((Path(parent) / name).relative_to(folder))] = (stat.st_size, stat.st_mtime_ns)
-    return tree
-
-
 def deny_writes_as_root(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
     """Root may write into a 0o555 folder: make ``os.access`` answer as it would for anyone else."""
     real = os.access
@@ -301,19 +442,16 @@ def test_a_bad_input_says_one_line_exits_2_and_changes_nothing(
     case.setup(work)
     if (work / "ro").is_dir() and os.geteuid() == 0:
         deny_writes_as_root(monkeypatch, work / "ro")
+    argv = case.argv(work)
     capsys.readouterr()
-    before = snapshot(tmp_path)
     try:
-        code = main(case.argv(work))
+        with held_by_another_thread(work / case.held) if case.held else nullcontext():
+            before = snapshot(tmp_path)  # the holder has written its name into the lock file
+            code = main(argv)
     finally:
         if (work / "ro").is_dir():
             (work / "ro").chmod(0o755)
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert case.expect in lines[0], lines[0]
-    assert out == ""
+    assert_refused(code, *capsys.readouterr(), case.expect)
     assert snapshot(tmp_path) == before  # chmod, above, changes no mtime
 
 

@@ -74,7 +74,7 @@ def test_a_huge_learning_rate_stops_in_one_line_and_writes_nothing_non_finite(
     run_dirs = [run] if seeds is None else [run / "seed-0", run / "seed-1"]
     for run_dir in run_dirs:
         assert str(run_dir) in line
-        assert sorted(p.name for p in run_dir.iterdir()) == [runs.CONFIG_FILE]  # no checkpoint, model or NaN metrics
+        assert sorted(p.name for p in run_dir.iterdir()) == [runs.LOCK_FILE, runs.CONFIG_FILE]  # no checkpoint
 
 
 @pytest.mark.parametrize("seeds", [None, "0,1"], ids=["single", "stack-of-2"])
@@ -167,4 +167,4 @@ def test_a_stack_in_which_one_run_diverges_names_only_that_one(tmp_path: Path, m
     message = str(raised.value)
     assert str(dirs[1]) in message and str(dirs[0]) not in message and "1 of the stack's 2 runs" in message
     for run_dir in dirs:  # it diverged in epoch 1: neither run has a checkpoint to keep, and none was written
-        assert sorted(p.name for p in run_dir.iterdir()) == [runs.CONFIG_FILE]
+        assert sorted(p.name for p in run_dir.iterdir()) == [runs.LOCK_FILE, runs.CONFIG_FILE]

@@ -1,5 +1,6 @@
-"""The layering rule (docs/contributing.md): the core imports nothing from iwae.fast, iwae.lab, iwae.studies or
-iwae.cli but for the one hook, and nothing in iwae.fast imports the lifecycle or the step selector back."""
+"""The layering rule (docs/contributing.md): the core imports nothing from iwae.fast, iwae.lab, iwae.studies,
+iwae.cli or iwae.pyro but for the one hook, nothing in iwae.fast imports the lifecycle or the step selector back,
+and iwae.pyro sits on the core alone."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ CORE = (
     "runs",
     "config",
     "optim",
+    "files",
+    "locks",
 )
 
 
@@ -36,8 +39,8 @@ def _imported_modules(path: Path) -> list[str]:
 
 def test_the_core_imports_nothing_above_it() -> None:
     """Models, bounds, estimators, data, evaluation, the lifecycle, ...: no import of iwae.fast, iwae.lab,
-    iwae.studies or iwae.cli; iwae.steps only in choose_step_path (the one hook)."""
-    above = [["iwae", layer] for layer in ("fast", "lab", "studies", "cli")]
+    iwae.studies, iwae.cli or iwae.pyro; iwae.steps only in choose_step_path (the one hook)."""
+    above = [["iwae", layer] for layer in ("fast", "lab", "studies", "cli", "pyro")]
     for name in (*CORE, "train", "steps", "stacked", "sampling"):
         upward = [m for m in _imported_modules(PACKAGE / f"{name}.py") if m.split(".")[:2] in above]
         assert not upward or name == "steps", (name, upward)
@@ -50,3 +53,17 @@ def test_the_fast_layer_imports_neither_the_lifecycle_nor_the_selector() -> None
     for path in (PACKAGE / "fast").glob("*.py"):
         back = [m for m in _imported_modules(path) if m.split(".")[:2] in (["iwae", "steps"], ["iwae", "train"])]
         assert not back, (path.name, back)
+
+
+def test_the_pyro_bridge_sits_on_the_core_alone() -> None:
+    """iwae.pyro (the optional Pyro extra) takes the core's estimators and objectives and nothing above them; nothing
+    else in the package imports it."""
+    above = [["iwae", layer] for layer in ("fast", "lab", "studies", "cli", "train", "steps")]
+    upward = [m for m in _imported_modules(PACKAGE / "pyro.py") if m.split(".")[:2] in above]
+    assert not upward, upward
+    importers = [
+        path.relative_to(PACKAGE).as_posix()
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "pyro.py" and any(m.split(".")[:2] == ["iwae", "pyro"] for m in _imported_modules(path))
+    ]
+    assert not importers, importers

@@ -13,18 +13,19 @@ from contextlib import suppress
 from pathlib import Path
 
 import pytest
+from lock_holders import held_by_another_thread
 from tiny_runs import TINY as LAB_TINY
 
-from iwae import runs
+from iwae import locks, runs
 from iwae.cli import main
 from iwae.cli.sweep import _finish
-from iwae.lab import locks
 from iwae.lab import run as lab_run
 from iwae.lab.grid import expand_grid, load_grid
 from iwae.lab.reports import load_records, write_report
-from iwae.lab.run import RESULT_FILE, RUN_LOCK
+from iwae.lab.run import RESULT_FILE
 from iwae.lab.store import ResultStore
 from iwae.lab.sweep import SWEEP_LOCK, execute, resolved_specs, run_sweep
+from iwae.runs import LOCK_FILE as RUN_LOCK
 
 IWAE = [sys.executable, "-m", "iwae"]
 TINY = {**LAB_TINY, "epochs": 1}  # the lab's tiny run, one pass
@@ -94,7 +95,7 @@ def test_a_killed_sweep_takes_its_workers_with_it_and_a_second_sweep_is_refused(
 
 HOLDER = """
 import sys
-from iwae.lab import locks
+from iwae import locks
 with locks.hold(sys.argv[1], what="test"):
     print("held", flush=True)
     sys.stdin.readline()  # until the test lets go
@@ -132,7 +133,7 @@ def test_a_run_held_by_another_process_is_not_trained_twice(tmp_path: Path) -> N
     (spec,) = resolved_specs(grid, tmp_path)
     run_dir = tmp_path / "runs" / spec.name
     run_dir.mkdir(parents=True)
-    with locks.hold(run_dir / RUN_LOCK, what="a test"):
+    with held_by_another_thread(run_dir / RUN_LOCK):
         [(name, status, error)] = execute([spec.to_dict()], tmp_path, device="cpu")
         assert (name, status) == (spec.name, "busy") and f"pid {os.getpid()} on host" in error
         assert not (run_dir / runs.CONFIG_FILE).exists() and not (tmp_path / "results.sqlite").exists()

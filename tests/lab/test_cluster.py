@@ -1,21 +1,25 @@
 """Sweeps through submitit (iwae.lab.cluster): tasks write result files and never the database (a task alone:
-tests/lab/test_runner.py); the sweep indexes them; phases run in order; the Slurm options reach the submission
-script."""
+tests/lab/test_runner.py); the sweep indexes them; phases run in order; a Slurm task that leaves the queue without a
+result is failed, through squeue alone; a sweep that stops cancels its tasks. On a real cluster, with Slurm's
+refusals: tests/integration/test_slurm.py."""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from tiny_runs import TINY as LAB_TINY
 
 from iwae import runs
 from iwae.cli import main
-from iwae.lab import runner
-from iwae.lab.cluster import ClusterOptions, SubmititRunner
+from iwae.lab import cluster, runner
+from iwae.lab.cluster import ClusterOptions, SubmititRunner, minutes
 from iwae.lab.run import RESULT_FILE
+from iwae.lab.runner import Task, TaskEnd
 from iwae.lab.store import ResultStore
 from iwae.lab.sweep import resolved_specs, run_sweep
 
@@ -96,18 +100,97 @@ def test_a_task_that_raises_or_a_job_that_fails_fails_its_runs(tmp_path: Path, m
     assert ResultStore.in_dir(tmp_path).get(spec.name)["status"] == "failed"
 
 
-def test_the_slurm_options_reach_the_submission_script(tmp_path: Path, monkeypatch) -> None:
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "srun").write_text("#!/bin/sh\nexit 0\n")
-    (fake / "srun").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
-    options = ClusterOptions(partition="gpu", time_limit_min=30, gpus_per_task=1, array_parallelism=4)
-    slurm = SubmititRunner(options).executor(tmp_path / "submitit")._executor
-    slurm.parameters["map_count"] = 6  # as submitit sets it for an array of six tasks
-    script = slurm._make_submission_file_text("python -u -m submitit.core._submit DIR", "uid")
-    for line in ("--partition=gpu", "--time=30", "--gpus-per-node=1", "--array=0-5%4", "--job-name=iwae-sweep"):
-        assert f"#SBATCH {line}\n" in script
+class _QueuedJob:
+    """A Slurm task as the runner sees it: its id, where submitit would put its result, its result."""
+
+    def __init__(self, job_id: str, folder: Path) -> None:
+        self.job_id = job_id
+        self.paths = SimpleNamespace(
+            folder=folder, result_pickle=folder / f"{job_id}_0_result.pkl", stderr=folder / f"{job_id}_0_log.err"
+        )
+        self.cancelled = False
+
+    def result(self) -> TaskEnd:
+        return TaskEnd()
+
+    def cancel(self, check: bool = True) -> None:
+        self.cancelled = True
+
+
+class _Queue:
+    """squeue over time: at each look, the listed tasks' states, and the tasks whose results appear then."""
+
+    def __init__(self, jobs: dict[str, _QueuedJob], looks: list[tuple[dict[str, str], set[str]]]) -> None:
+        self.jobs, self.looks, self.asked = jobs, looks, []
+
+    def __call__(self, job_ids: list[str]) -> dict[str, str]:
+        self.asked.append(job_ids)
+        states, results = self.looks[min(len(self.asked), len(self.looks)) - 1]
+        for task_id in results:
+            self.jobs[task_id].paths.result_pickle.touch()
+        return states
+
+
+def _slurm_runner(
+    tmp_path: Path, monkeypatch, looks: list[tuple[dict[str, str], set[str]]]
+) -> tuple[SubmititRunner, dict, _Queue]:
+    """A runner that takes its jobs' states from ``looks`` instead of squeue, and looks often."""
+    folder = tmp_path / "submitit"
+    folder.mkdir()
+    jobs = {f"5_{index}": _QueuedJob(f"5_{index}", folder) for index in range(3)}
+    queue = _Queue(jobs, looks)
+    monkeypatch.setattr(cluster, "queue_states", queue)
+    monkeypatch.setattr(cluster, "QUEUE_POLL_S", (0.001, 0.001))
+    monkeypatch.setattr(cluster, "RESULT_POLL_S", 0.001)
+    monkeypatch.setattr(
+        SubmititRunner,
+        "executor",
+        lambda self, folder: SimpleNamespace(map_array=lambda fn, tasks: list(jobs.values())),
+    )
+    slurm = SubmititRunner(ClusterOptions(engine="debug"))  # made without asking Slurm ...
+    slurm.options = replace(slurm.options, engine="slurm", lost_after_s=1e-6)  # ... then watched as Slurm's
+    return slurm, jobs, queue
+
+
+def test_a_slurm_task_that_leaves_the_queue_without_a_result_is_failed_and_a_requeued_one_waited_for(
+    tmp_path: Path, monkeypatch
+) -> None:
+    looks = [
+        ({"5_0": "RUNNING", "5_1": "CANCELLED"}, set()),  # 5_2 not listed (requeued, say)
+        ({"5_0": "COMPLETED", "5_1": "CANCELLED", "5_2": "PENDING"}, {"5_0"}),  # 5_1 still out: lost; 5_2 back
+        ({"5_2": "COMPLETED"}, set()),  # 5_1 forgotten by the controller; 5_2's result not seen yet (a slow NFS)
+        ({"5_2": "COMPLETED"}, {"5_2"}),
+    ]
+    slurm, jobs, queue = _slurm_runner(tmp_path, monkeypatch, looks)
+    tasks = [Task(({"name": name},), str(tmp_path), name) for name in jobs]
+    ended: list[tuple[str, TaskEnd]] = []
+    slurm(tasks, lambda task: None, lambda task, end: ended.append((task.attempt, end)))
+    assert ended == [
+        ("5_1", TaskEnd(error="cluster job 5_1 ended without a result (CANCELLED)")),
+        ("5_0", TaskEnd()),
+        ("5_2", TaskEnd()),
+    ]
+    assert set(map(tuple, queue.asked)) == {("5",)} and len(queue.asked) == len(looks)
+
+
+def test_a_sweep_that_stops_cancels_the_slurm_tasks_it_still_waits_for(tmp_path: Path, monkeypatch) -> None:
+    slurm, jobs, _ = _slurm_runner(tmp_path, monkeypatch, [({"5_1": "RUNNING", "5_2": "PENDING"}, {"5_0"})])
+
+    def interrupted(task: Task, end: TaskEnd) -> None:
+        raise KeyboardInterrupt
+
+    tasks = [Task(({"name": name},), str(tmp_path), name) for name in jobs]
+    with pytest.raises(KeyboardInterrupt):
+        slurm(tasks, lambda task: None, interrupted)
+    assert {name: job.cancelled for name, job in jobs.items()} == {"5_0": False, "5_1": True, "5_2": True}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("1-00:00:00", 1440), ("4:00:00", 240), ("30:00", 30), ("30:01", 31), ("infinite", None), ("n/a", None)],
+)
+def test_slurm_time_limits_read_as_minutes(text: str, expected: int | None) -> None:
+    assert minutes(text) == expected
 
 
 def test_slurm_is_refused_in_one_line_where_there_is_none(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -120,3 +203,5 @@ def test_slurm_is_refused_in_one_line_where_there_is_none(tmp_path: Path, monkey
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="array_parallelism must be a whole number >= 1"):
         ClusterOptions(array_parallelism=0)
+    with pytest.raises(ValueError, match="lost_after_s must be a number of seconds > 0"):
+        ClusterOptions(lost_after_s=0)

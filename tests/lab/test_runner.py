@@ -7,14 +7,16 @@ import json
 from pathlib import Path
 
 import pytest
+from lock_holders import held_by_another_thread
 from tiny_runs import TINY as LAB_TINY
 
 from iwae.cli import main
-from iwae.lab import locks, runner
-from iwae.lab.run import RESULT_FILE, RUN_LOCK
+from iwae.lab import runner
+from iwae.lab.run import RESULT_FILE
 from iwae.lab.runner import LocalRunner, Task, TaskEnd, available_cores, run_task
 from iwae.lab.store import DB_FILE, ResultStore
 from iwae.lab.sweep import resolved_specs
+from iwae.runs import LOCK_FILE as RUN_LOCK
 
 TINY = {**LAB_TINY, "epochs": 1, "k": 2}  # the lab's tiny run, one pass
 
@@ -39,7 +41,7 @@ def test_a_task_ends_busy_or_with_its_error_and_never_raises(tmp_path: Path, mon
     task = Task((spec.to_dict(),), str(tmp_path), attempt="a1", device="cpu")
     run_dir = tmp_path / "runs" / spec.name
     run_dir.mkdir(parents=True)
-    with locks.hold(run_dir / RUN_LOCK, what="a test"):
+    with held_by_another_thread(run_dir / RUN_LOCK):
         end = run_task(task)
     assert end.error is None and "in use by" in end.busy and list(run_dir.iterdir()) == [run_dir / RUN_LOCK]
 

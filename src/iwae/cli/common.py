@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from iwae.files import check_name_lengths
 from iwae.names import DEVICE_PATTERN
 from iwae.names import MAX_SEED as MAX_SEED  # tests/cli/test_common.py compares it with iwae.config's
 from iwae.settings import Setting
@@ -53,6 +54,10 @@ def writable_location(path: str | Path, flag: str, command: str, *, folder: bool
     folder, or with ``folder=False`` a file), exists as that or can be created: its nearest existing ancestor must be
     a writable folder. Checked before anything is created."""
     target = Path(path)
+    try:
+        check_name_lengths(target, flag)
+    except ValueError as error:
+        raise UsageError(f"{command}: {error}") from None
     if target.exists() and target.is_dir() != folder:
         kind = "a file, not a folder" if folder else "a folder, not a file"
         raise UsageError(f"{command}: {flag} {path} is {kind}; choose another {flag}")

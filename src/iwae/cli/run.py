@@ -128,7 +128,12 @@ def _train_config(args: argparse.Namespace):
     from iwae.config import build_train_config
 
     settings = {name: getattr(args, name) for name in TRAIN_SETTINGS}  # None: left out, the builder's default
-    settings["init_from"] = str(Path(args.init_from).resolve()) if args.init_from else None
+    from iwae.files import resolved
+
+    try:
+        settings["init_from"] = str(resolved(args.init_from, "--init-from")) if args.init_from else None
+    except ValueError as error:
+        raise UsageError(f"iwae train: {error}") from None
     if args.fresh_optimizer and not args.init_from:
         raise UsageError("iwae train: --fresh-optimizer goes with --init-from RUN")
     try:
@@ -158,8 +163,13 @@ def cmd_train(args: argparse.Namespace) -> dict | list[dict]:
     from iwae.train import fit_runs
 
     if args.seeds is not None:
+        from iwae.files import check_derived
+
         configs = [config.replace(seed=seed) for seed in args.seeds]
-        results = fit_runs(configs, [Path(args.out) / f"seed-{seed}" for seed in args.seeds], **options)
+        run_dirs = [Path(args.out) / f"seed-{seed}" for seed in args.seeds]
+        for run_dir in run_dirs:  # folders this command names itself: never through a link
+            check_derived(run_dir, "the seed's run folder")
+        results = fit_runs(configs, run_dirs, **options)
         return [_train_summary(c, result) for c, result in zip(configs, results, strict=True)]
     return _train_summary(config, fit_runs([config], [args.out], **options)[0])
 

@@ -99,6 +99,19 @@ def register(subparsers) -> None:
     p.set_defaults(handler=cmd_snr)
 
 
+def _check_sample_memory(ks: list[int], batch: int, bytes_per_sample: int, device) -> None:
+    """Refuse Ks of which one repeat alone (K x batch samples, at least ``bytes_per_sample`` each) cannot fit in
+    ``device``'s memory, before anything is allocated or written."""
+    from iwae.memory import device_memory, format_bytes
+
+    need, have = max(ks) * batch * bytes_per_sample, device_memory(device)
+    if have is not None and need > have:
+        raise UsageError(
+            f"iwae snr: K = {max(ks)} needs at least {format_bytes(need)} for one repeat of a batch of {batch} "
+            f"(the {device.type} has {format_bytes(have)}); choose smaller --ks"
+        )
+
+
 def _model_and_batch(args: argparse.Namespace, device):
     import torch
 
@@ -216,6 +229,7 @@ def _cmd_rainforth(args: argparse.Namespace) -> dict:
         "max_samples": args.max_samples if args.max_samples is not None else DEFAULT_MAX_SAMPLES,
         "floor_factor": args.floor_factor if args.floor_factor is not None else DEFAULT_FLOOR_FACTOR,
     }
+    _check_sample_memory(ks, args.batch_size, 2 * rainforth.DIM * 8, device)  # z and its noise, float64
     problem = rainforth.make_problem(args.seed)
     model = problem.model.to(device)
     x = problem.data[: args.batch_size].to(device)
@@ -261,6 +275,11 @@ def cmd_snr(args: argparse.Namespace) -> dict:
     estimators = args.estimators if args.estimators is not None else list(ESTIMATOR_NAMES)
     device = resolve_device(args.device)
     model, x, config = _model_and_batch(args, device)
+    _check_sample_memory(ks, x.shape[0], 4 * x.shape[1], device)  # the decoder's output alone, float32
+    if args.run and not args.out:
+        from iwae.files import check_derived
+
+        check_derived(Path(args.run) / "snr", "the study's folder")
     started = time.perf_counter()
     study = run_study(model, x, ks, estimators, args.repeats, args.seed, progress=not args.no_progress)
     out = Path(args.out) if args.out else (Path(args.run) / "snr" if args.run else Path("snr-out"))

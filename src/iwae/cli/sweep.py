@@ -260,7 +260,7 @@ def _write_schedules(directory: str) -> str:
     from iwae.lab import schedules
     from iwae.lab.store import ResultStore
 
-    table = schedules.markdown(schedules.comparison(ResultStore.in_dir(directory).rows()))
+    table = schedules.markdown(schedules.comparison(ResultStore.in_dir(directory, create=False).rows()))
     path = Path(directory) / "schedules.md"
     atomic_write_text(path, table)
     print(table, file=sys.stderr)
@@ -274,7 +274,7 @@ def _summaries(directory: str) -> list[dict[str, Any]]:
     if not (Path(directory) / DB_FILE).is_file():
         raise ValueError(f"{directory} holds no {DB_FILE}; run 'iwae sweep GRID --out {directory}' first")
     rows = []
-    for row in ResultStore.in_dir(directory).rows():
+    for row in ResultStore.in_dir(directory, create=False).rows():
         config = train_config(row["config"])
         evaluation = row["eval"] or {}
         rows.append(

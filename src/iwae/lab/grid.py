@@ -43,6 +43,7 @@ from typing import Any
 
 from iwae.config import TrainConfig, build_train_config, setting_names
 from iwae.data import DATASETS
+from iwae.files import check_name_lengths, resolved
 from iwae.names import AUTHORS_EVAL_BATCH, EVAL_SPLITS, UNIT_DEFINITIONS
 
 RUNS_SUBDIR = "runs"
@@ -158,12 +159,16 @@ def check_name(name: Any, what: str) -> str:
             f"{what} {name!r} must be letters, digits and . _ = + - (no path separators, no '..', not empty), "
             "starting with a letter, a digit or _"
         )
+    check_name_lengths(name, what)
     return name
 
 
 def inside(path: str | Path, root: str | Path) -> bool:
-    """Whether ``path`` resolves (links followed) to ``root`` or somewhere below it."""
-    return Path(path).resolve().is_relative_to(Path(root).resolve())
+    """Whether ``path`` resolves (links followed) to ``root`` or somewhere below it (a loop of links: a one-line
+    :class:`iwae.files.LinkRefused`)."""
+    return resolved(path).is_relative_to(resolved(root))
+
+
 
 
 def run_dir_of(out_dir: str | Path, name: str) -> Path:
@@ -175,7 +180,7 @@ def run_dir_of(out_dir: str | Path, name: str) -> Path:
     """
     path = Path(out_dir) / RUNS_SUBDIR / check_name(name, "run name")
     if not inside(path, out_dir):
-        raise ValueError(f"run directory {path} resolves to {path.resolve()}, outside the sweep folder {out_dir}")
+        raise ValueError(f"run directory {path} resolves to {resolved(path)}, outside the sweep folder {out_dir}")
     return path
 
 

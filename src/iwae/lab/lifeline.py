@@ -11,7 +11,7 @@ A sweep's workers are forked by a forkserver, itself a child of the sweep. Two m
   once the sweep's pid is gone or its own parent has changed.
 
 Killed workers leave at most a checkpoint to resume from (every file is written atomically), and their run
-locks (:mod:`iwae.lab.locks`) are dropped by the kernel. Once every process holding multiprocessing's resource
+locks (:mod:`iwae.locks`) are dropped by the kernel. Once every process holding multiprocessing's resource
 tracker's pipe has ended, the tracker ends too.
 """
 

@@ -4,7 +4,7 @@ A run is a plain function of its settings, :func:`run_one` ``(options, run_dir) 
 evaluate with :func:`iwae.evaluate.evaluate_run`, draw samples); it needs no database and no runner.
 :func:`run_group` is a sweep's unit of work, wherever it runs: one run, or runs that differ only in seed, objective
 and ``init_from`` trained as one stacked computation first (:mod:`iwae.stacked`); it holds each run's lock
-(``runs/NAME/.lock``, :mod:`iwae.lab.locks`) throughout, and writes each run's row to ``runs/NAME/result.json``,
+(``runs/NAME/.lock``, :func:`iwae.runs.hold_run`) throughout, and writes each run's row to ``runs/NAME/result.json``,
 never to the database. :func:`read_result` reads such a file back and :func:`record` writes a row into the
 sweep's database (:mod:`iwae.lab.store`), which only the sweep does (:mod:`iwae.lab.sweep`).
 
@@ -27,7 +27,6 @@ from iwae.checkpoint import atomic_write_text
 from iwae.data import for_run, load_dataset
 from iwae.evaluate import evaluate_run
 from iwae.fast import for_evaluation
-from iwae.lab import locks
 from iwae.lab.grid import EVAL_DEFAULTS, RUN_DEFAULTS, eval_options, run_dir_of, train_config
 from iwae.lab.store import COLUMNS, ResultStore, now
 from iwae.runs import CONFIG_FILE, EVAL_FILE, MODEL_FILE, RunError, load_model, read_metrics, resolve_device
@@ -36,7 +35,6 @@ from iwae.train import fit, fit_runs
 
 SAMPLES_FILE = "samples.png"
 RESULT_FILE = "result.json"  # a run's row, written by its task; the sweep indexes it into the database
-RUN_LOCK = ".lock"  # runs/NAME/.lock: held by the process that trains and evaluates the run
 
 
 def environment() -> dict[str, Any]:
@@ -179,15 +177,15 @@ def run_group(
         The rows written.
 
     Raises:
-        iwae.lab.locks.LockBusy: another process holds one of the runs' locks (nothing is touched).
+        iwae.locks.LockBusy: another process holds one of the runs' locks (nothing is touched).
     """
     out_dir = Path(out_dir)
     env = env if env is not None else environment()
     run_dirs = [run_dir_of(out_dir, spec["name"]) for spec in specs]
     with ExitStack() as held:
         for run_dir in run_dirs:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            held.enter_context(locks.hold(run_dir / RUN_LOCK, what=f"run {run_dir}"))
+            run_dir.mkdir(parents=True, exist_ok=True)  # inside the sweep folder, links resolved (iwae.lab.grid)
+            held.enter_context(runs.hold_run(run_dir))
         for run_dir in run_dirs:
             (run_dir / RESULT_FILE).unlink(missing_ok=True)  # this attempt's result replaces the last one
         if threads is not None:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from multiprocessing import connection, get_all_start_methods, get_context
 from typing import Any
 
-from iwae.lab import lifeline, locks
+from iwae import locks
+from iwae.lab import lifeline
 from iwae.lab.run import run_group
 
 # The forkserver imports these before it forks any worker; iwae.lab.lifeline first (it ties the server to the sweep).

@@ -30,6 +30,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from iwae.files import check_derived
+
 DB_FILE = "results.sqlite"
 BUSY_TIMEOUT_S = 60.0
 RETRIES = 20
@@ -80,28 +82,76 @@ def _retry(action: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-class ResultStore:
-    """A sweep's SQLite database (created on first use). Connections are opened per operation."""
+SQLITE_HEADER = b"SQLite format 3\x00"
+SIDE_FILES = ("-wal", "-shm", "-journal")  # SQLite's own files beside the database
 
-    def __init__(self, path: str | Path) -> None:
+
+def check_database(path: Path) -> None:
+    """Refuse, reading only, a results database that cannot be one: a symbolic link (at the file or one of SQLite's
+    side files), an empty file or a file that is no SQLite database. A missing file is fine (a sweep creates it).
+
+    Raises:
+        iwae.files.LinkRefused: a link.
+        ValueError: one line naming the file and what to do.
+    """
+    for candidate in (path, *(path.with_name(path.name + suffix) for suffix in SIDE_FILES)):
+        check_derived(candidate, "the results database")
+    if not path.exists():
+        return
+    rebuild = "move it away and run 'iwae results DIR --rescan' to rebuild it from the runs' result files"
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(len(SQLITE_HEADER))
+    except OSError as error:
+        raise ValueError(f"{path} cannot be read ({error.strerror}); {rebuild}") from None
+    if not header:
+        raise ValueError(f"{path} is empty, not a results database; {rebuild}")
+    if header != SQLITE_HEADER:
+        raise ValueError(f"{path} is not a SQLite database; {rebuild}")
+
+
+class ResultStore:
+    """A sweep's SQLite database (created on first use). Connections are opened per operation.
+
+    ``create=False`` opens an existing database to read it, changing nothing (no table, no journal mode): what
+    ``iwae results`` and ``iwae report`` use.
+    """
+
+    def __init__(self, path: str | Path, *, create: bool = True) -> None:
         self.path = Path(path)
+        check_database(self.path)
+        if not create:
+            if not self.path.is_file():
+                raise ValueError(f"{self.path.parent} holds no {self.path.name}; run 'iwae sweep GRID --out DIR' first")
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _retry(self._create)
 
     @classmethod
-    def in_dir(cls, directory: str | Path) -> ResultStore:
+    def in_dir(cls, directory: str | Path, *, create: bool = True) -> ResultStore:
         """The store of the sweep folder ``directory`` (``DIR/results.sqlite``)."""
-        return cls(Path(directory) / DB_FILE)
+        return cls(Path(directory) / DB_FILE, create=create)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        """A connection for one operation. A database error other than a busy one (which :func:`_retry` waits out)
+        is a one-line ``ValueError``: a file that is SQLite but not a sweep's database, or damaged."""
         try:
-            connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-            connection.row_factory = sqlite3.Row
-            yield connection
-        finally:
-            connection.close()
+            connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            try:
+                connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+                connection.row_factory = sqlite3.Row
+                yield connection
+            finally:
+                connection.close()
+        except sqlite3.DatabaseError as error:
+            text = str(error).lower()
+            if isinstance(error, sqlite3.OperationalError) and ("locked" in text or "busy" in text):
+                raise
+            raise ValueError(
+                f"{self.path} cannot be used as a results database ({error}); move it away and run "
+                "'iwae results DIR --rescan' to rebuild it from the runs' result files"
+            ) from None
 
     def _create(self) -> None:
         with self._connect() as db:

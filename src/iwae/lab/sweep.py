@@ -27,8 +27,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from iwae import locks
 from iwae.checkpoint import atomic_write_text
-from iwae.lab import locks
+from iwae.files import make_folder, resolved
 from iwae.lab.grid import (
     EVAL_DEFAULTS,
     RUN_DEFAULTS,
@@ -41,7 +42,7 @@ from iwae.lab.grid import (
 )
 from iwae.lab.run import environment, read_result, record, run_group
 from iwae.lab.runner import LocalRunner, Runner, Task, TaskEnd, available_cores
-from iwae.lab.store import DB_FILE, ResultStore, now
+from iwae.lab.store import DB_FILE, ResultStore, check_database, now
 from iwae.runs import EVAL_FILE, MODEL_FILE, resolve_device
 from iwae.stacked import stack_key
 
@@ -57,8 +58,8 @@ def _resolve_init_from(options: dict[str, Any], runs_dir: Path, names: set[str])
     if source is None:
         return options
     if source in names:
-        return {**options, "init_from": str(runs_dir.resolve() / source)}
-    path = Path(source).resolve()
+        return {**options, "init_from": str(resolved(runs_dir) / source)}
+    path = resolved(source, "init_from")
     if not (path / MODEL_FILE).is_file():
         raise ValueError(f"init_from {source!r} is neither a run of this grid nor a finished run directory")
     return {**options, "init_from": str(path)}
@@ -123,7 +124,7 @@ def _adopt_twin(store: ResultStore, spec: RunSpec, twin: dict[str, Any], runs_di
     """
     link = runs_dir / spec.name
     if not link.exists():
-        runs_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(runs_dir, "the sweep's runs folder")
         try:
             link.symlink_to(Path(twin["run_dir"]).resolve(), target_is_directory=True)
         except OSError:  # no symbolic links here (some Windows set-ups): a copy does as well
@@ -151,7 +152,7 @@ def _check_recorded(specs: list[RunSpec], out_dir: Path) -> None:
     """Refuse runs that the sweep folder's database recorded with other training settings (reads an existing
     database only: creates nothing)."""
     if (out_dir / DB_FILE).is_file():
-        store = ResultStore.in_dir(out_dir)
+        store = ResultStore.in_dir(out_dir, create=False)
         for spec in specs:
             _check_same_settings(store.get(spec.name), spec.options, out_dir)
 
@@ -162,7 +163,7 @@ def sweep_lock(
     out_dir: str | Path, *, wait: bool = False, on_wait: Callable[[str], None] | None = None
 ) -> Iterator[None]:
     """Own the sweep folder ``out_dir`` (created if missing) for the block, through ``DIR/.sweep.lock``: while a
-    sweep (or ``iwae results --rescan``) holds it, another raises :class:`~iwae.lab.locks.LockBusy` naming the
+    sweep (or ``iwae results --rescan``) holds it, another raises :class:`~iwae.locks.LockBusy` naming the
     holder, or with ``wait`` waits for it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -316,8 +317,10 @@ def run_sweep(
         stack = stacks_by_default(device)
     started = time.perf_counter()
     out_dir = Path(out_dir)
+    resolved(out_dir, "--out")
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is a file; give a sweep directory")
+    check_database(out_dir / DB_FILE)
     specs = resolved_specs(grid, out_dir)
     _check_recorded(specs, out_dir)
     runner = runner if runner is not None else LocalRunner(workers)
@@ -328,7 +331,7 @@ def run_sweep(
         _check_recorded(specs, out_dir)  # again: another sweep may have recorded runs while this one waited
         store = ResultStore.in_dir(out_dir)
         atomic_write_text(out_dir / GRID_COPY, json.dumps(grid, indent=2, sort_keys=True) + "\n")
-        root, env = out_dir.resolve(), environment()  # tasks and rows name absolute paths: jobs start elsewhere
+        root, env = resolved(out_dir), environment()  # tasks and rows name absolute paths: jobs start elsewhere
         runs_dir = root / RUNS_SUBDIR
         for phase in dict.fromkeys(spec.phase for spec in specs):
             todo = []

@@ -246,7 +246,7 @@ def load_records(sweep_dirs: list[str | Path]) -> tuple[list[RunRecord], list[di
         if not (Path(directory) / DB_FILE).is_file():
             raise ValueError(f"{directory} holds no {DB_FILE}; run 'iwae sweep GRID --out {directory}' first")
         prefix = f"{Path(directory).name}/" if len(sweep_dirs) > 1 else ""
-        for row in ResultStore.in_dir(directory).rows():
+        for row in ResultStore.in_dir(directory, create=False).rows():
             if row["status"] == "finished" and row["eval"]:
                 run_dir = str(Path(row["run_dir"]).resolve())
                 if run_dir in seen_dirs:  # one run recorded by several grids (the sweep reused it)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from iwae.checkpoint import atomic_write_bytes, atomic_write_text
+from iwae.files import make_folder
 from iwae.lab.reports.figures import plot_against_k, plot_learning_curves, plot_log_activity
 from iwae.lab.reports.published import BURDA_PASSES, RAINFORTH_SOURCE, SOURCE
 from iwae.lab.reports.records import (
@@ -282,7 +283,7 @@ def write_report(sweep_dirs: list[str | Path], out: str | Path, title: str = "IW
     records, unfinished = load_records(list(sweep_dirs))
     report = build_report(records, unfinished, title)
     files_dir = out.parent / f"{out.name}_files"
-    files_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(files_dir, "the report's figures folder")
     for kind, content in report.blocks:
         if kind == "img":
             name, data, _ = content

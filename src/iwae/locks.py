@@ -1,4 +1,4 @@
-"""Advisory locks: a sweep owns its folder (``DIR/.sweep.lock``), a worker the run it trains (``runs/NAME/.lock``).
+"""Advisory locks: a sweep owns its folder (``DIR/.sweep.lock``), a writer the run it trains (``RUN/.lock``).
 
 A lock is ``fcntl.flock`` on an open file, so the kernel drops it when its holder ends, however it ends
 (``kill -9`` included): a lock never outlives its process and there is nothing stale to clean up. The holder writes
@@ -9,6 +9,10 @@ and nothing else.
 On a network file system flock holds across machines where the client maps it to POSIX locks (Linux NFS does;
 Lustre when mounted with ``flock``). Where there is no ``fcntl`` (Windows), ``msvcrt.locking`` locks one byte far
 past the holder's text instead.
+
+A lock that a thread already holds is held again by the same thread at no cost (a sweep's worker holds its run's
+lock and then trains it through :func:`iwae.train.fit_runs`, which takes the same lock); another thread, or another
+process, is refused. The lock file is opened without following a symbolic link (:func:`iwae.files.open_lock`).
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+
+from iwae.files import open_lock
 
 try:
     import fcntl
@@ -29,6 +36,7 @@ except ImportError:  # Windows
 
 FAR_BYTE = 2**30  # the byte msvcrt.locking locks (Windows), beyond any holder text
 POLL_S = 0.5
+_held = threading.local()  # per thread: (st_dev, st_ino) of each lock file it holds -> how often
 
 
 class LockBusy(ValueError):
@@ -83,11 +91,23 @@ def hold(
         on_wait: called once with the waiting message before blocking.
 
     Raises:
-        LockBusy: another process holds it and ``wait`` is false: '``what`` is in use by pid ... on host ...
-            since ...', then ``hint``.
+        LockBusy: another process or thread holds it and ``wait`` is false: '``what`` is in use by pid ... on
+            host ... since ...', then ``hint``.
+        iwae.files.LinkRefused: ``path`` is a symbolic link.
     """
     path = Path(path)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # no O_TRUNC: the holder's text must survive our attempt
+    fd = open_lock(path, "the lock")  # no O_TRUNC: the holder's text must survive our attempt
+    stat = os.fstat(fd)
+    key = (stat.st_dev, stat.st_ino)
+    held = _held.__dict__.setdefault("files", {})
+    if key in held:  # this thread holds it already
+        os.close(fd)
+        held[key] += 1
+        try:
+            yield
+        finally:
+            held[key] -= 1
+        return
     try:
         if not _try_lock(fd, block=False):
             message = f"{what} is in use by {holder(path)}"
@@ -101,6 +121,10 @@ def hold(
         os.lseek(fd, 0, os.SEEK_SET)
         os.ftruncate(fd, 0)
         os.write(fd, text.encode() + b"\n")
-        yield
+        held[key] = 1
+        try:
+            yield
+        finally:
+            del held[key]
     finally:
         os.close(fd)  # releases the lock

@@ -122,9 +122,9 @@ def results_database(folder: Path, content: bytes | None = None) -> Path:
     return path
 
 
-def tiny_grid(work: Path) -> Path:
-    grid = work / "grid.toml"
-    grid.write_text('[fixed]\nobjective = "iwae"\nk = 2\nepochs = 1\ntrain_limit = 100\nlatent_dims = [4]\n')
+def tiny_grid(work: Path, extra: str = "", name: str = "grid.toml") -> Path:
+    grid = work / name
+    grid.write_text('[fixed]\nobjective = "iwae"\nk = 2\nepochs = 1\ntrain_limit = 100\nlatent_dims = [4]\n' + extra)
     return grid
 
 
@@ -302,6 +302,17 @@ CASES = [
         lambda w: ["sweep", str(tiny_grid(w)), "--out", str(w / "sweep"), "--device", "cpu", "--no-progress"],
         lambda w: results_database(w / "sweep", b"not a database at all"),
         expect="not a SQLite database",
+    ),
+    Case(
+        "sweep-init-from-link-loop",
+        lambda w: ["sweep", str(tiny_grid(w, f'init_from = "{w / "loop"}"\n')), "--out", str(w / "sweep")],
+        lambda w: loop(w / "loop"),
+        expect="init_from",
+    ),
+    Case(
+        "sweep-name-too-long",
+        lambda w: ["sweep", str(tiny_grid(w, '[[phase]]\nname = "' + "p" * 300 + '"\n')), "--out", str(w / "sweep")],
+        expect="longer than a file name",
     ),
     Case("results-empty-database", lambda w: ["results", str(w / "sweep")],
          lambda w: results_database(w / "sweep", b""), expect="is empty"),

@@ -169,8 +169,6 @@ def inside(path: str | Path, root: str | Path) -> bool:
     return resolved(path).is_relative_to(resolved(root))
 
 
-
-
 def run_dir_of(out_dir: str | Path, name: str) -> Path:
     """``OUT/runs/NAME``, checked.
 

@@ -19,9 +19,10 @@ from iwae.runs import RunError
 
 # A training step keeps, per sample row (k x minibatch rows), every layer's outputs of the encoder and decoder for the
 # backward pass, their gradients and the estimator's temporaries: about this many float32 values per layer output, a
-# margin above the measured ratio (docs/cli.md#iwae-train), so that a refused run would have needed at least most of
-# the machine's memory.
-STEP_COPIES = 1.5
+# margin above the measured ratio (results/memory-k: 1.64 to 1.81 on the default CPU step, whose malloc keeps freed
+# blocks, at k = 500 and 5,000; docs/cli.md#iwae-train), so that a refused run would have needed at least most of the
+# machine's memory.
+STEP_COPIES = 2.0
 PARAMETER_COPIES = 8  # parameters, gradients, Adam's two moments, the fast path's and the checkpoint's copies
 
 

@@ -81,3 +81,56 @@ def test_gpu_check_exits_1_and_names_the_phases_that_failed(tmp_path, monkeypatc
     captured = capsys.readouterr()
     assert json.loads(captured.out)["seconds"] == 1.0
     assert "phases failed (steps)" in captured.err.splitlines()[-1]
+
+
+def test_memory_json_is_one_object_and_out_has_both_files(monkeypatch, capsys, tmp_path) -> None:
+    """``iwae bench --memory`` over the flags' grid, the worker replaced by one answering invented numbers (the real
+    measurement: tests/lab/bench/test_training_memory.py)."""
+    from iwae.lab.bench import training_memory
+
+    seen = []
+
+    def made_up(task, data_path, arguments, what, environment=None):
+        seen.append(arguments)
+        return {"gradients": "made up", "allocator": "made up", "steps": 3, "rss_baseline_mb": 300.0,
+                "rss_peak_mb": 310.0, "rss_above_baseline_mb": 10.0, "cuda_peak_mb": None,
+                "cuda_above_baseline_mb": None, "seconds_per_step": 0.01, "mean_bound": -200.0}  # fmt: skip
+
+    monkeypatch.setattr(training_memory, "run_worker", made_up)
+    argv = ["bench", "--memory", "--ks", "1,5", "--layers", "1", "--threads", "1", "--device", "cpu", "--json",
+            "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert result["mode"] == "memory" and "| layers |" not in err
+    assert [(r["layers"], r["batch"], r["k"]) for r in result["rows"]] == [(1, 20, 1)] * 3 + [(1, 20, 5)] * 3
+    assert len(seen) == 6 and all(a[a.index("--threads") + 1] == "1" for a in seen)
+    assert json.loads((tmp_path / "bench-memory.json").read_text()) == result
+    assert "| 1 | 20 | 5 | reference |" in (tmp_path / "bench-memory.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--memory", "--ks", "5,0"], "expected numbers >= 1"),
+        (["--memory", "--ks", "5,x"], "--ks"),
+        (["--memory", "--ks", "5,5"], "without repeats"),
+        (["--memory", "--layers", "3"], "--layers"),
+        (["--memory", "--quick"], "--memory cannot take --quick"),
+        (["--memory", "--stacked", "2", "--compile"], "--memory cannot take --compile, --stacked"),
+        (["--memory", "--repeats", "3", "--no-pyro"], "--memory cannot take --repeats, --no-pyro"),
+        (["--ks", "1,5"], "--ks only goes with --memory"),
+        (["--stacked", "2", "--layers", "1"], "--layers only goes with --memory"),
+        (["--batch-sizes", "20"], "--batch-sizes only goes with --stacked or --memory"),
+    ],
+)
+def test_memory_refuses_bad_ks_and_flags_it_cannot_take_in_one_line(argv, says, capsys) -> None:
+    assert main(["bench", *argv]) == 2
+    _, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and says in err
+
+
+def test_memory_refuses_a_k_that_iwae_train_would_refuse(capsys) -> None:
+    assert main(["bench", "--memory", "--ks", "100000000", "--device", "cpu", "--no-progress"]) == 2
+    _, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and "lower --k" in err

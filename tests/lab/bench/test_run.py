@@ -64,3 +64,10 @@ def test_tiny_bench_has_the_required_keys_and_finite_values(tiny_result: dict) -
         assert cell["burda_schedule_hours"] == pytest.approx(expected)
     assert "Burda's schedule (3,280 passes over 59,600 images" in bench.markdown(tiny_result)
     assert native.status() in bench.markdown(tiny_result)
+
+
+def test_a_failed_worker_is_one_error_naming_it_with_its_exit_code_and_last_line(tmp_path) -> None:
+    from iwae.lab.bench.run import run_worker
+
+    with pytest.raises(RuntimeError, match=r"^the test's worker failed \(exit 1\): .*No such file"):
+        run_worker("train", tmp_path / "missing.npz", ["--k", "1"], "the test's worker", {"IWAE_FAST": None})

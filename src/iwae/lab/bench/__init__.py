@@ -25,8 +25,10 @@ The modules, one job each: :mod:`~iwae.lab.bench.settings` (what is measured), :
 (plain PyTorch and Pyro), :mod:`~iwae.lab.bench.flops` (FLOP model, roofline matmuls),
 :mod:`~iwae.lab.bench.timing` (the harness), :mod:`~iwae.lab.bench.cells` (one cell of the grid),
 :mod:`~iwae.lab.bench.paths` (which :mod:`iwae.fast` paths ran), :mod:`~iwae.lab.bench.memory` (peak memory),
-:mod:`~iwae.lab.bench.worker` (the evaluation subprocess), :mod:`~iwae.lab.bench.run` (the whole run) and
-:mod:`~iwae.lab.bench.output` (Markdown and the files).
+:mod:`~iwae.lab.bench.worker` (the measurements in a fresh process), :mod:`~iwae.lab.bench.run` (the whole run, and
+:func:`~iwae.lab.bench.run.run_worker`, which spawns the workers) and :mod:`~iwae.lab.bench.output` (Markdown and the
+files). Two other modes: :mod:`~iwae.lab.bench.stacked` (``iwae bench --stacked N``) and
+:mod:`~iwae.lab.bench.training_memory` (``iwae bench --memory``: training steps' peak memory against k).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """The whole run of ``iwae bench``, summed up in the JSON-serialisable result (see :mod:`iwae.lab.bench`).
 
-The grid's cells run in this process, then ``L_5000`` in a fresh subprocess (:mod:`iwae.lab.bench.worker`).
+The grid's cells run in this process, then ``L_5000`` in a fresh subprocess (:mod:`iwae.lab.bench.worker`), spawned by
+:func:`run_worker`, which every measurement in a process of its own goes through (``iwae bench --memory`` too).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,29 +160,54 @@ def _summary(
     }
 
 
+def write_worker_data(path: Path, images: Tensor, mean_x: Tensor) -> Path:
+    """Save ``images`` ``[n, x_dim]`` and ``mean_x`` ``[x_dim]`` as the ``.npz`` a worker reads; returns ``path``."""
+    np.savez(path, images=images.cpu().numpy(), mean_x=mean_x.cpu().numpy())
+    return path
+
+
+def run_worker(
+    task: str, data_path: Path, arguments: Sequence[str], what: str, environment: Mapping[str, str | None] | None = None
+) -> dict[str, Any]:
+    """Run ``python -m iwae.lab.bench.worker TASK NPZ ARGUMENTS...`` in a fresh process and return its JSON result.
+
+    The one way the bench spawns a measurement, so that each runs in a process of its own and peaks do not mix
+    (:mod:`iwae.lab.bench.worker`: ``eval`` or ``train``). ``environment`` sets variables for the worker (None removes
+    one); this checkout's package comes first on its ``PYTHONPATH``.
+
+    Raises:
+        RuntimeError: the worker failed; the message names ``what``, its exit code and its last line on stderr.
+    """
+    command = [sys.executable, "-m", "iwae.lab.bench.worker", task, str(data_path), *arguments]
+    env = dict(os.environ)
+    for name, value in (environment or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    package_root = str(Path(__file__).resolve().parents[3])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{what} failed (exit {done.returncode}): {tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def measure_eval(
     test_images: Tensor, mean_x: Tensor, settings: BenchSettings, device: torch.device, threads: int
 ) -> dict[str, Any]:
     """Time ``L_5000`` on the first ``settings.eval_images`` of ``test_images`` in a fresh subprocess.
 
-    The subprocess is ``python -m iwae.lab.bench.worker`` (:func:`iwae.lab.bench.worker.eval_worker`), whose
-    result this returns; ``mean_x`` (``[x_dim]``) sets the fresh model's output bias.
+    The subprocess is ``python -m iwae.lab.bench.worker eval`` (:func:`iwae.lab.bench.worker.eval_worker`, through
+    :func:`run_worker`), whose result this returns; ``mean_x`` (``[x_dim]``) sets the fresh model's output bias.
     """
     n = min(settings.eval_images, test_images.shape[0])
     batch_size = min(settings.eval_batch_size, n)
     with tempfile.TemporaryDirectory(prefix="iwae-bench-") as tmp:
-        data_path = Path(tmp) / "eval.npz"
-        np.savez(data_path, images=test_images[:n].cpu().numpy(), mean_x=mean_x.cpu().numpy())
-        command = [
-            sys.executable, "-m", "iwae.lab.bench.worker", str(data_path), "--k", str(EVAL_K),
-            "--threads", str(threads), "--device", str(device), "--batch-size", str(batch_size),
+        data_path = write_worker_data(Path(tmp) / "eval.npz", test_images[:n], mean_x)
+        arguments = [
+            "--k", str(EVAL_K), "--threads", str(threads), "--device", str(device), "--batch-size", str(batch_size),
             "--seed", str(settings.seed), "--repeats", str(settings.eval_repeats),
         ]  # fmt: skip
-        env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parents[3])
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"the L_{EVAL_K} evaluation worker failed (exit {done.returncode}): {tail}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        return run_worker("eval", data_path, arguments, f"the L_{EVAL_K} evaluation worker")

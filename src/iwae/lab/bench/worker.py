@@ -1,11 +1,14 @@
-"""The ``L_5000`` evaluation worker of ``iwae bench``, run in a fresh process.
+"""The workers of ``iwae bench``, each run in a fresh process: ``L_5000`` evaluation, and training steps' memory.
 
-``python -m iwae.lab.bench.worker NPZ [--k K] ...``, spawned by :func:`iwae.lab.bench.run.measure_eval`, prints
-its result as one JSON line on stdout.
+``python -m iwae.lab.bench.worker eval NPZ [--k K] ...`` (:func:`eval_worker`) and ``python -m iwae.lab.bench.worker
+train NPZ --k K ...`` (:func:`train_worker`), spawned by :func:`iwae.lab.bench.run.run_worker`, print their result as
+one JSON line on stdout.
 
-Its peak resident memory is reported above the process's baseline after imports and a tiny warm-up (and, on
-CUDA, ``torch.cuda.max_memory_allocated``); see :mod:`iwae.lab.bench.memory`. It leaves malloc alone, as
-``iwae eval`` does. Nothing else imports this module (so ``python -m`` runs it once).
+Peak resident memory is reported above the process's baseline (and, on CUDA, ``torch.cuda.max_memory_allocated``);
+see :mod:`iwae.lab.bench.memory`. The evaluation's baseline is taken after imports and a tiny warm-up, and it leaves
+malloc alone, as ``iwae eval`` does; the training steps' baseline is taken once the model, its optimiser, its step
+and the data are ready, as ``iwae train`` has them when its first step starts, and malloc is set up as ``iwae train``
+sets it. Nothing else imports this module (so ``python -m`` runs it once).
 """
 
 from __future__ import annotations
@@ -21,14 +24,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from iwae.config import TrainConfig
 from iwae.data import Split
 from iwae.evaluate import chunk_rows, estimate_log_likelihood
-from iwae.fast import for_evaluation
+from iwae.fast import allocator, for_evaluation
+from iwae.lab.bench.cells import binarised_pool
 from iwae.lab.bench.memory import memory_baseline, rss_mb
-from iwae.lab.bench.settings import EVAL_K
+from iwae.lab.bench.settings import BURDA_BATCH, EVAL_K
 from iwae.lab.bench.timing import synchronizer
 from iwae.models import LatentVariableModel, ModelConfig
 from iwae.runs import resolve_device
+from iwae.steps import build_optimizer, select_step
+from iwae.train import build_model
 
 
 def eval_worker(
@@ -89,19 +96,100 @@ def eval_worker(
     }
 
 
+def train_worker(
+    data_path: str, layers: int, k: int, batch_size: int, steps: int, threads: int, device_name: str, seed: int
+) -> dict[str, Any]:
+    """Peak memory of ``steps`` IWAE training steps of Burda's model with ``layers`` stochastic layers, in this process.
+
+    The steps are ``iwae train``'s: malloc set up by :func:`iwae.fast.allocator.configure`, the model built by
+    :func:`iwae.train.build_model`, the step chosen by :func:`iwae.steps.select_step` (the fast path where
+    ``IWAE_FAST`` allows it, else the autograd reference), on dynamically binarised minibatches ``[batch, x_dim]``
+    of the images. The baseline is taken once all that is ready, before the first step, so the peak above it holds
+    the steps' samples and activations, the gradients, the optimiser's moments and whatever the first step sets up.
+
+    Args:
+        data_path: an ``.npz`` with ``images`` ``[n, x_dim]`` (training grey levels; their mean sets the output bias).
+        layers: stochastic layers, 1 or 2.
+        k: samples per example.
+        batch_size: examples per minibatch.
+        steps: training steps taken (the peak over all of them is reported).
+        threads: torch's threads.
+        device_name: as :func:`iwae.runs.resolve_device` takes it.
+        seed: the model's initialisation, the binarisation and the noise.
+
+    Returns:
+        The sizes, the step's path (``gradients``), malloc's setting, resident memory (baseline, peak, peak above
+        the baseline, MiB), on CUDA ``torch.cuda.max_memory_allocated`` (in all and above the baseline's
+        allocation, MiB), seconds per step and the last minibatch's mean bound.
+    """
+    allocator_setting = allocator.configure()  # as iwae train sets malloc up, before anything is allocated
+    torch.set_num_threads(threads)
+    device = resolve_device(device_name)
+    images = torch.from_numpy(np.load(data_path)["images"]).to(device)
+    config = TrainConfig(objective="iwae", k=k, batch_size=batch_size, model=ModelConfig.burda(layers), seed=seed)
+    model = build_model(config, images, device)
+    optimizer = build_optimizer(model, config)
+    step = select_step([model], [optimizer], [config], device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    pool = binarised_pool(images, batch_size, generator)
+    sync = synchronizer(device)
+    sync()
+    baseline = memory_baseline()
+    cuda_baseline = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        cuda_baseline = torch.cuda.memory_allocated(device) / 2**20
+    started = time.perf_counter()
+    for index in range(steps):
+        bound = step(step.groups[0], [pool[index % len(pool)]], [generator], k)
+    sync()
+    seconds = time.perf_counter() - started
+    _, peak = rss_mb()
+    cuda_peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {
+        "layers": layers,
+        "k": k,
+        "batch": batch_size,
+        "steps": steps,
+        "gradients": step.description,
+        "allocator": allocator_setting,
+        "threads": torch.get_num_threads(),
+        "rss_baseline_mb": baseline,
+        "rss_peak_mb": peak,
+        "rss_above_baseline_mb": None if peak is None or baseline is None else peak - baseline,
+        "cuda_peak_mb": cuda_peak,
+        "cuda_above_baseline_mb": None if cuda_peak is None else cuda_peak - cuda_baseline,
+        "seconds_per_step": seconds / steps,
+        "mean_bound": float(bound.sum()) / batch_size,
+    }
+
+
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m iwae.lab.bench.worker", description="internal: the L_k timing worker"
+        prog="python -m iwae.lab.bench.worker", description="internal: iwae bench's workers"
     )
-    parser.add_argument("npz", help="images and mean_x arrays")
-    parser.add_argument("--k", type=int, default=EVAL_K)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=1)
+    tasks = parser.add_subparsers(dest="task", required=True)
+    evaluation = tasks.add_parser("eval", help="time L_k (eval_worker)")
+    training = tasks.add_parser("train", help="peak memory of training steps (train_worker)")
+    for task in (evaluation, training):
+        task.add_argument("npz", help="images (and, for eval, mean_x) arrays")
+        task.add_argument("--threads", type=int, default=torch.get_num_threads())
+        task.add_argument("--device", default="cpu")
+        task.add_argument("--seed", type=int, default=0)
+    evaluation.add_argument("--k", type=int, default=EVAL_K)
+    evaluation.add_argument("--batch-size", type=int, default=100)
+    evaluation.add_argument("--repeats", type=int, default=1)
+    training.add_argument("--k", type=int, required=True)
+    training.add_argument("--layers", type=int, default=1)
+    training.add_argument("--batch-size", type=int, default=BURDA_BATCH)
+    training.add_argument("--steps", type=int, default=3)
     args = parser.parse_args(argv)
-    result = eval_worker(args.npz, args.k, args.threads, args.device, args.batch_size, args.seed, args.repeats)
+    if args.task == "eval":
+        result = eval_worker(args.npz, args.k, args.threads, args.device, args.batch_size, args.seed, args.repeats)
+    else:
+        result = train_worker(
+            args.npz, args.layers, args.k, args.batch_size, args.steps, args.threads, args.device, args.seed
+        )
     print(json.dumps(result))
     return 0
 

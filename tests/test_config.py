@@ -211,3 +211,18 @@ def test_k_schedule_sets_k_per_stage_and_the_runs_k() -> None:
         build_train_config({"schedule": "burda:3", "k_schedule": "1,2"})
     with pytest.raises(ValueError, match="M"):  # every stage's k must suit the objective
         build_train_config({"schedule": "burda:2", "k_schedule": "3,4", "objective": "miwae", "M": 2})
+
+
+def test_settings_refused_now_build_what_they_built_when_read_back_from_a_record() -> None:
+    refused = [
+        {"epochs": 1, "batch_schedule": "grow"},
+        {"epochs": 1, "lr": 1e-3, "lr_scale": "sqrt", "batch_size": 80},
+        {"schedule": "burda:2", "k_schedule": "5,1"},
+    ]
+    for settings in refused:
+        with pytest.raises(ValueError):
+            build_train_config(settings)
+    grown, scaled, decreasing = (build_train_config(settings, recorded=True) for settings in refused)
+    assert grown.stage_batch_sizes == (20,)  # grow over one stage: its own minibatch, as it trained
+    assert scaled.stages == ((1, 2e-3),)  # the given rate times sqrt(80 / 20), as it trained
+    assert decreasing.stage_k == (5, 1) and decreasing.k == 1

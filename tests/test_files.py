@@ -77,3 +77,11 @@ def test_names_longer_than_the_file_system_allows_are_refused_before_anything_is
         files.check_name_lengths(tmp_path / ("r" * 250), extra=10)
     with pytest.raises(OSError):  # the limit is the file system's: what the check refuses, mkdir would too
         os.mkdir(tmp_path / ("r" * 256))
+
+
+@pytest.mark.parametrize("opener", [files.open_append, files.open_lock], ids=["append", "lock"])
+def test_a_file_with_other_hard_links_is_refused(tmp_path: Path, precious: Path, opener) -> None:
+    os.link(precious, tmp_path / "metrics.jsonl")
+    with pytest.raises(files.LinkRefused, match="has other hard links"):
+        opener(tmp_path / "metrics.jsonl")
+    assert precious.read_text() == "keep me\n"

@@ -252,6 +252,13 @@ def test_a_bound_no_sound_model_gives_is_a_divergence(bound: float, previous: fl
     assert (reason is None) if says is None else (says in reason), reason
 
 
+def test_only_a_non_finite_bound_is_implausible_for_continuous_data() -> None:
+    # A Gaussian decoder's density can exceed 1 and its scale is the data's: no ceiling, floor or jump applies.
+    assert implausible_bound(4.47, None, 16, binary=False) is None
+    assert implausible_bound(-1e9, 10.0, 16, binary=False) is None
+    assert implausible_bound(float("nan"), None, 16, binary=False) == "nan"
+
+
 def test_the_jump_rule_needs_both_its_nats_and_its_fraction() -> None:
     assert implausible_bound(-90.0 - JUMP_NATS - 1, -90.0, 784) is not None  # far more than half of 90
     assert implausible_bound(-1000.0 - JUMP_NATS + 1, -1000.0, 7840) is None  # less than 100 nats
@@ -274,6 +281,27 @@ def test_a_second_writer_is_refused_and_changes_nothing(tmp_path: Path, mnist) -
         fit(config, tmp_path / "run", dataset=mnist, progress=False, device="cpu", resume=True)
     assert run_state(tmp_path / "run") == before
     assert fit(config, tmp_path / "run", dataset=mnist, progress=False, device="cpu", resume=True).complete
+
+
+def test_a_stack_one_of_whose_runs_is_held_writes_none_of_them(tmp_path: Path) -> None:
+    configs = [_config(seed=0), _config(seed=1)]
+    run_dirs = [tmp_path / "seed-0", tmp_path / "seed-1"]
+    states = [run_state(run_dir) for run_dir in run_dirs]
+    run_dirs[1].mkdir()
+    states[1] = run_state(run_dirs[1])
+    with held_by_another_thread(run_dirs[1] / runs.LOCK_FILE), ExitStack() as held, pytest.raises(LockBusy):
+        take_runs(configs, run_dirs, states, held)
+    assert not (run_dirs[0] / runs.CONFIG_FILE).exists() and not (run_dirs[1] / runs.CONFIG_FILE).exists()
+
+
+def test_a_run_folder_swapped_for_a_link_after_its_check_is_refused(tmp_path: Path) -> None:
+    run_dir, elsewhere = tmp_path / "seed-0", tmp_path / "elsewhere"
+    checked = run_state(run_dir)  # a new folder, as the checks saw it
+    elsewhere.mkdir()
+    run_dir.symlink_to(elsewhere, target_is_directory=True)
+    with ExitStack() as held, pytest.raises(runs.RunError, match="changed while this call checked it"):
+        take_runs([_config()], [run_dir], [checked], held)
+    assert not (elsewhere / runs.CONFIG_FILE).exists()
 
 
 def test_a_run_written_between_its_check_and_its_lock_is_refused(tmp_path: Path) -> None:

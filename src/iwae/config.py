@@ -306,12 +306,13 @@ def _whole_numbers(spec: Any, expected: str) -> tuple[int, ...]:
         raise ValueError(f"{expected}, got {spec!r}") from None
 
 
-def parse_k_schedule(spec: Any, n_stages: int) -> tuple[int, ...]:
-    """``"1,2,3,5"`` (one k per stage of the schedule) as a tuple of ints."""
+def parse_k_schedule(spec: Any, n_stages: int, recorded: bool = False) -> tuple[int, ...]:
+    """``"1,2,3,5"`` (one k per stage of the schedule) as a tuple of ints; one that decreases is refused unless
+    ``recorded`` (a run recorded before that was refused)."""
     values = _whole_numbers(spec, "k_schedule takes one whole number per stage, such as '1,2,3,5'")
     if len(values) != n_stages:
         raise ValueError(f"k_schedule needs one k per stage of the schedule ({n_stages}), got {spec!r}")
-    if any(later < earlier for earlier, later in itertools.pairwise(values)):
+    if not recorded and any(later < earlier for earlier, later in itertools.pairwise(values)):
         raise ValueError(
             f"k_schedule grows k over the stages (each stage's k at least the one before), got {spec!r}; "
             "sort it, or train the stages as runs of their own"
@@ -319,7 +320,7 @@ def parse_k_schedule(spec: Any, n_stages: int) -> tuple[int, ...]:
     return values
 
 
-def build_train_config(settings: Mapping[str, Any]) -> TrainConfig:
+def build_train_config(settings: Mapping[str, Any], *, recorded: bool = False) -> TrainConfig:
     """The :class:`TrainConfig` that flat settings describe: ``iwae train``'s arguments, a grid's keys, a report's row.
 
     Args:
@@ -335,6 +336,10 @@ def build_train_config(settings: Mapping[str, Any]) -> TrainConfig:
               (``fixed``, or ``grow``: :func:`grow_batch_schedule`); ``lr_scale`` (``none``, ``linear``, ``sqrt``:
               :func:`scale_learning_rates`); ``k_schedule`` (one k per stage, ending at ``k``, which it sets when
               ``k`` is not given).
+        recorded: the settings of a run already trained (a sweep's database, a report): the combinations refused
+            since (``lr_scale`` with ``lr``, ``batch_schedule = "grow"`` with ``epochs``, a decreasing
+            ``k_schedule``) build what they built then (the scaled ``lr``; one stage at its own minibatch; the
+            schedule as given).
 
     Returns:
         The checked :class:`TrainConfig`.
@@ -358,11 +363,11 @@ def build_train_config(settings: Mapping[str, Any]) -> TrainConfig:
     )
     lr_scale = given.pop("lr_scale", DEFAULTS["lr_scale"])
     batch_schedule = given.pop("batch_schedule", DEFAULTS["batch_schedule"])
-    if lr_scale != "none" and "lr" in given:  # no silent product of two rates
+    if lr_scale != "none" and "lr" in given and not recorded:  # no silent product of two rates
         raise ValueError(
             f"lr_scale = {lr_scale!r} scales the schedule's rates, and lr gives the rate itself: give one of them"
         )
-    if batch_schedule == "grow" and "epochs" in given:  # one stage: nothing to grow across
+    if batch_schedule == "grow" and "epochs" in given and not recorded:  # one stage: nothing to grow across
         raise ValueError(
             "batch_schedule = 'grow' grows the minibatch from one stage of a schedule to the next, and epochs "
             "trains one stage: use it with schedule (burda, burda:S), or drop it"
@@ -375,7 +380,7 @@ def build_train_config(settings: Mapping[str, Any]) -> TrainConfig:
             raise ValueError("give batch_schedule = 'grow' or stage_batch_sizes, not both")
         stages, given["stage_batch_sizes"] = grow_batch_schedule(stages, batch_size)
     if "k_schedule" in given:
-        stage_k = parse_k_schedule(given.pop("k_schedule"), len(stages))
+        stage_k = parse_k_schedule(given.pop("k_schedule"), len(stages), recorded)
         given.setdefault("k", stage_k[-1])
         given["stage_k"] = stage_k
     for name in ("stage_batch_sizes", "stage_k"):

@@ -37,11 +37,16 @@ def refusal(path: str | os.PathLike[str], what: str = "") -> LinkRefused:
 
 def _open(path: Path, flags: int, what: str) -> int:
     try:
-        return os.open(path, flags | _NOFOLLOW | _CLOEXEC, 0o644)
+        handle = os.open(path, flags | _NOFOLLOW | _CLOEXEC, 0o644)
     except OSError as error:
         if error.errno == errno.ELOOP or os.path.islink(path):  # ELOOP: O_NOFOLLOW met a link
             raise refusal(path, what) from None
         raise
+    if os.fstat(handle).st_nlink > 1:  # a hard link: writing here would write the other name's file too
+        os.close(handle)
+        named = f"{what} {path}" if what else str(path)
+        raise LinkRefused(f"{named} has other hard links, which this package never writes through; copy it and rerun")
+    return handle
 
 
 def open_append(path: str | os.PathLike[str], what: str = "") -> int:
@@ -99,12 +104,20 @@ def check_derived(path: str | os.PathLike[str], what: str = "") -> None:
 
 def resolved(path: str | os.PathLike[str], flag: str = "") -> Path:
     """``path`` made absolute with its links resolved, where a loop of links is a one-line :class:`LinkRefused`
-    (``Path.resolve`` raises a ``RuntimeError`` there on Python 3.11 and 3.12)."""
+    (``Path.resolve`` raises a ``RuntimeError`` there on Python 3.11 and 3.12, and returns the path on 3.13, where
+    ``os.stat``'s ``ELOOP`` tells)."""
+    named = f"{flag} {path}" if flag else str(path)
+    loop = LinkRefused(f"{named} is a loop of symbolic links; point it at a real folder")
     try:
-        return Path(path).resolve()
+        found = Path(path).resolve()
     except (RuntimeError, OSError):
-        named = f"{flag} {path}" if flag else str(path)
-        raise LinkRefused(f"{named} is a loop of symbolic links; point it at a real folder") from None
+        raise loop from None
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise loop from None
+    return found
 
 
 def check_name_lengths(path: str | os.PathLike[str], flag: str = "", extra: int = 0) -> None:

@@ -12,7 +12,9 @@ past the holder's text instead.
 
 A lock that a thread already holds is held again by the same thread at no cost (a sweep's worker holds its run's
 lock and then trains it through :func:`iwae.train.fit_runs`, which takes the same lock); another thread, or another
-process, is refused. The lock file is opened without following a symbolic link (:func:`iwae.files.open_lock`).
+process, is refused; a block must end on the thread that entered it (every caller's does: ``with`` blocks and
+exit stacks unwound where they were built). The lock file is opened without following a symbolic link, or a
+hard link (:func:`iwae.files.open_lock`).
 """
 
 from __future__ import annotations

@@ -287,11 +287,17 @@ def check_run_names(run_dir: Path) -> None:
         check_derived(run_dir / name, "the run's")
 
 
-def run_state(run_dir: Path) -> tuple[tuple[int, int, int] | None, ...]:
+def run_state(run_dir: Path) -> tuple[tuple[int, ...] | None, ...]:
     """What a writer changes in a run directory: (inode, size, mtime) of each of its files (None: missing), read
     once before the checks and again under the run's lock, so that a run another process wrote in between is
-    refused instead of overwritten."""
-    state = []
+    refused instead of overwritten; and the folder's own (inode, whether it is a link), so that a folder swapped for
+    a link in between is refused too."""
+    state: list[tuple[int, ...] | None] = []
+    try:
+        folder = os.lstat(run_dir)
+        state.append((folder.st_ino, int(os.path.islink(run_dir))))
+    except OSError:
+        state.append(None)
     for name in (CONFIG_FILE, CHECKPOINT_FILE, MODEL_FILE, METRICS_FILE):
         try:
             stat = os.lstat(run_dir / name)
@@ -322,17 +328,21 @@ def take_runs(
         iwae.locks.LockBusy: another process holds a run.
         RunError: another process wrote to a run after it was checked.
     """
-    for config, run_dir, state in zip(configs, run_dirs, states, strict=True):
+    for run_dir, state in zip(run_dirs, states, strict=True):  # every run held and unchanged before any is written
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise WriteError(run_dir, error, existed=False) from error
         held.enter_context(hold_run(run_dir))
-        if run_state(run_dir) != state:
+        now = run_state(run_dir)
+        if state[0] is None and now[0] is not None and not now[0][1]:  # a new folder, made just now, no link
+            now = (None, *now[1:])
+        if now != state:
             raise RunError(
                 f"{run_dir} changed while this call checked it: another process wrote to it; "
                 "rerun (with --resume to continue what it wrote), or choose another --out"
             )
+    for config, run_dir in zip(configs, run_dirs, strict=True):
         remove_temporaries(run_dir, TEMPORARY_NAMES)
         create_run_dir(config, run_dir)
 
@@ -509,13 +519,16 @@ JUMP_NATS = 100.0
 JUMP_FRACTION = 0.5
 
 
-def implausible_bound(bound: float, previous: float | None, n_pixels: int) -> str | None:
-    """Why an epoch's mean bound (nats per image, of binary images of ``n_pixels``) means the run diverged, or None
-    if it is plausible: non-finite, above :data:`CEILING_NATS`, below :data:`FLOOR_COIN_FLIPS` x -D log 2, or fallen
-    from ``previous`` (the run's bound the epoch before, None: none) by more than both :data:`JUMP_NATS` and
-    :data:`JUMP_FRACTION` of its size."""
+def implausible_bound(bound: float, previous: float | None, n_pixels: int, binary: bool = True) -> str | None:
+    """Why an epoch's mean bound (nats per image of ``n_pixels``) means the run diverged, or None if it is
+    plausible: non-finite; and, for binary images under a Bernoulli decoder (``binary``; a density of continuous
+    data may be above 1, and its scale is the data's), above :data:`CEILING_NATS`, below :data:`FLOOR_COIN_FLIPS` x
+    -D log 2, or fallen from ``previous`` (the run's bound the epoch before, None: none) by more than both
+    :data:`JUMP_NATS` and :data:`JUMP_FRACTION` of its size."""
     if not math.isfinite(bound):
         return f"{bound}"
+    if not binary:
+        return None
     if bound > CEILING_NATS:
         return f"{bound:.6g} nats, above 0, which no model of binary images can give"
     floor = -FLOOR_COIN_FLIPS * n_pixels * math.log(2)
@@ -560,9 +573,9 @@ def _train_epoch(runs: _Runs, step: Step, epoch: int, bar: tqdm) -> tuple[list[f
     step.sync()
     train_bounds = (bound_sums / n_train).tolist()
     finite = step.finite_models()
-    n_pixels = images.shape[1]
+    n_pixels, binary = images.shape[1], config.model.likelihood == "bernoulli"
     reasons = [
-        implausible_bound(bound, previous, n_pixels) if ok else "non-finite parameters"
+        implausible_bound(bound, previous, n_pixels, binary) if ok else "non-finite parameters"
         for bound, ok, (previous, _) in zip(train_bounds, finite, runs.previous, strict=True)
     ]
     diverged = [i for i, reason in enumerate(reasons) if reason is not None]
@@ -580,9 +593,9 @@ def _validate(runs: _Runs, epoch: int, lr: float) -> list[float]:
     for model, config in zip(runs.models, runs.configs, strict=True):
         model.eval()
         valid_bounds.append(validation_bound(model, config, runs.valid_split, runs.data.binarization, epoch))
-    n_pixels = runs.valid_split.images.shape[1]
+    n_pixels, binary = runs.valid_split.images.shape[1], runs.configs[0].model.likelihood == "bernoulli"
     reasons = [
-        implausible_bound(bound, previous, n_pixels)
+        implausible_bound(bound, previous, n_pixels, binary)
         for bound, (_, previous) in zip(valid_bounds, runs.previous, strict=True)
     ]
     diverged = [i for i, reason in enumerate(reasons) if reason is not None]

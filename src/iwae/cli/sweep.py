@@ -275,7 +275,7 @@ def _summaries(directory: str) -> list[dict[str, Any]]:
         raise ValueError(f"{directory} holds no {DB_FILE}; run 'iwae sweep GRID --out {directory}' first")
     rows = []
     for row in ResultStore.in_dir(directory, create=False).rows():
-        config = train_config(row["config"])
+        config = train_config(row["config"], recorded=True)
         evaluation = row["eval"] or {}
         rows.append(
             {

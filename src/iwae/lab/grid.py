@@ -86,13 +86,15 @@ def check_options(options: dict[str, Any]) -> None:
         raise ValueError(f"unknown grid settings {sorted(unknown)}; known: {', '.join(sorted(known_options()))}")
 
 
-def train_config(options: dict[str, Any]) -> TrainConfig:
+def train_config(options: dict[str, Any], *, recorded: bool = False) -> TrainConfig:
     """The :class:`~iwae.config.TrainConfig` that a run's settings describe.
 
     :func:`iwae.config.build_train_config` of its training settings; the evaluation and run settings are left out.
+    ``recorded``: the settings of a run a database recorded (read back as they were trained, see the builder).
     """
     check_options(options)
-    return build_train_config({key: value for key, value in options.items() if key in setting_names()})
+    settings = {key: value for key, value in options.items() if key in setting_names()}
+    return build_train_config(settings, recorded=recorded)
 
 
 def eval_options(options: dict[str, Any]) -> dict[str, Any]:

@@ -72,7 +72,7 @@ def cells(rows: Iterable[dict[str, Any]]) -> list[Cell]:
         evaluation = row.get("eval") or {}
         if row.get("status") != "finished" or evaluation.get("nll") is None:
             continue
-        config = train_config(row["config"])
+        config = train_config(row["config"], recorded=True)
         key = (config.objective.label(), config.k, schedule_label(config), config.total_epochs)
         cell = grouped.setdefault(
             key,

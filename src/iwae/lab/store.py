@@ -146,8 +146,11 @@ class ResultStore:
                 connection.close()
         except sqlite3.DatabaseError as error:
             text = str(error).lower()
-            if isinstance(error, sqlite3.OperationalError) and ("locked" in text or "busy" in text):
-                raise
+            if isinstance(error, sqlite3.OperationalError):
+                if "locked" in text or "busy" in text:
+                    raise
+                if "no such table" not in text:  # a permission, a full disk, a missing folder: the file may be fine
+                    raise ValueError(f"{self.path} cannot be used now ({error}); fix that and rerun") from None
             raise ValueError(
                 f"{self.path} cannot be used as a results database ({error}); move it away and run "
                 "'iwae results DIR --rescan' to rebuild it from the runs' result files"

@@ -198,7 +198,7 @@ def protocol_settings(config: TrainConfig) -> str:
 
 
 def _record(row: dict[str, Any], label: str, sweep_dir: str | Path) -> RunRecord:
-    config = train_config(row["config"])
+    config = train_config(row["config"], recorded=True)
     samples = row["samples_png"]
     evaluation = row["eval"]
     return RunRecord(

@@ -14,6 +14,7 @@ Prints one JSON line.
 
 import argparse
 import json
+import statistics
 import time
 
 import pyro
@@ -84,6 +85,28 @@ def renyi_agreement(vae, x, k, seeds):
     return largest, loss
 
 
+def step_milliseconds(vae, x, k, repeats=25):
+    """Median milliseconds of one ``loss_and_grads`` on ``x`` for IWAE_ELBO's standard and DReG estimators and for
+    RenyiELBO(alpha=0), the three alternated so that a busy machine slows each alike."""
+    losses = {
+        "standard": iwae.pyro.IWAE_ELBO(k, estimator="standard", max_plate_nesting=1),
+        "dreg": iwae.pyro.IWAE_ELBO(k, estimator="dreg", max_plate_nesting=1),
+        "renyi": pyro.infer.RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True, max_plate_nesting=1),
+    }
+    times = {name: [] for name in losses}
+    for repeat in range(repeats + 3):  # the first 3: warm-up
+        for name, loss in losses.items():
+            for param in vae.parameters():
+                param.grad = None
+            start = time.perf_counter()
+            loss.loss_and_grads(vae.model, vae.guide, x)
+            if repeat >= 3:
+                times[name].append(1000 * (time.perf_counter() - start))
+    for param in vae.parameters():
+        param.grad = None
+    return {name: round(statistics.median(values), 1) for name, values in times.items()}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", help="where MNIST is (default: the copy inside the package)")
@@ -96,7 +119,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--test-limit", type=int, default=200, help="test images for L_5000 (default 200)")
     parser.add_argument("--eval-k", type=int, default=5000, help="samples per test image (default 5000)")
     parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads (default 1)")
-    parser.add_argument("--measure", action="store_true", help="gradient variance ratio and RenyiELBO agreement")
+    parser.add_argument("--measure", action="store_true",
+                        help="gradient variance ratio, RenyiELBO agreement and milliseconds per loss_and_grads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(0)
@@ -143,6 +167,7 @@ def main(argv=None) -> dict:
         largest, loss = renyi_agreement(vae, x, args.k, seeds=10)
         result["renyi_max_abs_diff"] = largest
         result["renyi_loss"] = loss
+        result["loss_and_grads_ms"] = step_milliseconds(vae, x, args.k)
     print(json.dumps(result))
     return result
 

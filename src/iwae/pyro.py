@@ -35,8 +35,13 @@ parameters and for the samples, the surrogate whose gradient is the estimator's 
 
 The gradient with respect to the leaves is a partial derivative at fixed parameters, so for a hierarchical guide
 the dependence of ``q(z2 | z1)`` on ``z1`` is part of it, and ``< ., z >`` carries it back through ``z1``'s own
-path: only q's parameters are stopped. Cost per step: the guide runs twice and the model once, and the replayed
-graph is differentiated twice (for the leaves, then for the parameters).
+path: only q's parameters are stopped. The replay needs a guide that is a function of its sample sites alone (no
+dropout in training mode) and transforms that invert any value: where the replayed ``log q`` differs from the
+draw's, or a transform can only invert its own outputs (Planar, Radial flows), a one-line ``ValueError`` says so.
+Cost per step: for STL and DReG the guide and the model run twice and the replayed graph is differentiated twice
+(for the leaves, then for the parameters). Where one target serves every parameter and nothing is stopped (the
+standard estimator of every objective but PIWAE) there is no replay: the gradient of ``sum G log w`` through the
+draw's own graph is the estimator's, and each runs once.
 
 Pyro is an optional dependency (``pip install 'iwae[pyro]'``); nothing else in ``iwae`` imports this module.
 """
@@ -68,6 +73,14 @@ except ImportError as error:  # the optional extra
 
 PARTICLES = "iwae_particles"  # the name of the plate that vectorises the k particles
 _SCALE_RTOL = 1e-12  # sites' scales are products of the same plate ratios: they agree to rounding or not at all
+# A guide replayed at its own samples runs the same operations on the same values: its log q agrees to rounding
+# (float32), or the guide has randomness of its own.
+_REPLAY_RTOL, _REPLAY_ATOL = 1e-5, 1e-4
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().strip("'\"").splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 @dataclass(frozen=True)
@@ -260,12 +273,34 @@ class IWAE_ELBO(ELBO):  # Pyro's naming: Trace_ELBO, RenyiELBO
         """The loss as a scalar tensor whose gradient is the estimator's (for ``torch.optim`` or Pyro's
         ``ELBOModule``). For STL and DReG that gradient is not the derivative of the value: it drops or rewrites
         the score term, which is the point of them."""
-        draw, samples, leaves = self._draw(model, guide, args, kwargs, leaves=True)
-        log_w = draw.log_w
-        batch = log_w.shape[1]
-        decoder, encoder, bound = self.estimator.log_weight_gradients(self.objective, log_w.detach())
+        draw, samples, _, drawn = self._draw(model, guide, args, kwargs, leaves=False)
+        batch = draw.log_w.shape[1]
+        decoder, encoder, bound = self.estimator.log_weight_gradients(self.objective, draw.log_w.detach())
         factor = draw.scale * batch  # the library's loss is -mean over the batch; this one -scale * sum
         decoder, encoder = decoder * factor, encoder * factor
+        loss = -draw.scale * bound.sum()
+        if not self.estimator.stop_q_params and torch.equal(decoder, encoder):
+            # One target for every parameter, nothing stopped: the gradient of sum G log w through this draw's own
+            # graph is the estimator's. No replay, so a guide with randomness of its own (dropout) is fine here.
+            surrogate = (encoder * draw.log_w).sum()
+            return loss + (surrogate - surrogate.detach())
+        try:
+            replayed, samples, leaves, _ = self._draw(model, guide, args, kwargs, leaves=True, guide_trace=drawn)
+        except KeyError as error:  # a transform that inverts only values it made itself (Planar, Radial flows)
+            if "cache" not in str(error):
+                raise
+            raise ValueError(
+                f"the guide cannot evaluate log q at a copy of its own samples ({_first_line(error)}): the "
+                f"{self.estimator.name} estimator needs transforms that invert any value; use the standard "
+                "estimator with this guide"
+            ) from None
+        if not torch.allclose(replayed.log_q, draw.log_q.detach(), rtol=_REPLAY_RTOL, atol=_REPLAY_ATOL):
+            raise ValueError(
+                f"the guide gave another log q when replayed at its own samples, so the {self.estimator.name} "
+                "estimator cannot stop q's parameters: make the guide a function of its sample sites alone "
+                "(an encoder with dropout: call .eval() on it), or use the standard estimator"
+            )
+        draw, log_w = replayed, replayed.log_w
         surrogate = (decoder * draw.log_p).sum()
         if leaves:  # the path: d(sum G_enc log w)/dz' at fixed parameters, pushed back through the samples
             names = list(leaves)
@@ -277,7 +312,6 @@ class IWAE_ELBO(ELBO):  # Pyro's naming: Trace_ELBO, RenyiELBO
                     surrogate = surrogate + (grad * samples[name]).sum()
         if not self.estimator.stop_q_params:
             surrogate = surrogate - (encoder * draw.log_q).sum()
-        loss = -draw.scale * bound.sum()
         return loss + (surrogate - surrogate.detach())
 
     # -- evaluation --------------------------------------------------------------------------------------------
@@ -322,12 +356,21 @@ class IWAE_ELBO(ELBO):  # Pyro's naming: Trace_ELBO, RenyiELBO
         self.max_plate_nesting = -min(dims) if dims else 0
 
     def _draw(
-        self, model: Callable, guide: Callable, args: tuple, kwargs: dict, leaves: bool
-    ) -> tuple[_Draw, dict[str, Tensor], dict[str, Tensor]]:
-        """Draw k particles and evaluate the log-densities; with ``leaves``, evaluate them at leaf copies of the
-        samples (the guide and the model replayed there) and return the samples and the leaves by site."""
+        self,
+        model: Callable,
+        guide: Callable,
+        args: tuple,
+        kwargs: dict,
+        leaves: bool,
+        guide_trace: poutine.Trace | None = None,
+    ) -> tuple[_Draw, dict[str, Tensor], dict[str, Tensor], poutine.Trace]:
+        """Draw k particles (or take those of ``guide_trace``, a trace this method returned) and evaluate the
+        log-densities; with ``leaves``, evaluate them at leaf copies of the samples (the guide and the model replayed
+        there). Returns the draw, the samples and the leaves by site, and the guide's trace of the draw."""
         self._ensure_plate_nesting(model, guide, args, kwargs)
-        guide_trace = poutine.trace(self._vectorised(guide)).get_trace(*args, **kwargs)
+        if guide_trace is None:
+            guide_trace = poutine.trace(self._vectorised(guide)).get_trace(*args, **kwargs)
+        drawn = guide_trace
         latents = _guide_latents(guide_trace)
         samples = {name: site["value"] for name, site in latents.items()}
         leaf_values: dict[str, Tensor] = {}
@@ -362,10 +405,16 @@ class IWAE_ELBO(ELBO):  # Pyro's naming: Trace_ELBO, RenyiELBO
                 )
         log_p = self._per_point(model_sites.values(), frames)
         log_q = self._per_point(guide_sites.values(), frames)
-        return _Draw(log_p, log_q, scale), samples, leaf_values
+        if log_p is None or log_q is None:  # a side without a density (a guide with no latents): log 0 = 0 there
+            shape = (self.num_particles, math.prod(frame.size for frame in frames))
+            other = log_q if log_p is None else log_p
+            zeros = torch.zeros(shape) if other is None else torch.zeros_like(other)
+            log_p, log_q = (zeros if log_p is None else log_p), (zeros if log_q is None else log_q)
+        return _Draw(log_p, log_q, scale), samples, leaf_values, drawn
 
-    def _per_point(self, sites: Iterable[dict[str, Any]], frames: list[CondIndepStackFrame]) -> Tensor:
-        """The sites' log-densities summed over every plate but the particles and the data plates: ``[k, batch]``."""
+    def _per_point(self, sites: Iterable[dict[str, Any]], frames: list[CondIndepStackFrame]) -> Tensor | None:
+        """The sites' log-densities summed over every plate but the particles and the data plates: ``[k, batch]``
+        (None: no site has a density)."""
         n = int(self.max_plate_nesting) + 1  # the model's plates and the particles' on their left
         sizes = [frame.size for frame in frames]
         keep = {-n, *(frame.dim for frame in frames)}
@@ -393,7 +442,7 @@ class IWAE_ELBO(ELBO):  # Pyro's naming: Trace_ELBO, RenyiELBO
             log_prob = log_prob.expand(self.num_particles, *sizes)
             total = log_prob if total is None else total + log_prob
         if total is None:  # no site with a density (a guide with no latents)
-            return torch.zeros(self.num_particles, math.prod(sizes))
+            return None
         return total.reshape(self.num_particles, -1)
 
 

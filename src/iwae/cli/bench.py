@@ -134,10 +134,9 @@ def cmd_stacked(args: argparse.Namespace) -> dict:
     """``iwae bench --stacked N``: :func:`iwae.lab.bench.stacked.measure` at each k and ``--batch-sizes``."""
     import torch
 
-    from iwae.checkpoint import atomic_write_text
     from iwae.data import load_dataset
     from iwae.fast import allocator
-    from iwae.lab.bench import stacked
+    from iwae.lab.bench import stacked, write_outputs
     from iwae.lab.bench.settings import BURDA_BATCH
     from iwae.runs import resolve_device
 
@@ -161,10 +160,7 @@ def cmd_stacked(args: argparse.Namespace) -> dict:
     table = stacked.markdown(rows)
     result = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows}
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "bench-stacked.json", json.dumps(result, indent=2) + "\n")
-        atomic_write_text(out / "bench-stacked.md", table)
+        write_outputs(result, args.out, "bench-stacked", lambda _: table)
     if not args.json:
         print(table, file=sys.stderr)
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +73,17 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    """``OUT/bench.json`` and ``OUT/bench.md``."""
+def write_outputs(
+    result: dict[str, Any],
+    out_dir: str | Path,
+    stem: str = "bench",
+    render: Callable[[dict[str, Any]], str] | None = None,
+) -> tuple[Path, Path]:
+    """``OUT/<stem>.json`` and ``OUT/<stem>.md`` (``render``'s table; default :func:`markdown`'s), each written
+    atomically: every bench mode writes its files here."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / "bench.json", out / "bench.md"
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
     atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
-    atomic_write_text(md_path, markdown(result))
+    atomic_write_text(md_path, (render or markdown)(result))
     return json_path, md_path

@@ -18,7 +18,6 @@ peak per float32 value of every layer output and sample row (the quantity the es
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import sys
 import tempfile
@@ -31,8 +30,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from iwae.checkpoint import atomic_write_text
 from iwae.config import TrainConfig
+from iwae.lab.bench import output
 from iwae.lab.bench.run import load_average, run_worker, write_worker_data
 from iwae.lab.bench.settings import BURDA_BATCH, BURDA_TRAIN_IMAGES
 from iwae.memory import PARAMETER_COPIES, STEP_COPIES, check_memory, layer_sizes, step_memory
@@ -248,10 +247,5 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def write_outputs(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
-    """``OUT/bench-memory.json`` and ``OUT/bench-memory.md``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / "bench-memory.json", out / "bench-memory.md"
-    atomic_write_text(json_path, json.dumps(result, indent=2) + "\n")
-    atomic_write_text(md_path, markdown(result))
-    return json_path, md_path
+    """``OUT/bench-memory.json`` and ``OUT/bench-memory.md`` (:func:`iwae.lab.bench.output.write_outputs`)."""
+    return output.write_outputs(result, out_dir, "bench-memory", markdown)

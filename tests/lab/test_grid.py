@@ -130,6 +130,14 @@ def test_presets_expand_to_the_documented_grids() -> None:
         ("miwae", "standard", 8, None),
         ("piwae", "standard", 8, None),
     ]
+    binarised = {s.name: train_config(s.options) for s in expand_grid(load_grid("binarization"))}
+    assert {name: (c.objective.name, c.k, c.binarization) for name, c in binarised.items()} == {
+        "vae-k1-threshold": ("vae", 1, "threshold"),
+        "vae-k1-dynamic": ("vae", 1, "dynamic"),
+        "iwae-k50-threshold": ("iwae", 50, "threshold"),
+        "iwae-k50-dynamic": ("iwae", 50, "dynamic"),
+    }
+    assert {c.total_epochs for c in binarised.values()} == {40}
 
 
 def test_grid_files_and_missing_sources(tmp_path: Path) -> None:

@@ -69,6 +69,7 @@ NAME_FORMATS = {
     "layers": "L{}",
     "seed": "s{}",
     "init_from": "from-{}",
+    "binarization": "{}",
 }
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=+-]*")
 

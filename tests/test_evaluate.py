@@ -192,6 +192,68 @@ def test_evaluate_run_uses_the_runs_binarisation_and_training_split(tmp_path: Pa
     )
 
 
+def test_evaluate_run_on_images_binarised_otherwise(tmp_path: Path, monkeypatch) -> None:
+    """``binarization``: the same images binarised otherwise than the run trained, named in the file and recorded;
+    the run's own binarisation is the plain evaluation; a name that is none is refused before anything is read."""
+    run = tmp_path / "run"
+    run.mkdir()
+    model = _linear_encoder_model()
+    config = TrainConfig(model=model.config, binarization="threshold")
+    (run / CONFIG_FILE).write_text(config.to_json())
+    save_model(run / MODEL_FILE, model, config.to_json())
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(args[2])
+        return evaluate_model(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_model", spy)
+    crossed = evaluate_run(run, k=3, limit=4, device="cpu", progress=False, binarization="dynamic")
+    saved = json.loads((run / "eval-test-k3-seed0-limit4-dynamic.json").read_text())
+    assert saved["binarization"] == "dynamic" and saved["nll"] == crossed.nll
+    evaluate_run(run, k=3, limit=4, device="cpu", progress=False, binarization="threshold")  # its own
+    assert "binarization" not in json.loads((run / "eval-test-k3-seed0-limit4.json").read_text())
+    assert seen == ["dynamic", "threshold"]
+    with pytest.raises(ValueError, match="binarization must be one of dynamic, threshold"):
+        evaluate_run(run, k=3, device="cpu", progress=False, binarization="fixed")
+    assert sorted(p.name for p in run.glob("eval*.json")) == [
+        "eval-test-k3-seed0-limit4-dynamic.json",
+        "eval-test-k3-seed0-limit4.json",
+        "eval.json",
+    ]
+
+
+def test_a_dynamic_evaluation_sees_one_draw_of_the_images_whatever_the_model_and_k(mnist, monkeypatch) -> None:
+    """The images are drawn first from the seeded generator: the same binary images for the active units and L_k,
+    for every k and for models that draw different amounts of noise; another seed draws other images."""
+    split = mnist.test.subset(6)
+    seen: list[tuple[str, torch.Tensor]] = []
+    real_activity, real_estimate = evaluate.activity, evaluate.estimate_log_likelihood
+
+    def spy_activity(model, images, binarization, generator, **kwargs):
+        seen.append((binarization, images.images.clone()))
+        return real_activity(model, images, binarization, generator, **kwargs)
+
+    def spy_estimate(model, images, binarization, k, generator, **kwargs):
+        seen.append((binarization, images.images.clone()))
+        return real_estimate(model, images, binarization, k, generator, **kwargs)
+
+    monkeypatch.setattr(evaluate, "activity", spy_activity)
+    monkeypatch.setattr(evaluate, "estimate_log_likelihood", spy_estimate)
+    torch.manual_seed(0)
+    small = LatentVariableModel(ModelConfig(latent_dims=(3,), hidden_dims=((8, 8),)))
+    large = LatentVariableModel(ModelConfig(latent_dims=(7, 2), hidden_dims=((16, 16), (4, 4))))
+    for model, k in ((small, 1), (small, 9), (large, 4)):
+        evaluate_model(model, split, "dynamic", k=k, seed=3, prune_inactive=False)
+    assert {binarization for binarization, _ in seen} == {"fixed"}  # binarised once, before
+    first = seen[0][1]
+    assert set(first.unique().tolist()) == {0.0, 1.0}
+    assert all(torch.equal(images, first) for _, images in seen)
+    assert torch.equal(first, binarize(split.images, "dynamic", torch.Generator().manual_seed(3)))
+    evaluate_model(small, split, "dynamic", k=1, seed=4, prune_inactive=False)
+    assert not torch.equal(seen[-1][1], first)
+
+
 def test_authors_unit_variances_follow_their_code(mnist) -> None:
     """yburda/iwae get_units_variances: x binarised once, one sample of h1 feeds layer 2, np.var (ddof = 0)."""
     torch.manual_seed(0)

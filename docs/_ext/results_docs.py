@@ -30,6 +30,7 @@ import copy
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import statistics
@@ -150,7 +151,7 @@ def render(template: str, names: Mapping[str, Any]) -> str:
         return ENV.from_string(template).render(names).strip("\n")
     except TemplateSyntaxError as error:
         raise ResultsError(error.message or str(error), error.lineno) from None
-    except (TemplateError, ArithmeticError, LookupError, TypeError, ValueError) as error:
+    except (TemplateError, ArithmeticError, LookupError, TypeError, ValueError, AttributeError) as error:
         lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__) if frame.filename == "<template>"]
         raise ResultsError(str(error), lines[0] if lines else None) from None
 
@@ -187,6 +188,10 @@ class Run:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     checkpoint_epoch: int | None = None
     evaluation: dict[str, Any] | None = None
+    # The run's evaluations of the same images (split, seed, count, units, binarisation) at each K, by K; and of the
+    # same images binarised otherwise (iwae eval --binarization), at the main evaluation's K.
+    by_k: dict[int, dict[str, Any]] = field(default_factory=dict)
+    crossed: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def epochs_total(self) -> int | None:
@@ -234,6 +239,30 @@ def _config(folder: Path) -> Any:
         raise ResultsError(str(error)) from None
 
 
+def _images(evaluation: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What an evaluation's images are besides their binarisation (None in ``binarization``: the run's own)."""
+    return tuple(evaluation.get(key) for key in ("split", "seed", "n_examples", "limit", "pruned_by"))
+
+
+def _other_evaluations(
+    folder: Path, evaluation: dict[str, Any]
+) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
+    """The run's evaluations (``eval-<settings>.json``) of the images ``evaluation`` took: by K, ``evaluation`` among
+    them (``iwae eval --k K``); and binarised otherwise at its K (``iwae eval --binarization``)."""
+    by_k, crossed = {int(evaluation["k"]): evaluation}, []
+    for path in sorted(folder.glob("eval-*.json")):
+        other = read_json(path)
+        if not isinstance(other, dict) or "k" not in other or "nll" not in other:
+            raise ResultsError(f"{path}: not an evaluation (no k or nll)")
+        if _images(other) != _images(evaluation):
+            continue
+        if other.get("binarization") == evaluation.get("binarization"):
+            by_k.setdefault(int(other["k"]), other)
+        elif other["k"] == evaluation["k"]:
+            crossed.append(other)
+    return dict(sorted(by_k.items())), crossed
+
+
 def run_state(root: Path, experiment: str, name: str, eval_file: str) -> Run:
     """The state of run ``name`` of ``experiment`` from its files (:class:`Run`)."""
     from iwae.checkpoint import CheckpointError, load_checkpoint
@@ -247,7 +276,9 @@ def run_state(root: Path, experiment: str, name: str, eval_file: str) -> Run:
         folder, config = done.relative_to(root).as_posix(), _config(done)
         metrics = _metrics(done)
         if (done / eval_file).is_file():
-            return Run(name, "finished", folder, config, metrics, evaluation=read_json(done / eval_file))
+            evaluation = read_json(done / eval_file)
+            by_k, crossed = _other_evaluations(done, evaluation)
+            return Run(name, "finished", folder, config, metrics, evaluation=evaluation, by_k=by_k, crossed=crossed)
         return Run(name, "unevaluated", folder, config, metrics)
     if not (going / CONFIG_FILE).is_file():
         return Run(name, "planned", None)
@@ -272,7 +303,10 @@ RUN_FIELDS = {
     "dataset": "the training data",
     "layers": "stochastic layers",
     "objective": "the training objective",
+    "objective_label": "the objective with its parameters: miwae(M=8), ciwae(beta=0.05)",
+    "estimator": "the gradient estimator: standard, stl or dreg",
     "k": "samples per example in training",
+    "binarization": "dynamic (a fresh draw at each use) or threshold (pixel >= 0.5); None: the dataset's own",
     "seed": "the seed",
     "protocol": "default (this package's) or authors (their code's), or mixed",
     "epochs": "passes in the run's schedule",
@@ -294,6 +328,12 @@ RUN_FIELDS = {
     "eval_n": "images evaluated",
     "eval_split": "the split evaluated",
     "eval_seconds": "seconds the evaluation took",
+    "recon_log_lik": "the reconstruction term E_q[log p(x|h)], one sample per image (nats)",
+    "kl": "the KL term E_q[log q(h|x) - log p(h)], one sample per image (nats)",
+    "elbo": "their difference, the one-sample ELBO (nats)",
+    "bounds": "-L_K of the same images at each K the run was evaluated at: [{k, nll, nll_std_err}] (nats)",
+    "crossed": "the test NLL of the same images binarised otherwise than the run trained on, at the same K: "
+    "[{binarization, nll, nll_std_err}] (nats)",
     "wall_seconds": "training plus evaluation seconds",
 }
 
@@ -310,7 +350,10 @@ def run_row(run: Run) -> dict[str, Any]:
             dataset=config.dataset,
             layers=config.model.n_stochastic,
             objective=config.objective.name,
+            objective_label=config.objective.label(),
+            estimator=config.estimator,
             k=config.k,
+            binarization=config.binarization,
             seed=config.seed,
             protocol=protocol_of(config),
             epochs=config.total_epochs,
@@ -340,6 +383,14 @@ def run_row(run: Run) -> dict[str, Any]:
             eval_n=evaluation["n_examples"],
             eval_split=evaluation.get("split"),
             eval_seconds=evaluation.get("seconds"),
+            recon_log_lik=evaluation.get("recon_log_lik"),
+            kl=evaluation.get("kl"),
+            elbo=evaluation.get("elbo"),
+            bounds=[{"k": k, "nll": e["nll"], "nll_std_err": e.get("nll_std_err")} for k, e in run.by_k.items()],
+            crossed=[
+                {"binarization": e["binarization"], "nll": e["nll"], "nll_std_err": e.get("nll_std_err")}
+                for e in run.crossed
+            ],
         )
         if row["train_seconds"] is not None and row["eval_seconds"] is not None:
             row["wall_seconds"] = row["train_seconds"] + row["eval_seconds"]
@@ -469,9 +520,21 @@ def published_table2(from_objective: str, from_k: int, to_objective: str, to_k: 
     return {**entry, "source": SOURCES["table2"]}
 
 
+def published_rainforth(objective_label: str, estimator: str, k: int) -> dict[str, Any] | None:
+    """Rainforth et al.'s test NLL of an objective (``miwae(M=8)``) and estimator at ``k``, with its source; None if
+    they give none."""
+    from iwae.lab.reports.published import PUBLISHED_RAINFORTH, SOURCES
+
+    found = PUBLISHED_RAINFORTH.get((objective_label, estimator, k))
+    return None if found is None else {"nll": found, "units": None, "source": SOURCES["rainforth"]}
+
+
 def published_of(row: Mapping[str, Any]) -> dict[str, Any] | None:
     """A row's published counterpart: Table 2's for a swap (``from_objective``, ``from_k``, ``to_objective``,
-    ``to_k``), else Table 1's for a cell (``dataset``, ``layers``, ``k``, ``objective``); None if it has none."""
+    ``to_k``), else Table 1's for a cell (``dataset``, ``layers``, ``k``, ``objective``); None if it has none, as
+    has a model trained on thresholded images (the paper's are binarised dynamically, or fixed in Appendix D)."""
+    if row.get("binarization") == "threshold":
+        return None
     swap = ("from_objective", "from_k", "to_objective", "to_k")
     if all(row.get(key) is not None for key in swap):
         return published_table2(*(row[key] for key in swap))
@@ -492,9 +555,9 @@ def result(row: Mapping[str, Any] | None) -> str | None:
     return text + (f" / {units_text(row['units'])}" if row.get("units") is not None else "")
 
 
-def model_label(objective: str, k: int) -> str:
-    """``VAE, k = 1``."""
-    return f"{objective.upper()}, k = {k}"
+def model_label(objective: str | None, k: int | None) -> str | None:
+    """``VAE, k = 1``; None for a run not started (no settings yet)."""
+    return None if objective is None or k is None else f"{objective.upper()}, k = {k}"
 
 
 def within(difference: float, limit: float) -> str:
@@ -522,6 +585,7 @@ ENV.globals.update(
     sum=sum,
     paper1=published_table1,
     paper2=published_table2,
+    rainforth=published_rainforth,
     result=result,
     model=model_label,
     within=within,
@@ -684,23 +748,61 @@ class FigureSpec:
     ylabel: str
     xscale: str = "linear"
     xticks: list[float] = field(default_factory=list)
-    lines: list[dict[str, Any]] = field(default_factory=list)  # {"x", "y", "label"}
+    lines: list[dict[str, Any]] = field(default_factory=list)  # {"x", "y", "label"[, "marker"]}
     vlines: list[dict[str, Any]] = field(default_factory=list)  # {"x", "label"}
     points: list[dict[str, Any]] = field(default_factory=list)  # {"x", "y", "label", "marker"}
+    histograms: list[dict[str, Any]] = field(default_factory=list)  # {"values", "label"}: on shared bins
+    bins: int = 20
+    # PNGs shown side by side instead of axes: {"path" (from the repository's root), "sha256" (of its bytes)}
+    images: list[dict[str, Any]] = field(default_factory=list)
 
     def digest(self) -> str:
         data = json.dumps(self.__dict__, sort_keys=True, allow_nan=False)
         return "sha256:" + hashlib.sha256(data.encode()).hexdigest()
 
 
-def draw(spec: FigureSpec) -> bytes:
-    """The PNG of a figure, its data's digest in the text chunk :data:`DIGEST_KEY` (no pyplot: Agg, one figure)."""
+def _draw_images(spec: FigureSpec, root: Path) -> Any:
+    """The images of ``spec`` side by side, each as drawn (no axes)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    pictures = []
+    for image in spec.images:
+        with Image.open(root / image["path"]) as opened:
+            pictures.append(np.asarray(opened.convert("RGB")))
+    height = max(picture.shape[0] for picture in pictures)
+    width = sum(picture.shape[1] for picture in pictures)
+    figure = Figure(figsize=(width / 100, height / 100))
+    axes = figure.subplots(1, len(pictures), width_ratios=[picture.shape[1] for picture in pictures], squeeze=False)
+    for axis, picture in zip(axes[0], pictures, strict=True):
+        axis.imshow(picture, interpolation="nearest")
+        axis.set_axis_off()
+    figure.subplots_adjust(left=0, right=1, top=1, bottom=0, wspace=0.02)
+    return figure
+
+
+def draw(spec: FigureSpec, root: Path = ROOT) -> bytes:
+    """The PNG of a figure, its data's digest in the text chunk :data:`DIGEST_KEY` (no pyplot: Agg, one figure);
+    ``root`` is where the paths of its images start."""
+    if spec.images:
+        figure = _draw_images(spec, root)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100, metadata={DIGEST_KEY: spec.digest()})
+        return buffer.getvalue()
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7.5, 4.4))
     axis = figure.subplots()
     for line in spec.lines:
-        axis.plot(line["x"], line["y"], "-", linewidth=1.4, label=line["label"])
+        axis.plot(line["x"], line["y"], "-" + line.get("marker", ""), linewidth=1.4, label=line["label"])
+    if spec.histograms:
+        import numpy as np
+
+        values = [value for histogram in spec.histograms for value in histogram["values"]]
+        edges = np.linspace(min(values), max(values), spec.bins + 1)
+        for histogram in spec.histograms:
+            axis.hist(histogram["values"], bins=edges, histtype="step", linewidth=1.6, label=histogram["label"])
     for vline in spec.vlines:
         axis.axvline(vline["x"], color="grey", linestyle=":", label=vline["label"])
     for point in spec.points:
@@ -797,7 +899,85 @@ def curve_figure(args: dict[str, str], results: Results, experiment: Experiment)
     return spec
 
 
-FIGURE_KINDS: dict[str, Callable[[dict[str, str], Results, Experiment], FigureSpec | None]] = {"curve": curve_figure}
+def _named_runs(args: dict[str, str], experiment: Experiment, kind: str) -> list[Run]:
+    """The runs a figure names, ``runs=A,B``, in that order."""
+    if not args.get("runs"):
+        raise ResultsError(f"a {kind} figure names its runs: runs=NAME,NAME")
+    return [experiment.run(name) for name in args["runs"].split(",")]
+
+
+def _label(run: Run) -> str:
+    return f"{run.name} ({run.config.objective.label()} k = {run.config.k})"
+
+
+def bounds_figure(args: dict[str, str], results: Results, experiment: Experiment) -> FigureSpec | None:
+    """-L_K of the same test images against K, one line per run (``runs=A,B``): from the ELBO (K = 1) towards the
+    NLL. None while no named run has been evaluated at two K."""
+    runs = [run for run in _named_runs(args, experiment, "bounds") if len(run.by_k) >= 2]
+    if not runs:
+        return None
+    ks = sorted({k for run in runs for k in run.by_k})
+    return FigureSpec(
+        name=f"{experiment.name}-bounds-{'-'.join(run.name for run in runs)}",
+        alt=f"{experiment.name}: -L_K against K",
+        xlabel="K, samples per image (log scale)",
+        ylabel="-L_K on the test images, nats (lower is tighter)",
+        xscale="log",
+        xticks=ks,
+        lines=[
+            {"x": list(run.by_k), "y": [e["nll"] for e in run.by_k.values()], "label": _label(run), "marker": "o"}
+            for run in runs
+        ],
+    )
+
+
+def units_figure(args: dict[str, str], results: Results, experiment: Experiment) -> FigureSpec | None:
+    """Histograms of ln A_u over the latent units (every stochastic layer) of the runs named (``runs=A,B``), with
+    the threshold of activity, A_u = 0.01. None while no named run has been evaluated."""
+    runs = [run for run in _named_runs(args, experiment, "units") if run.evaluation is not None]
+    if not runs:
+        return None
+    return FigureSpec(
+        name=f"{experiment.name}-units-{'-'.join(run.name for run in runs)}",
+        alt=f"{experiment.name}: histograms of ln A_u",
+        xlabel="ln A_u, A_u = the variance over the test images of E_q[u | x]",
+        ylabel="latent units",
+        histograms=[
+            {"values": [value for layer in run.evaluation["log_activity"] for value in layer], "label": _label(run)}
+            for run in runs
+        ],
+        vlines=[{"x": math.log(0.01), "label": "A_u = 0.01: active to the right"}],
+    )
+
+
+def samples_figure(args: dict[str, str], results: Results, experiment: Experiment) -> FigureSpec | None:
+    """The sample grids (``samples.png``, which a sweep's runs draw) of the runs named (``runs=A,B``), side by side.
+    None while no named run has one."""
+    from iwae.lab.run import SAMPLES_FILE
+
+    images = []
+    for run in _named_runs(args, experiment, "samples"):
+        path = results.root / RESULTS_DIR / experiment.name / "runs" / run.name / SAMPLES_FILE
+        if path.is_file():
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            images.append({"path": path.relative_to(results.root).as_posix(), "sha256": digest, "run": run.name})
+    if not images:
+        return None
+    return FigureSpec(
+        name=f"{experiment.name}-samples-{'-'.join(image['run'] for image in images)}",
+        alt=f"{experiment.name}: samples of {', '.join(image['run'] for image in images)}",
+        xlabel="",
+        ylabel="",
+        images=images,
+    )
+
+
+FIGURE_KINDS: dict[str, Callable[[dict[str, str], Results, Experiment], FigureSpec | None]] = {
+    "curve": curve_figure,
+    "bounds": bounds_figure,
+    "units": units_figure,
+    "samples": samples_figure,
+}
 
 
 def figure(
@@ -911,7 +1091,7 @@ def refresh(root: Path = ROOT, pages: tuple[str, ...] = PAGES, write: bool = Tru
                 stale.append(Stale(png.relative_to(root).as_posix(), "a figure drawn from other data"))
                 if write:
                     png.parent.mkdir(parents=True, exist_ok=True)
-                    atomic_write_bytes(png, draw(spec))
+                    atomic_write_bytes(png, draw(spec, root))
     return stale
 
 

@@ -23,7 +23,7 @@ variances drop out of the weight matrices (:meth:`iwae.models.LatentVariableMode
 ``chop_units_with_variance_under_threshold``). ``pruned_by`` in the result says which.
 
 :func:`evaluate_run` keeps earlier results: each goes to a file named by its settings,
-``eval-<split>-k<K>-seed<S>[-limit<N>][-authors].json`` (the same settings replace their file), and to
+``eval-<split>-k<K>-seed<S>[-limit<N>][-authors][-<binarization>].json`` (the same settings replace their file), and to
 ``eval.json``, the latest. A model with non-finite parameters or a non-finite NLL raises
 :class:`~iwae.runs.RunError` and writes nothing.
 """
@@ -47,7 +47,7 @@ from iwae.bounds import LogMeanExpAccumulator
 from iwae.checkpoint import atomic_write_text
 from iwae.data import Dataset, Split, binarize, for_run, load_dataset
 from iwae.models import LatentVariableModel
-from iwae.names import UNIT_DEFINITIONS
+from iwae.names import BINARIZATIONS, UNIT_DEFINITIONS
 from iwae.protocol import Model
 from iwae.runs import EVAL_FILE, RunError, load_model, resolve_device
 
@@ -283,7 +283,10 @@ def evaluate_model(
     Args:
         model: the model to evaluate.
         split: the examples, ``[n, x_dim]``, at least 2.
-        binarization: how the examples are binarised (:func:`iwae.data.binarize`).
+        binarization: how the examples are binarised (:func:`iwae.data.binarize`). ``"dynamic"``: each example is
+            one Bernoulli draw, made before anything else with the seeded generator, so every model and every
+            ``k`` evaluated with one seed sees the same binary images, and the active units, the terms and L_k see
+            them too.
         k: samples per example of L_k.
         seed: seeds the binarisation and the samples.
         split_name: the split's name, for the result.
@@ -318,6 +321,8 @@ def evaluate_model(
     split = split.to(device)
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
+    if binarization == "dynamic":  # the images first: the same draw whatever the model and k draw after it
+        split, binarization = Split(binarize(split.images, binarization, generator), split.labels), "fixed"
     variances, mean_kls = activity(model, split, binarization, generator)
     authors_variances: list[Tensor] = []
     if authors_split is not None:
@@ -393,12 +398,15 @@ def evaluate_run(
     accelerate: Callable[[nn.Module], nn.Module] | None = None,
     dataset: Dataset | None = None,
     extra: Mapping[str, Any] | None = None,
+    binarization: str | None = None,
 ) -> EvalResult:
     """Evaluate a run directory's model and write the result to ``eval.json`` and :func:`eval_file_name` in it.
 
     The data are the run's: its binarisation and its training split (:func:`iwae.data.for_run`), so the authors'
-    active units come from the first 500 images the run trained on. The authors' protocol is
-    ``units="authors", batch_size=20``. The other arguments are :func:`evaluate_model`'s.
+    active units come from the first 500 images the run trained on; ``binarization`` evaluates on grey-level images
+    binarised otherwise than the run was trained (``dynamic``: one draw with ``seed``; ``threshold``), and the
+    files written then name it (``eval-test-k5000-seed0-threshold.json``) and record it (``binarization``). The
+    authors' protocol is ``units="authors", batch_size=20``. The other arguments are :func:`evaluate_model`'s.
 
     Args:
         run_dir: the run directory; must be writable.
@@ -407,6 +415,8 @@ def evaluate_run(
         dataset: the run's dataset already loaded (None loads it, from ``data_dir``).
         extra: more fields for the files written, after the result's (the lab records its evaluation settings
             there, ``eval_settings``).
+        binarization: None (the run's own), ``dynamic`` or ``threshold``; another than the run's own needs the
+            grey-level dataset (``dataset`` as loaded, or None).
 
     Raises:
         RunError: the model cannot be loaded or is non-finite (nothing is written), or ``run_dir`` is not
@@ -414,6 +424,8 @@ def evaluate_run(
     """
     if units not in UNIT_DEFINITIONS:  # refused before the model and the data are loaded
         raise ValueError(f"units must be one of {', '.join(UNIT_DEFINITIONS)}, got {units!r}")
+    if binarization not in (None, *BINARIZATIONS):
+        raise ValueError(f"binarization must be one of {', '.join(BINARIZATIONS)}, got {binarization!r}")
     run_dir = Path(run_dir)
     torch_device = resolve_device(device)
     model, config = load_model(run_dir, torch_device)
@@ -421,7 +433,9 @@ def evaluate_run(
         raise RunError(f"{run_dir} is not writable, and eval writes its results there; make it writable")
     if dataset is None:
         dataset = load_dataset(config.dataset, data_dir, progress=progress)
-    data = for_run(dataset, config.binarization, config.train_split)
+    own = for_run(dataset, config.binarization).binarization
+    other = binarization if binarization not in (None, own) else None
+    data = for_run(dataset, other or config.binarization, config.train_split)
     result = evaluate_model(
         model,
         data.split(split).subset(limit),
@@ -443,15 +457,20 @@ def evaluate_run(
     payload = result.to_dict()
     payload["limit"] = limit
     payload["dataset"] = config.dataset
+    if other is not None:
+        payload["binarization"] = other
     payload.update(extra or {})
     text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
-    atomic_write_text(run_dir / eval_file_name(split, k, seed, limit, units), text)
+    atomic_write_text(run_dir / eval_file_name(split, k, seed, limit, units, other), text)
     atomic_write_text(run_dir / EVAL_FILE, text)
     return result
 
 
-def eval_file_name(split: str, k: int, seed: int, limit: int | None, units: str = "ours") -> str:
-    """The file of one evaluation's settings, ``eval-<split>-k<K>-seed<S>[-limit<N>][-authors].json`` (``-authors``:
-    the pruned NLL by the authors' units)."""
+def eval_file_name(
+    split: str, k: int, seed: int, limit: int | None, units: str = "ours", binarization: str | None = None
+) -> str:
+    """The file of one evaluation's settings, ``eval-<split>-k<K>-seed<S>[-limit<N>][-authors][-<binarization>].json``
+    (``-authors``: the pruned NLL by the authors' units; ``binarization``: images binarised otherwise than the run
+    trained on, None for its own)."""
     name = f"eval-{split}-k{k}-seed{seed}" + (f"-limit{limit}" if limit is not None else "")
-    return name + ("-authors" if units == "authors" else "") + ".json"
+    return name + ("-authors" if units == "authors" else "") + (f"-{binarization}" if binarization else "") + ".json"

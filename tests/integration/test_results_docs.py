@@ -334,6 +334,81 @@ def test_broken_data_and_templates_exit_2_naming_the_place(made_up: Path, capsys
     assert "left over from a run now in" in capsys.readouterr().err
 
 
+# -- figures of several runs: -L_K against K, ln A_u, samples --------------------------------------------------------
+RUNS_PAGE = """# Runs
+
+<!-- results:full table
+| run | binarisation | -L_K by K | reconstruction |
+|---|---|---|---|
+{% for row in rows if row.state == 'finished' %}
+{% set bounds = [] %}{% for b in row.bounds %}{% do bounds.append(b.k ~ ': ' ~ (b.nll | fmt('.1f'))) %}{% endfor %}
+| {{ row.run }} | {{ row.binarization }} | {{ bounds | join(' ') }} | {{ row.recon_log_lik | fmt('.1f') }} |
+{% endfor %}
+-->
+<!-- /results:full -->
+
+<!-- results:full figure bounds runs=done,later
+The bound closes in as K grows.
+-->
+<!-- /results:full -->
+
+<!-- results:full figure units runs=done
+Units of {{ done.run }}.
+-->
+<!-- /results:full -->
+
+<!-- results:full figure samples runs=later,done -->
+<!-- /results:full -->
+"""
+
+
+def test_figures_of_runs_draw_the_bounds_by_k_the_units_and_the_samples(made_up: Path) -> None:
+    from PIL import Image
+
+    done = made_up / "results" / "full" / "runs" / "done"
+    main = {**EVALUATION, "log_activity": [[-9.0, -8.5, -0.5]], "recon_log_lik": -70.0, "kl": 25.0, "elbo": -95.0}
+    (done / "eval.json").write_text(json.dumps(main))
+    (done / "eval-test-k5000-seed0.json").write_text(json.dumps(main))  # the same evaluation: counted once
+    (done / "eval-test-k1-seed0.json").write_text(json.dumps({**EVALUATION, "k": 1, "nll": 95.0}))
+    (done / "eval-test-k50-seed0.json").write_text(json.dumps({**EVALUATION, "k": 50, "nll": 91.0}))
+    other_images = {**EVALUATION, "k": 5, "nll": 80.0, "n_examples": 100, "limit": 100}
+    (done / "eval-test-k5-seed0-limit100.json").write_text(json.dumps(other_images))  # other images: left out
+    thresholded = {**EVALUATION, "nll": 99.0, "binarization": "threshold"}  # the same images, thresholded
+    (done / "eval-test-k5000-seed0-threshold.json").write_text(json.dumps(thresholded))
+    page = made_up / "docs" / "results.md"
+    page.write_text(RUNS_PAGE)
+    assert results_docs.main([], root=made_up) == 0
+    text = page.read_text()
+    assert "| done | — | 1: 95.0 50: 91.0 5000: 90.0 | -70.0 |" in text  # binarisation: the dataset's own
+    row = json.loads((made_up / "results" / "full" / "summary.json").read_text())["rows"][0]
+    assert row["crossed"] == [{"binarization": "threshold", "nll": 99.0, "nll_std_err": 0.5}]
+    assert "results/full-bounds-done.png" in text  # 'later' has no evaluation yet: not drawn
+    assert "results/full-units-done.png" in text
+    assert "*No data to draw yet.*" in text  # no samples.png yet
+    bounds = made_up / "docs" / "results" / "full-bounds-done.png"
+    digest = results_docs.png_digest(bounds)
+    assert digest is not None
+
+    Image.new("RGB", (40, 30), "white").save(done / "samples.png")
+    assert results_docs.main(["--check"], root=made_up) == 1  # a new picture makes its block stale
+    assert results_docs.main([], root=made_up) == 0
+    samples = made_up / "docs" / "results" / "full-samples-done.png"
+    assert "![full: samples of done](results/full-samples-done.png)" in page.read_text()
+    assert results_docs.png_digest(samples) is not None
+    Image.new("RGB", (40, 30), "black").save(done / "samples.png")  # the picture changes: the figure is stale
+    assert results_docs.main(["--check"], root=made_up) == 1
+    (done / "eval-test-k1-seed0.json").write_text(json.dumps({**EVALUATION, "k": 1, "nll": 96.0}))
+    assert results_docs.main([], root=made_up) == 0
+    assert results_docs.png_digest(bounds) != digest  # the bound at K = 1 moved: redrawn
+    assert results_docs.main(["--check"], root=made_up) == 0
+
+    page.write_text(RUNS_PAGE.replace("bounds runs=done,later", "bounds"))
+    assert results_docs.main(["--check"], root=made_up) == 2
+    (done / "eval-test-k1-seed0.json").write_text("[]")
+    page.write_text(RUNS_PAGE)
+    assert results_docs.main(["--check"], root=made_up) == 2
+
+
 # -- the claim of the full run's caption ------------------------------------------------------------------------------
 def test_a_shorter_burda_schedule_trains_the_longer_ones_first_passes(tmp_path: Path, mnist) -> None:
     """``--schedule burda:2`` and the first 4 passes of ``--schedule burda:3``, same seed: the same computation."""

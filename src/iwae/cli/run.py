@@ -19,7 +19,7 @@ from iwae.cli.common import (
     seed_list,
     writable_location,
 )
-from iwae.names import AUTHORS_EVAL_BATCH, EVAL_SPLITS, PROTOCOLS, STACK_CHOICES, UNIT_DEFINITIONS
+from iwae.names import AUTHORS_EVAL_BATCH, BINARIZATIONS, EVAL_SPLITS, PROTOCOLS, STACK_CHOICES, UNIT_DEFINITIONS
 from iwae.settings import COMMAND_LINE
 
 # Deferred on purpose: everything the handlers call (iwae.train, iwae.evaluate, iwae.sampling, iwae.fast) imports
@@ -106,6 +106,12 @@ def register(subparsers) -> None:
         "--protocol",
         choices=PROTOCOLS,
         help="authors: their evaluation (--units authors, L_k in minibatches of 20)",
+    )
+    p.add_argument(
+        "--binarization",
+        choices=BINARIZATIONS,
+        help="evaluate on grey-level images binarised otherwise than the run trained on: dynamic (one draw with "
+        "--seed) or threshold (pixel >= 0.5); default: the run's own",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model for L_k (for GPUs; slower on a CPU)")
     add_run_options(p)
@@ -208,6 +214,7 @@ def cmd_eval(args: argparse.Namespace) -> dict:
         progress=not args.no_progress,
         compile_model=args.compile,
         accelerate=for_evaluation,
+        binarization=args.binarization,
     )
     summary = result.to_dict()
     summary.pop("log_activity")  # long; it stays in eval.json

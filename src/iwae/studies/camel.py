@@ -6,13 +6,18 @@ Data: ``p(x) = 0.5 N(-1, 0.5^2) + 0.5 N(1, 0.5^2)``. Model: a 1-D latent with p(
 q(z | x) and p(x | z) Gaussian with mean and log-std from 2 x 5 tanh networks. The true
 E[log p(x)] is computed by numerical integration (``scipy.integrate.quad``; about -1.3585).
 Both models are scored by L_5000 on a large test sample, and their densities p_theta(x) are
-estimated by exp(L_5000) on a grid of x and plotted beside the true one.
+estimated by exp(L_5000) on a grid of x and plotted beside the true one. With a 1-D latent, each model's
+posterior p_theta(z | x) and its marginal p_theta(x) are also computed exactly, by quadrature over a grid of z
+(:func:`posterior_on_grid`): the exact log p_theta(x) checks L_5000, and KL(q(z | x) || p_theta(z | x)), the
+gap between log p_theta(x) and the ELBO, says how far each encoder is from its model's posterior
+(``camel-posterior.png`` draws both at a few x).
 
 Shape convention: data ``[batch, 1]``; log-weights ``[k, batch]``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -108,6 +113,69 @@ def log_likelihood(model: LatentVariableModel, x: Tensor, k: int, seed: int) -> 
     return estimate_log_likelihood(model, Split(x), "none", k, generator, batch_size=250, max_rows=500_000)["log_lik"]
 
 
+Z_GRID = np.linspace(-8.0, 8.0, 4001)  # p(z) = N(0, 1): the mass beyond 8 is under 1e-15
+POSTERIOR_X = (-1.0, 0.0, 1.0)  # where camel-posterior.png draws the posteriors: the humps and the valley
+
+
+@torch.no_grad()
+def posterior_on_grid(model: LatentVariableModel, x: Tensor, z: np.ndarray = Z_GRID) -> dict[str, Tensor]:
+    """A 1-D-latent model's posterior by quadrature over the grid ``z`` (trapezoid rule, float64).
+
+    Args:
+        model: a model with one stochastic layer of one unit (``CAMEL_MODEL``).
+        x: ``[n, 1]``.
+        z: the grid of latent values, evenly spaced, wide enough for p(z) and q(z | x).
+
+    Returns:
+        ``log_joint`` and ``log_q`` ``[G, n]``, log p_theta(x, z) and log q(z | x) on the grid; ``log_px`` ``[n]``,
+        log p_theta(x); ``posterior`` ``[G, n]``, p_theta(z | x); ``kl`` ``[n]``, KL(q(z | x) || p_theta(z | x)) =
+        log p_theta(x) - ELBO(x).
+    """
+    grid = torch.tensor(z, dtype=torch.float64)
+    dz = float(z[1] - z[0])
+    double = copy.deepcopy(model).double()
+    xs = x.double()
+    log_prior = -0.5 * grid**2 - 0.5 * math.log(2 * math.pi)
+    log_joint = double.observation_log_prob(xs, grid[:, None, None].expand(len(z), len(xs), 1)) + log_prior[:, None]
+    mean, log_std = (part[:, 0] for part in double.encoder[0](xs))
+    log_q = -0.5 * ((grid[:, None] - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+    weights = torch.full((len(z), 1), dz, dtype=torch.float64)
+    weights[[0, -1]] = dz / 2  # the trapezoid rule
+    log_px = torch.logsumexp(log_joint + weights.log(), dim=0)
+    log_posterior = log_joint - log_px
+    q = log_q.exp()
+    kl = (weights * q * (log_q - log_posterior)).sum(dim=0)
+    return {"log_joint": log_joint, "log_q": log_q, "log_px": log_px, "posterior": log_posterior.exp(), "kl": kl}
+
+
+def plot_posteriors(models: dict[str, LatentVariableModel], path: Path, title: str) -> Path:
+    """p_theta(z | x) beside q(z | x) at :data:`POSTERIOR_X`, one row per model, as one PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = torch.tensor(POSTERIOR_X, dtype=torch.float32)[:, None]
+    fig, axes = plt.subplots(len(models), len(POSTERIOR_X), figsize=(9, 2.6 * len(models)), squeeze=False)
+    for row, (name, model) in enumerate(models.items()):
+        exact = posterior_on_grid(model, x)
+        for column, value in enumerate(POSTERIOR_X):
+            axis = axes[row][column]
+            axis.plot(Z_GRID, exact["posterior"][:, column].numpy(), "k-", lw=1.6, label="p_theta(z | x)")
+            axis.plot(Z_GRID, exact["log_q"][:, column].exp().numpy(), "C1--", lw=1.6, label="q(z | x)")
+            axis.set_xlim(-4, 4)
+            kl = exact["kl"][column].item()
+            axis.set_title(f"{name.upper()}, x = {value:g}: KL(q || p) = {kl:.3f}", fontsize=8)
+            axis.set_xlabel("z", fontsize=8)
+            axis.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    atomic_save_figure(path, fig, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_densities(grid: np.ndarray, densities: dict[str, np.ndarray], path: Path, title: str) -> Path:
     """The true density and the ``vae`` and ``iwae`` densities over ``grid``, as one PNG at ``path``."""
     import matplotlib
@@ -130,7 +198,8 @@ def plot_densities(grid: np.ndarray, densities: dict[str, np.ndarray], path: Pat
 
 
 def run_camel(settings: CamelSettings, out_dir: str | Path, progress: bool = True) -> dict:
-    """Train both models, score them, plot the densities; writes ``camel.json`` and ``camel.png`` to ``out_dir``."""
+    """Train both models, score them, plot the densities and the posteriors; writes ``camel.json``, ``camel.png`` and
+    ``camel-posterior.png`` to ``out_dir``."""
     from iwae.checkpoint import atomic_write_text
 
     started = time.perf_counter()
@@ -142,11 +211,16 @@ def run_camel(settings: CamelSettings, out_dir: str | Path, progress: bool = Tru
     grid_x = torch.tensor(grid, dtype=torch.float32)[:, None]
     result: dict = {"true": true_expected_log_density()}
     densities: dict[str, np.ndarray] = {}
+    models: dict[str, LatentVariableModel] = {}
+    result["exact"], result["kl_q_posterior"] = {}, {}
     for name, k in (("vae", settings.vae_k), ("iwae", settings.k)):
-        model = train_camel(name, k, train, settings, progress)
+        model = models[name] = train_camel(name, k, train, settings, progress)
         with torch.no_grad():
             result[name] = log_likelihood(model, test, settings.eval_k, settings.seed + 2).mean().item()
             densities[name] = np.exp(log_likelihood(model, grid_x, settings.eval_k, settings.seed + 3).numpy())
+        exact = posterior_on_grid(model, test)
+        result["exact"][name] = exact["log_px"].mean().item()  # E over the test points of log p_theta(x)
+        result["kl_q_posterior"][name] = exact["kl"].mean().item()
     # L1 distance between each learned density and the true one on the grid (trapezoid rule).
     true_density = np.exp(true_log_density(grid))
     result["l1_density"] = {name: float(np.trapezoid(np.abs(d - true_density), grid)) for name, d in densities.items()}
@@ -154,6 +228,9 @@ def run_camel(settings: CamelSettings, out_dir: str | Path, progress: bool = Tru
     result["settings"] = {**settings.__dict__}
     title = f"camel: true {result['true']:.3f}, VAE {result['vae']:.3f}, IWAE (k={settings.k}) {result['iwae']:.3f}"
     result["png"] = str(plot_densities(grid, densities, out / "camel.png", title))
+    kls = ", ".join(f"{name.upper()} {value:.3f}" for name, value in result["kl_q_posterior"].items())
+    posterior_title = f"camel: each model's posterior and its encoder; mean KL(q || p) over the test points: {kls}"
+    result["posterior_png"] = str(plot_posteriors(models, out / "camel-posterior.png", posterior_title))
     result["seconds"] = round(time.perf_counter() - started, 1)
     atomic_write_text(out / "camel.json", json.dumps(result, indent=2) + "\n")
     return result

@@ -59,6 +59,9 @@ BLOCK = re.compile(
     re.DOTALL,
 )
 REQUIRED = ("what", "commands", "budget", "date", "machine", "published", "data")
+# runs: run folders (summary.json made from them); outputs: a command's own JSON files, their keys the values;
+# transcribed: summary.json is the data.
+DATA_KINDS = ("runs", "outputs", "transcribed")
 
 
 class ResultsError(ValueError):
@@ -445,8 +448,8 @@ def load_experiment(root: Path, folder: Path) -> Experiment:
     missing = [key for key in REQUIRED if key not in meta]
     if missing:
         raise ResultsError(f"{path}: missing {', '.join(missing)}")
-    if meta["data"] not in ("transcribed", "runs"):
-        raise ResultsError(f"{path}: data must be 'transcribed' or 'runs', not {meta['data']!r}")
+    if meta["data"] not in DATA_KINDS:
+        raise ResultsError(f"{path}: data must be one of {', '.join(DATA_KINDS)}, not {meta['data']!r}")
     if meta["data"] == "transcribed" and "provenance" not in meta:
         raise ResultsError(f"{path}: transcribed data needs its provenance")
     if not meta["commands"] or not all(isinstance(c, dict) and "command" in c for c in meta["commands"]):
@@ -463,6 +466,19 @@ def load_experiment(root: Path, folder: Path) -> Experiment:
         eval_file = meta.get("eval_file", "eval.json")
         runs = [run_state(root, folder.name, name, eval_file) for name in names]
         rows, values, fields = [run_row(run) for run in runs], {}, dict(RUN_FIELDS)
+    elif meta["data"] == "outputs":
+        runs, rows, values, fields = [], [], {}, {}
+        for name in meta.get("outputs") or []:
+            output = read_json(folder / name)
+            if not isinstance(output, dict):
+                raise ResultsError(f"{folder / name}: a command's output is a JSON object")
+            twice = sorted(set(output) & set(values))
+            if twice:
+                raise ResultsError(f"{folder / name}: {', '.join(twice)} given by another output too")
+            values.update(output)
+            fields.update(dict.fromkeys(output, f"from {name}, the command's own output"))
+        if not values:
+            raise ResultsError(f"{path}: an experiment kept as outputs names them: \"outputs\": [\"FILE.json\"]")
     else:
         summary = read_json(folder / SUMMARY_FILE)
         runs, rows = [], summary.get("rows", [])
@@ -686,6 +702,10 @@ def about(results: Results, experiment: Experiment) -> str:
             f"`{run.folder}/` ({run.state})" if run.folder else f"{run.name} (not started)" for run in experiment.runs
         )
         lines.append(f"- **Data**: `{folder}/` (the summary made from its runs): {where}")
+    elif meta["data"] == "outputs":
+        files = ", ".join(f"`{folder}/{name}`" for name in meta["outputs"])
+        note = f" ({meta['provenance']})" if meta.get("provenance") else ""
+        lines.append(f"- **Data**: {files}: the command's own output{note}")
     else:
         lines.append(f"- **Data**: `{folder}/summary.json`: {meta['provenance']}")
     return "\n".join(lines)

@@ -409,6 +409,34 @@ def test_figures_of_runs_draw_the_bounds_by_k_the_units_and_the_samples(made_up:
     assert results_docs.main(["--check"], root=made_up) == 2
 
 
+def test_an_experiment_kept_as_the_commands_outputs(made_up: Path, capsys) -> None:
+    """``"data": "outputs"``: the keys of the command's own JSON files are the templates' values."""
+    folder = made_up / "results" / "study"
+    folder.mkdir()
+    meta = json.loads((made_up / "results" / "quick" / "experiment.json").read_text())
+    meta.update(data="outputs", outputs=["study.json", "more.json"])
+    del meta["provenance"]
+    (folder / "experiment.json").write_text(json.dumps(meta))
+    (folder / "study.json").write_text(json.dumps({"score": -1.25, "by": {"vae": 0.5}}))
+    (folder / "more.json").write_text(json.dumps({"extra": 3}))
+    page = made_up / "docs" / "results.md"
+    page.write_text(
+        "<!-- results:study about -->\n<!-- /results:study -->\n\n<!-- results:study text\n"
+        "{{ score | fmt('.2f') }} {{ by.vae }} {{ extra }}\n-->\n<!-- /results:study -->\n"
+    )
+    assert results_docs.main([], root=made_up) == 0
+    text = page.read_text()
+    assert "-1.25 0.5 3" in text
+    assert "- **Data**: `results/study/study.json`, `results/study/more.json`: the command's own output" in text
+    assert not (folder / "summary.json").exists()
+    (folder / "more.json").write_text(json.dumps({"score": 1}))
+    assert results_docs.main(["--check"], root=made_up) == 2
+    assert "results/study/more.json: score given by another output too" in capsys.readouterr().err
+    (folder / "more.json").write_text("[1]")
+    assert results_docs.main(["--check"], root=made_up) == 2
+    assert "a command's output is a JSON object" in capsys.readouterr().err
+
+
 # -- the claim of the full run's caption ------------------------------------------------------------------------------
 def test_a_shorter_burda_schedule_trains_the_longer_ones_first_passes(tmp_path: Path, mnist) -> None:
     """``--schedule burda:2`` and the first 4 passes of ``--schedule burda:3``, same seed: the same computation."""

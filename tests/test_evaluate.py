@@ -13,7 +13,7 @@ import torch
 from iwae import bounds, evaluate
 from iwae.checkpoint import save_model
 from iwae.config import TrainConfig
-from iwae.data import Split, binarize, load_dataset
+from iwae.data import Split, binarize, for_run, load_dataset
 from iwae.evaluate import (
     ACTIVE_THRESHOLD,
     activity,
@@ -190,6 +190,9 @@ def test_evaluate_run_uses_the_runs_binarisation_and_training_split(tmp_path: Pa
     torch.testing.assert_close(
         torch.tensor(saved["log_activity_authors"][0], dtype=torch.float64), variances[0].clamp_min(1e-300).log()
     )
+    seen.clear()  # the run's dataset as the lab hands it over, train+valid already
+    evaluate_run(run, k=3, limit=4, device="cpu", progress=False, dataset=for_run(data, "threshold", "train+valid"))
+    assert seen == {"binarization": "threshold", "train": 60_000, "batch_size": 100}
 
 
 def test_evaluate_run_on_images_binarised_otherwise(tmp_path: Path, monkeypatch) -> None:

@@ -468,10 +468,12 @@ def load_experiment(root: Path, folder: Path) -> Experiment:
         rows, values, fields = [run_row(run) for run in runs], {}, dict(RUN_FIELDS)
     elif meta["data"] == "outputs":
         runs, rows, values, fields = [], [], {}, {}
-        for name in meta.get("outputs") or []:
+        outputs = meta.get("outputs") or []
+        for key, name in outputs.items() if isinstance(outputs, dict) else ((None, name) for name in outputs):
             output = read_json(folder / name)
             if not isinstance(output, dict):
                 raise ResultsError(f"{folder / name}: a command's output is a JSON object")
+            output = output if key is None else {key: output}  # {"name": "file.json"}: the file's object as name
             twice = sorted(set(output) & set(values))
             if twice:
                 raise ResultsError(f"{folder / name}: {', '.join(twice)} given by another output too")
@@ -703,7 +705,8 @@ def about(results: Results, experiment: Experiment) -> str:
         )
         lines.append(f"- **Data**: `{folder}/` (the summary made from its runs): {where}")
     elif meta["data"] == "outputs":
-        files = ", ".join(f"`{folder}/{name}`" for name in meta["outputs"])
+        outputs = meta["outputs"]
+        files = ", ".join(f"`{folder}/{name}`" for name in (outputs.values() if isinstance(outputs, dict) else outputs))
         note = f" ({meta['provenance']})" if meta.get("provenance") else ""
         lines.append(f"- **Data**: {files}: the command's own output{note}")
     else:
@@ -805,11 +808,14 @@ def _draw_images(spec: FigureSpec, root: Path) -> Any:
 def draw(spec: FigureSpec, root: Path = ROOT) -> bytes:
     """The PNG of a figure, its data's digest in the text chunk :data:`DIGEST_KEY` (no pyplot: Agg, one figure);
     ``root`` is where the paths of its images start."""
-    if spec.images:
-        figure = _draw_images(spec, root)
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=100, metadata={DIGEST_KEY: spec.digest()})
-        return buffer.getvalue()
+    figure = _draw_images(spec, root) if spec.images else _draw_axes(spec)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100 if spec.images else 90, metadata={DIGEST_KEY: spec.digest()})
+    return buffer.getvalue()
+
+
+def _draw_axes(spec: FigureSpec) -> Any:
+    """One axes: the lines, histograms, vertical lines and points of ``spec``."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7.5, 4.4))
@@ -836,9 +842,7 @@ def draw(spec: FigureSpec, root: Path = ROOT) -> bytes:
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=90, metadata={DIGEST_KEY: spec.digest()})
-    return buffer.getvalue()
+    return figure
 
 
 def png_digest(path: Path) -> str | None:

@@ -435,6 +435,12 @@ def test_an_experiment_kept_as_the_commands_outputs(made_up: Path, capsys) -> No
     (folder / "more.json").write_text("[1]")
     assert results_docs.main(["--check"], root=made_up) == 2
     assert "a command's output is a JSON object" in capsys.readouterr().err
+    (folder / "more.json").write_text(json.dumps({"score": 1}))  # named: each file's object under its name
+    (folder / "experiment.json").write_text(json.dumps({**meta, "outputs": {"a": "study.json", "b": "more.json"}}))
+    template = "{{ score | fmt('.2f') }} {{ by.vae }} {{ extra }}"
+    page.write_text(page.read_text().replace(template, "{{ a.score }} {{ b.score }}"))
+    assert results_docs.main([], root=made_up) == 0
+    assert "-1.25 1" in page.read_text()
 
 
 # -- the claim of the full run's caption ------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import statistics
 import sys
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -307,6 +307,7 @@ RUN_FIELDS = {
     "layers": "stochastic layers",
     "objective": "the training objective",
     "objective_label": "the objective with its parameters: miwae(M=8), ciwae(beta=0.05)",
+    "objective_params": "the objective's parameters by name: {'M': 8}, {'alpha': 0.2}; {} for vae and iwae",
     "estimator": "the gradient estimator: standard, stl or dreg",
     "k": "samples per example in training",
     "binarization": "dynamic (a fresh draw at each use) or threshold (pixel >= 0.5); None: the dataset's own",
@@ -354,6 +355,7 @@ def run_row(run: Run) -> dict[str, Any]:
             layers=config.model.n_stochastic,
             objective=config.objective.name,
             objective_label=config.objective.label(),
+            objective_params={param.name: getattr(config.objective, param.name) for param in fields(config.objective)},
             estimator=config.estimator,
             k=config.k,
             binarization=config.binarization,

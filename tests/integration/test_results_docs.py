@@ -253,6 +253,7 @@ def test_the_generator_fills_every_block_from_the_data(made_up: Path, capsys) ->
     assert states == {"done": "finished", "going": "running", "gone": "lost", "later": "planned"}
     done = next(row for row in summary["rows"] if row["run"] == "done")
     assert (done["nll"], done["units"], done["units_authors"], done["protocol"]) == (90.0, [3], [4], "default")
+    assert (done["objective_label"], done["objective_params"]) == ("vae", {})
     assert done["wall_seconds"] == pytest.approx(sum(2.0 + e for e in range(1, 14)) + 60.0)
     # the figure: drawn, linked relative to the page, its caption filled in, its data's digest in the PNG
     png = made_up / "docs" / "results" / "full-going-curve.png"

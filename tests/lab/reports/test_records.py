@@ -34,6 +34,7 @@ def _config(**settings):
         ({"hidden_dims": "400"}, ["hidden layers 400-400 instead of 200-200"]),
         ({"latent_dims": "100,50,20"}, ["3 stochastic layers (100-50-20 units; Burda: 1 or 2 layers)"]),
         ({"batch_size": 128}, ["minibatch 128 instead of 20"]),
+        ({"adam_eps": 1e-8}, ["Adam's epsilon 1e-08 instead of 1e-04"]),
         ({"schedule": "burda:3", "batch_schedule": "grow"}, ["minibatch 20, 28, 38 over the stages instead of 20"]),
         ({"schedule": "burda:2", "k_schedule": "1,5"}, ["k 1, 5 over the stages instead of k = 5 throughout"]),
         ({"binarization": "threshold"}, ["threshold binarisation instead of dynamic"]),

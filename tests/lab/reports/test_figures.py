@@ -137,6 +137,23 @@ def test_active_units_against_k_are_summed_over_layers_beside_the_papers(drawn: 
     assert figure.axes[0].get_ylabel() == "active units (all layers)"
 
 
+def test_active_units_by_the_kl_are_drawn_beside_burdas_count_where_every_cell_has_them(drawn: list[Figure]) -> None:
+    cells = {
+        ("mnist", 1, 1, "iwae"): Cell(90.0, (20.0,), 1, 2.0, units_kl=(15.0,)),
+        ("mnist", 1, 50, "iwae"): Cell(88.0, (27.0,), 1, 60.0, units_kl=(35.0,)),
+        ("mnist", 2, 1, "iwae"): Cell(86.0, (16.0, 4.0), 1, 2.0, units_kl=(18.0, 5.0)),
+        ("mnist", 2, 50, "iwae"): Cell(84.0, (26.0, 7.0), 1, 90.0),  # one cell without: no KL line for 2L
+    }
+    decoded(figures.plot_against_k(cells, "units", paper=False))
+    (figure,) = drawn
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines() if "KL" in line.get_label()}
+    assert sorted(lines) == [f"iwae mnist 1L ({figures.KL_UNITS})"]
+    (line,) = lines.values()
+    np.testing.assert_array_equal(line.get_xydata(), [[1, 15.0], [50, 35.0]])
+    assert line.get_linestyle() == ":" and line.get_color() == colour_of(figure, "iwae mnist 1L")
+    np.testing.assert_array_equal(ours(figure)["iwae mnist 1L"][0], [[1, 20.0], [50, 27.0]])  # Burda's, still
+
+
 def test_seconds_against_k_have_no_paper_numbers(drawn: list[Figure]) -> None:
     decoded(figures.plot_against_k(CELLS, "seconds"))
     (figure,) = drawn

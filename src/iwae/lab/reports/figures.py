@@ -25,8 +25,14 @@ def _figure_bytes(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
+KL_UNITS = "per-unit KL > 0.01"  # the label of the active units counted by the KL
+
+
 def plot_against_k(cells: dict[tuple[str, int, int, str], Cell], quantity: str, paper: bool = True) -> bytes | None:
     """NLL, active units or seconds per epoch against k, one line per (dataset, layers, objective).
+
+    The active units are Burda's count (the covariance), solid; where every cell of a line has the per-unit KL's
+    count too (``units_kl``, the definition other studies plot), it is drawn dotted in the same colour.
 
     Args:
         cells: the report's cells by (dataset, layers, k, objective) (:mod:`iwae.lab.reports.records`).
@@ -67,6 +73,9 @@ def plot_against_k(cells: dict[tuple[str, int, int, str], Cell], quantity: str, 
         line = axis.errorbar(ks, ours, yerr=spread, fmt="o-", capsize=3, label=ours_label).lines[0]
         if published and paper:
             axis.plot(*zip(*published, strict=True), "s--", color=line.get_color(), alpha=0.6, label=f"{label} (paper)")
+        if quantity == "units" and all(c.units_kl is not None for c in at_k):  # the count studies by the KL report
+            by_kl = [sum(c.units_kl or ()) for c in at_k]
+            axis.plot(ks, by_kl, "^:", color=line.get_color(), label=f"{label} ({KL_UNITS})")
     all_ks = sorted({k for points in groups.values() for k, _ in points})
     axis.set_xscale("log")
     axis.set_xticks(all_ks, [str(k) for k in all_ks])

@@ -130,9 +130,9 @@ def burda_departures(config: TrainConfig) -> list[str]:
 
     Burda's setup: his architecture for the layer count (:meth:`ModelConfig.burda`, tanh), minibatch 20 in every
     stage, Adam's epsilon 1e-4, k throughout, the dataset's own binarisation, and his training images (the
-    validation images held out, no ``train_limit``). The objective, estimator and start (Table 1's runs) are judged by :func:`is_table1_run`;
-    the schedule's length and the evaluation are the budget, which the report shows; the protocol (ours or the
-    authors' code's, :func:`protocol_of`) is not a departure."""
+    validation images held out, no ``train_limit``). The objective, estimator and start (Table 1's runs) are judged
+    by :func:`is_table1_run`; the schedule's length and the evaluation are the budget, which the report shows; the
+    protocol (ours or the authors' code's, :func:`protocol_of`) is not a departure."""
     found = _model_departures(config.model)
     batches = config.stage_batch_sizes or (config.batch_size,)
     if set(batches) != {BURDA_BATCH_SIZE}:

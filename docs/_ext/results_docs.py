@@ -549,6 +549,18 @@ def published_rainforth(objective_label: str, estimator: str, k: int) -> dict[st
     return None if found is None else {"nll": found, "units": None, "source": SOURCES["rainforth"]}
 
 
+def published_student(k: int) -> dict[str, Any] | None:
+    """The student reproduction's test NLL and active units (by the per-unit KL) at ``k``, with its source; None if
+    it gives neither. Either may be None."""
+    from iwae.lab.reports.published import PUBLISHED_STUDENT, SOURCES
+
+    found = PUBLISHED_STUDENT.get(k)
+    if found is None:
+        return None
+    nll, units = found
+    return {"nll": nll, "units": None if units is None else [units], "source": SOURCES["student"]}
+
+
 def published_of(row: Mapping[str, Any]) -> dict[str, Any] | None:
     """A row's published counterpart: Table 2's for a swap (``from_objective``, ``from_k``, ``to_objective``,
     ``to_k``), else Table 1's for a cell (``dataset``, ``layers``, ``k``, ``objective``); None if it has none, as
@@ -606,6 +618,7 @@ ENV.globals.update(
     paper1=published_table1,
     paper2=published_table2,
     rainforth=published_rainforth,
+    student=published_student,
     result=result,
     model=model_label,
     within=within,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from iwae.lab.reports import PUBLISHED_TABLE1, PUBLISHED_TABLE2
-from iwae.lab.reports.published import PUBLISHED_RAINFORTH, RAINFORTH_SOURCE
+from iwae.lab.reports.published import PUBLISHED_RAINFORTH, PUBLISHED_STUDENT, RAINFORTH_SOURCE, STUDENT_SOURCE
 
 # The published numbers as transcribed, each table under its source, in the repository's docs/references.md.
 REFERENCES = Path(__file__).resolve().parents[3] / "docs" / "references.md"
@@ -58,3 +58,12 @@ def test_published_numbers_match_docs_references() -> None:
     }
     assert {key: float(rainforth[row]) for key, row in rows.items()} == PUBLISHED_RAINFORTH
     assert "unverified" in RAINFORTH_SOURCE  # secondary sources: reports must say so
+
+    def number(cell: str, kind: type) -> float | int | None:
+        return None if cell == "—" else kind(cell)
+
+    student = {
+        int(k): (number(nll, float), number(units, int))
+        for k, nll, units in _references_table("A student reproduction (unverified)")
+    }
+    assert student == PUBLISHED_STUDENT and "unverified" in STUDENT_SOURCE

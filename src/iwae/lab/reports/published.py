@@ -74,6 +74,16 @@ PUBLISHED_RAINFORTH: dict[tuple[str, str, int], float] = {
     ("vae", "standard", 64): 86.21,
 }
 
+# A student reproduction (ReLU 784-200-200-50, minibatch 128, 100 passes over all 60,000 MNIST training images,
+# Adam 1e-3; the preset student-full); unverified: from notes on the report, which name neither its authors nor its
+# binarisation (docs/references.md). k -> (test NLL or None, active units by the per-unit KL or None).
+STUDENT_SOURCE = "a student reproduction's report, unverified: from notes that do not name it (docs/references.md)"
+PUBLISHED_STUDENT: dict[int, tuple[float | None, int | None]] = {
+    1: (81.06, 15),
+    50: (None, 35),
+    100: (76.17, 30),
+}
+
 # Where each table's numbers come from, by the name results/<experiment>/experiment.json gives it ("published"); no
 # page numbers: no page-numbered copy was checked (docs/references.md). The camel's numbers are a reproduction
 # report's, recorded by iwae.studies.camel in each camel.json.
@@ -82,6 +92,7 @@ SOURCES: dict[str, str] = {
     "table2": f"{BURDA}, Table 2",
     "appendix-d": f"{BURDA}, Appendix D",
     "rainforth": RAINFORTH_SOURCE,
+    "student": STUDENT_SOURCE,
     "camel": "a reproduction report of Burda et al. (secondary, as iwae camel records it in camel.json; "
     "docs/references.md)",
 }

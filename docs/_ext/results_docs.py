@@ -37,7 +37,7 @@ import statistics
 import sys
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -355,7 +355,7 @@ def run_row(run: Run) -> dict[str, Any]:
             layers=config.model.n_stochastic,
             objective=config.objective.name,
             objective_label=config.objective.label(),
-            objective_params={param.name: getattr(config.objective, param.name) for param in fields(config.objective)},
+            objective_params=asdict(config.objective),
             estimator=config.estimator,
             k=config.k,
             binarization=config.binarization,
@@ -443,6 +443,13 @@ class Experiment:
         raise ResultsError(f"{self.folder / EXPERIMENT_FILE}: no run {name!r} among its runs")
 
 
+def output_files(meta: Mapping[str, Any]) -> list[tuple[str | None, str]]:
+    """The files of an experiment kept as its commands' outputs, each with the name its object goes under (None: its
+    keys are merged into the values): ``outputs`` as a list of files or as ``{"name": "file"}``."""
+    outputs = meta.get("outputs") or []
+    return list(outputs.items()) if isinstance(outputs, dict) else [(None, name) for name in outputs]
+
+
 def load_experiment(root: Path, folder: Path) -> Experiment:
     """An experiment from its folder: ``experiment.json`` checked, the summary read (or made from its runs)."""
     path = folder / EXPERIMENT_FILE
@@ -470,8 +477,7 @@ def load_experiment(root: Path, folder: Path) -> Experiment:
         rows, values, fields = [run_row(run) for run in runs], {}, dict(RUN_FIELDS)
     elif meta["data"] == "outputs":
         runs, rows, values, fields = [], [], {}, {}
-        outputs = meta.get("outputs") or []
-        for key, name in outputs.items() if isinstance(outputs, dict) else ((None, name) for name in outputs):
+        for key, name in output_files(meta):
             output = read_json(folder / name)
             if not isinstance(output, dict):
                 raise ResultsError(f"{folder / name}: a command's output is a JSON object")
@@ -720,8 +726,7 @@ def about(results: Results, experiment: Experiment) -> str:
         )
         lines.append(f"- **Data**: `{folder}/` (the summary made from its runs): {where}")
     elif meta["data"] == "outputs":
-        outputs = meta["outputs"]
-        files = ", ".join(f"`{folder}/{name}`" for name in (outputs.values() if isinstance(outputs, dict) else outputs))
+        files = ", ".join(f"`{folder}/{name}`" for _, name in output_files(meta))
         note = f" ({meta['provenance']})" if meta.get("provenance") else ""
         lines.append(f"- **Data**: {files}: the command's own output{note}")
     else:

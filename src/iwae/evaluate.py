@@ -433,7 +433,7 @@ def evaluate_run(
         raise RunError(f"{run_dir} is not writable, and eval writes its results there; make it writable")
     if dataset is None:
         dataset = load_dataset(config.dataset, data_dir, progress=progress)
-    own = for_run(dataset, config.binarization, dataset.train_split).binarization  # a run's dataset may be loaded whole
+    own = config.binarization or dataset.binarization  # the run's own binarisation, as for_run reads it
     other = binarization if binarization not in (None, own) else None
     data = for_run(dataset, other or config.binarization, config.train_split)
     result = evaluate_model(

@@ -994,6 +994,43 @@ def units_figure(args: dict[str, str], results: Results, experiment: Experiment)
     )
 
 
+PUBLISHED_BY_K: dict[str, Callable[[int], dict[str, Any] | None]] = {"student": published_student}
+
+
+def units_k_figure(args: dict[str, str], results: Results, experiment: Experiment) -> FigureSpec | None:
+    """Active latent units against k over the experiment's evaluated runs: Burda's covariance count and, where every
+    run has it, the per-unit KL count; ``published=NAME`` (:data:`PUBLISHED_BY_K`) adds that source's counts as
+    points. None while fewer than two runs are evaluated."""
+    rows = sorted((row for row in experiment.rows if row.get("nll") is not None), key=lambda row: row["k"])
+    if len(rows) < 2:
+        return None
+    ks = [row["k"] for row in rows]
+    covariance = [sum(row["units"]) for row in rows]
+    lines = [{"x": ks, "y": covariance, "label": "ours: A_u > 0.01 (covariance)", "marker": "o"}]
+    if all(row.get("units_kl") is not None for row in rows):
+        label = "ours: mean KL(q(z_u|x) || p(z_u)) > 0.01"
+        lines.append({"x": ks, "y": [sum(row["units_kl"]) for row in rows], "label": label, "marker": "s"})
+    points = []
+    if "published" in args:
+        if args["published"] not in PUBLISHED_BY_K:
+            raise ResultsError(f"published={args['published']}: one of {', '.join(PUBLISHED_BY_K)}")
+        for k in ks:
+            theirs = PUBLISHED_BY_K[args["published"]](k)
+            if theirs is not None and theirs.get("units") is not None:
+                label = f"theirs: {theirs['source']}" if not points else "_nolegend_"
+                points.append({"x": k, "y": sum(theirs["units"]), "label": label, "marker": "*"})
+    return FigureSpec(
+        name=f"{experiment.name}-units-k",
+        alt=f"{experiment.name}: active units against k",
+        xlabel="k, samples per image in training (log scale)",
+        ylabel="active latent units",
+        xscale="log",
+        xticks=ks,
+        lines=lines,
+        points=points,
+    )
+
+
 def samples_figure(args: dict[str, str], results: Results, experiment: Experiment) -> FigureSpec | None:
     """The sample grids (``samples.png``, which a sweep's runs draw) of the runs named (``runs=A,B``), side by side.
     None while no named run has one."""
@@ -1021,6 +1058,7 @@ FIGURE_KINDS: dict[str, Callable[[dict[str, str], Results, Experiment], FigureSp
     "bounds": bounds_figure,
     "units": units_figure,
     "samples": samples_figure,
+    "units_k": units_k_figure,
 }
 
 

@@ -101,10 +101,10 @@ def test_templates_change_only_their_own_copy_of_the_data(made_up: Path) -> None
 
 
 # -- a made-up results folder -----------------------------------------------------------------------------------------
-def _config(schedule: str = "burda:3"):
+def _config(schedule: str = "burda:3", k: int = 1):
     from iwae.lab.grid import train_config
 
-    return train_config({"dataset": "mnist", "objective": "vae", "k": 1, "schedule": schedule, "latent_dims": [4]})
+    return train_config({"dataset": "mnist", "objective": "vae", "k": k, "schedule": schedule, "latent_dims": [4]})
 
 
 def _write_run(folder: Path, epochs: int, checkpoint_epoch: int | None = None) -> None:
@@ -408,6 +408,32 @@ def test_figures_of_runs_draw_the_bounds_by_k_the_units_and_the_samples(made_up:
     (done / "eval-test-k1-seed0.json").write_text("[]")
     page.write_text(RUNS_PAGE)
     assert results_docs.main(["--check"], root=made_up) == 2
+
+
+def test_the_units_against_k_figure_draws_both_counts_and_the_published_ones(made_up: Path, monkeypatch) -> None:
+    from iwae.lab.reports import published
+
+    full = made_up / "results" / "full"
+    later = full / "runs" / "later"
+    _write_run(later, epochs=13)
+    (later / "config.json").write_text(_config(k=5).to_json())
+    (full / "runs" / "done" / "eval.json").write_text(json.dumps({**EVALUATION, "active_units_kl": [2]}))
+    (later / "eval.json").write_text(json.dumps({**EVALUATION, "active_units": [4], "active_units_kl": [1]}))
+    monkeypatch.setattr(published, "PUBLISHED_STUDENT", {1: (None, 7), 3: (80.0, 9)})  # invented counts
+    experiment = results_docs.load_results(made_up).get("full")
+    spec = results_docs.units_k_figure({"published": "student"}, results_docs.load_results(made_up), experiment)
+    assert spec is not None
+    assert [(line["x"], line["y"]) for line in spec.lines] == [([1, 5], [3, 4]), ([1, 5], [2, 1])]
+    assert [(point["x"], point["y"]) for point in spec.points] == [(1, 7)]  # k = 3 was not trained: left out
+    with pytest.raises(results_docs.ResultsError, match="published=paper"):
+        results_docs.units_k_figure({"published": "paper"}, results_docs.load_results(made_up), experiment)
+    (later / "eval.json").write_text(json.dumps({**EVALUATION, "active_units_kl": None}))
+    experiment = results_docs.load_results(made_up).get("full")
+    spec = results_docs.units_k_figure({}, results_docs.load_results(made_up), experiment)
+    assert spec is not None and len(spec.lines) == 1 and not spec.points  # a run without the KL count: not drawn
+    (later / "eval.json").unlink()
+    experiment = results_docs.load_results(made_up).get("full")
+    assert results_docs.units_k_figure({}, results_docs.load_results(made_up), experiment) is None  # one evaluated
 
 
 def test_an_experiment_kept_as_the_commands_outputs(made_up: Path, capsys) -> None:

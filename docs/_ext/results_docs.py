@@ -793,7 +793,7 @@ class FigureSpec:
     xticks: list[float] = field(default_factory=list)
     lines: list[dict[str, Any]] = field(default_factory=list)  # {"x", "y", "label"[, "marker"]}
     vlines: list[dict[str, Any]] = field(default_factory=list)  # {"x", "label"}
-    points: list[dict[str, Any]] = field(default_factory=list)  # {"x", "y", "label", "marker"}
+    points: list[dict[str, Any]] = field(default_factory=list)  # {"x", "y", "label", "marker"[, "color"]}
     histograms: list[dict[str, Any]] = field(default_factory=list)  # {"values", "label"}: on shared bins
     bins: int = 20
     # PNGs shown side by side instead of axes: {"path" (from the repository's root), "sha256" (of its bytes)}
@@ -852,7 +852,8 @@ def _draw_axes(spec: FigureSpec) -> Any:
     for vline in spec.vlines:
         axis.axvline(vline["x"], color="grey", linestyle=":", label=vline["label"])
     for point in spec.points:
-        axis.plot([point["x"]], [point["y"]], point["marker"], markersize=8, label=point["label"])
+        color = point.get("color")  # None: the next of matplotlib's cycle
+        axis.plot([point["x"]], [point["y"]], point["marker"], markersize=8, label=point["label"], color=color)
     axis.set_xscale(spec.xscale)
     if spec.xticks:
         axis.set_xticks(spec.xticks, [f"{tick:,}" for tick in spec.xticks])
@@ -1017,8 +1018,8 @@ def units_k_figure(args: dict[str, str], results: Results, experiment: Experimen
         for k in ks:
             theirs = PUBLISHED_BY_K[args["published"]](k)
             if theirs is not None and theirs.get("units") is not None:
-                label = f"theirs: {theirs['source']}" if not points else "_nolegend_"
-                points.append({"x": k, "y": sum(theirs["units"]), "label": label, "marker": "*"})
+                label = f"theirs: the {args['published']} study's own counts" if not points else "_nolegend_"
+                points.append({"x": k, "y": sum(theirs["units"]), "label": label, "marker": "*", "color": "black"})
     return FigureSpec(
         name=f"{experiment.name}-units-k",
         alt=f"{experiment.name}: active units against k",

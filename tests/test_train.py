@@ -93,6 +93,17 @@ def test_refuses_to_overwrite_or_resume_with_other_settings(tmp_path: Path, mnis
         fit(config.replace(k=5), tmp_path / "run", dataset=mnist, progress=False, resume=True, device="cpu")
 
 
+def test_output_bias_starts_at_the_data_mean_or_at_zero_and_nothing_else_changes(mnist) -> None:
+    images = mnist.train.images[:500]
+    burda = build_model(_config(), images, torch.device("cpu"))
+    zero = build_model(_config(output_bias="zero"), images, torch.device("cpu"))
+    mean = images.mean(dim=0).clamp(0.001, 0.999)
+    torch.testing.assert_close(burda.decoder[0].head.bias, torch.log(mean) - torch.log1p(-mean))
+    assert torch.count_nonzero(zero.decoder[0].head.bias) == 0
+    others = [name for name, _ in burda.named_parameters() if name != "decoder.0.head.bias"]
+    assert len(others) > 1 and all(torch.equal(burda.get_parameter(n), zero.get_parameter(n)) for n in others)
+
+
 @pytest.mark.parametrize(("objective", "layers"), [("vae", 2), ("iwae", 1)])
 def test_training_improves_the_bound(tmp_path: Path, mnist, objective: str, layers: int) -> None:
     config = TrainConfig(

@@ -105,6 +105,7 @@ class TrainConfig:
     binarization: str | None = None  # None: the dataset's own; dynamic or threshold (pixel >= 0.5) for grey levels
     fresh_optimizer: bool = False  # with init_from: a new optimiser instead of the base run's state (Table 2)
     train_split: str = "train"  # train (Burda's 59,600 MNIST images) or train+valid (all 60,000)
+    output_bias: str = "data-mean"  # the decoder's output bias at the start: data-mean (Burda's) or zero
 
     def __post_init__(self) -> None:
         if not isinstance(self.objective, Objective):

@@ -34,6 +34,7 @@ DATA_ORDERS: tuple[str, ...] = ("shuffled", "fixed")  # fixed: the authors' orde
 LOSS_REDUCTIONS: tuple[str, ...] = ("mean", "sum")  # the minibatch's loss; sum: the authors' code
 BINARIZATIONS: tuple[str, ...] = ("dynamic", "threshold")  # for grey-level data (None in a config: the dataset's own)
 TRAIN_SPLITS: tuple[str, ...] = ("train", "train+valid")  # Burda's 59,600 MNIST images, or all 60,000
+OUTPUT_BIASES: tuple[str, ...] = ("data-mean", "zero")  # the decoder's output bias at the start; data-mean: Burda's
 PROTOCOLS: tuple[str, ...] = ("default", "authors")
 BATCH_SCHEDULES: tuple[str, ...] = ("fixed", "grow")  # grow: Smith et al.'s growing minibatch (iwae.config)
 LR_SCALES: tuple[str, ...] = ("none", "linear", "sqrt")  # the learning rates scaled for a minibatch other than 20

@@ -58,6 +58,7 @@ from iwae.names import (
     MAX_SEED,
     OBJECTIVE_NAMES,
     OPTIMIZERS,
+    OUTPUT_BIASES,
     PROTOCOLS,
     TRAIN_SPLITS,
 )
@@ -306,6 +307,8 @@ SETTINGS: tuple[Setting, ...] = (
             "(pixel >= 0.5, fixed)", choices=BINARIZATIONS, field=True),  # None: the dataset's own
     Setting("train_split", "{default} (default: Burda's 59,600 MNIST images) or train+valid (all 60,000)",
             default="train", choices=TRAIN_SPLITS, field=True),
+    Setting("output_bias", "the decoder's output bias at the start: {default} (default, Burda's: the logit of the "
+            "mean training pixel) or zero", default="data-mean", choices=OUTPUT_BIASES, field=True),
     Setting("seed", f"the run's random seed, 0..{MAX_SEED} (default {{default}})", default=0, kind=SEED,
             field=True, group="seed"),
     Setting("batch_schedule", "grow: keep the first stage's learning rate and grow the minibatch by the factor it "

@@ -89,10 +89,12 @@ class FitResult:
 
 
 def build_model(config: TrainConfig, train_images: torch.Tensor, device: torch.device) -> LatentVariableModel:
-    """A freshly initialised model (seeded): Glorot weights, output bias from the mean training pixel."""
+    """A freshly initialised model (seeded): Glorot weights, zero biases, and the output bias from the mean training
+    pixel (Burda's) unless ``config.output_bias`` is ``"zero"``."""
     torch.manual_seed(config.seed)
     model = LatentVariableModel(config.model)
-    model.set_output_bias(train_images.mean(dim=0))
+    if config.output_bias == "data-mean":
+        model.set_output_bias(train_images.mean(dim=0))
     return model.to(device)
 
 

@@ -39,6 +39,7 @@ def _config(**settings):
         ({"schedule": "burda:2", "k_schedule": "1,5"}, ["k 1, 5 over the stages instead of k = 5 throughout"]),
         ({"binarization": "threshold"}, ["threshold binarisation instead of dynamic"]),
         ({"train_limit": 500}, ["trained on the first 500 training images (Burda: all 59,600)"]),
+        ({"output_bias": "zero"}, ["the output bias starting at zero instead of the logit of the mean training pixel"]),
         (
             {"dataset": "omniglot", "train_split": "train+valid"},
             ["trained on the training and validation images (Burda: the validation images held out)"],

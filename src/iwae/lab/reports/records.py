@@ -129,10 +129,11 @@ def burda_departures(config: TrainConfig) -> list[str]:
     reader ('ReLU networks instead of tanh', 'minibatch 128 instead of 20', ...); empty for Burda's setup.
 
     Burda's setup: his architecture for the layer count (:meth:`ModelConfig.burda`, tanh), minibatch 20 in every
-    stage, Adam's epsilon 1e-4, k throughout, the dataset's own binarisation, and his training images (the
-    validation images held out, no ``train_limit``). The objective, estimator and start (Table 1's runs) are judged
-    by :func:`is_table1_run`; the schedule's length and the evaluation are the budget, which the report shows; the
-    protocol (ours or the authors' code's, :func:`protocol_of`) is not a departure."""
+    stage, Adam's epsilon 1e-4, k throughout, the dataset's own binarisation, his training images (the
+    validation images held out, no ``train_limit``) and his initial output bias (the logit of the mean training
+    pixel). The objective, estimator and start (Table 1's runs) are judged by :func:`is_table1_run`; the schedule's
+    length and the evaluation are the budget, which the report shows; the protocol (ours or the authors' code's,
+    :func:`protocol_of`) is not a departure."""
     found = _model_departures(config.model)
     batches = config.stage_batch_sizes or (config.batch_size,)
     if set(batches) != {BURDA_BATCH_SIZE}:
@@ -159,6 +160,9 @@ def burda_departures(config: TrainConfig) -> list[str]:
         found.append(
             f"trained on the first {config.train_limit:,} training images (Burda: all {burda_images or 'of them'})"
         )
+    if config.output_bias != "data-mean":
+        start = config.output_bias
+        found.append(f"the output bias starting at {start} instead of the logit of the mean training pixel")
     return found
 
 

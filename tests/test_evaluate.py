@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from iwae import bounds, evaluate
-from iwae.checkpoint import save_model
+from iwae.checkpoint import CheckpointError, load_per_example, save_model, save_per_example
 from iwae.config import TrainConfig
 from iwae.data import Split, binarize, for_run, load_dataset
 from iwae.evaluate import (
@@ -23,6 +23,9 @@ from iwae.evaluate import (
     estimate_log_likelihood,
     evaluate_model,
     evaluate_run,
+    examples_digest,
+    paired_nll_difference,
+    per_example_file,
 )
 from iwae.models import LatentVariableModel, ModelConfig
 from iwae.runs import CONFIG_FILE, EVAL_FILE, MODEL_FILE
@@ -224,6 +227,86 @@ def test_evaluate_run_on_images_binarised_otherwise(tmp_path: Path, monkeypatch)
         "eval-test-k3-seed0-limit4.json",
         "eval.json",
     ]
+
+
+def _run_folder(path: Path, model: LatentVariableModel) -> Path:
+    path.mkdir()
+    config = TrainConfig(model=model.config)
+    (path / CONFIG_FILE).write_text(config.to_json())
+    save_model(path / MODEL_FILE, model, config.to_json())
+    return path
+
+
+def test_evaluate_run_keeps_each_examples_bound_for_paired_differences(tmp_path: Path, mnist) -> None:
+    """Beside each named evaluation file, L_k of every example and the pruned L_k, with the digest of the binary
+    images, which the JSON records too; two models on the same images give the paired difference of their NLLs,
+    whose mean is the difference of the NLLs; another seed's images are refused."""
+    dead = _run_folder(tmp_path / "dead", _model_with_dead_units(10))
+    linear = _run_folder(tmp_path / "linear", _linear_encoder_model())
+    results = {}
+    for run in (dead, linear):
+        results[run.name] = evaluate_run(run, k=4, limit=30, device="cpu", progress=False, dataset=mnist)
+        saved = json.loads((run / "eval-test-k4-seed0-limit30.json").read_text())
+        assert saved["per_example_file"] == "eval-test-k4-seed0-limit30.per-example.safetensors"
+        assert json.loads((run / EVAL_FILE).read_text()) == saved
+        values, digest = load_per_example(run / saved["per_example_file"])
+        assert digest == saved["images_sha256"] == results[run.name].images_sha256
+        assert values["log_lik"].dtype == torch.float64 and values["log_lik"].shape == (30,)
+        assert -values["log_lik"].mean().item() == pytest.approx(saved["nll"], rel=1e-12)
+        assert sorted(values) == (["log_lik", "log_lik_active"] if run is dead else ["log_lik"])
+        assert -values.get("log_lik_active", values["log_lik"]).mean().item() == pytest.approx(
+            saved["nll_active_only"], rel=1e-12
+        )
+    assert results["dead"].images_sha256 == results["linear"].images_sha256  # one seed: the same images
+    pair = paired_nll_difference(dead / "eval-test-k4-seed0-limit30.json", linear / "eval-test-k4-seed0-limit30.json")
+    assert pair.n_examples == 30
+    assert pair.difference == pytest.approx(results["dead"].nll - results["linear"].nll, abs=1e-9)
+    evaluate_run(linear, k=4, limit=30, seed=1, device="cpu", progress=False, dataset=mnist)
+    with pytest.raises(ValueError, match="scored different examples"):
+        paired_nll_difference(dead / "eval-test-k4-seed0-limit30.json", linear / "eval-test-k4-seed1-limit30.json")
+    with pytest.raises(ValueError, match="evaluate the run again"):
+        paired_nll_difference(dead / "eval-test-k4-seed0-limit30.json", linear / "eval-test-k9-seed0.json")
+
+
+def test_paired_difference_is_the_mean_and_standard_error_of_the_per_example_differences(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.randn(500, generator=generator, dtype=torch.float64) * 30 - 90  # what both models find hard
+    a = shared + torch.randn(500, generator=generator, dtype=torch.float64)
+    b = shared + 0.5 + torch.randn(500, generator=generator, dtype=torch.float64)
+    paths = [tmp_path / f"{name}{evaluate.PER_EXAMPLE_SUFFIX}" for name in "ab"]
+    for path, values in zip(paths, (a, b), strict=True):
+        save_per_example(path, {"log_lik": values}, "sha256:same")
+    pair = paired_nll_difference(*paths)
+    differences = (b - a).numpy()  # NLL_a - NLL_b, example by example
+    assert pair.difference == pytest.approx(differences.mean(), abs=1e-12)
+    assert pair.std_err == pytest.approx(differences.std(ddof=1) / np.sqrt(500), rel=1e-12)
+    assert pair.std_err < 0.1 < a.std().item() / np.sqrt(500)  # the shared part cancels; each NLL's own se is ~1.3
+
+
+def test_per_example_files_are_checked_on_load(tmp_path: Path) -> None:
+    path = tmp_path / "x.per-example.safetensors"
+    save_per_example(path, {"log_lik": torch.zeros(3, dtype=torch.float64)}, "sha256:abc")
+    assert load_per_example(path)[1] == "sha256:abc"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF  # a flipped bit in the values
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"fail the checksum.*evaluate the run again"):
+        load_per_example(path)
+    model_file = tmp_path / "model.safetensors"
+    save_model(model_file, torch.nn.Linear(2, 2), "{}")
+    with pytest.raises(CheckpointError, match="not an evaluation's per-example file"):
+        load_per_example(model_file)
+    assert per_example_file("/r/eval-test-k5000-seed0.json") == Path("/r/eval-test-k5000-seed0.per-example.safetensors")
+
+
+def test_examples_digest_names_the_binary_images() -> None:
+    images = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert examples_digest(images, "fixed") == examples_digest(images.clone(), "fixed")
+    flipped = images.clone()
+    flipped[1, 2] = 1.0
+    assert examples_digest(flipped, "fixed") != examples_digest(images, "fixed")
+    assert examples_digest(images, "threshold") != examples_digest(images, "fixed")
+    assert examples_digest(images[:1], "fixed") != examples_digest(images, "fixed")
 
 
 def test_a_dynamic_evaluation_sees_one_draw_of_the_images_whatever_the_model_and_k(mnist, monkeypatch) -> None:

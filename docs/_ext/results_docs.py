@@ -339,6 +339,8 @@ RUN_FIELDS = {
     "crossed": "the test NLL of the same images binarised otherwise than the run trained on, at the same K: "
     "[{binarization, nll, nll_std_err}] (nats)",
     "wall_seconds": "training plus evaluation seconds",
+    "per_example": "the evaluation's per-example L_k (from the repository's root; templates compare two runs with "
+    "paired(a, b)); None where the evaluation kept none",
 }
 
 
@@ -375,6 +377,8 @@ def run_row(run: Run) -> dict[str, Any]:
             valid_bound=run.metrics[-1][valid[0]] if valid else None,
         )
     evaluation = run.evaluation
+    if evaluation is not None and evaluation.get("per_example_file"):
+        row["per_example"] = f"{run.folder}/{evaluation['per_example_file']}"
     if evaluation is not None:
         row.update(
             nll=evaluation["nll"],
@@ -633,7 +637,7 @@ ENV.globals.update(
 # The names templates see besides the data (:func:`namespace`, Jinja's globals): rows and values may not take them.
 HELPER_NAMES = (
     *ENV.globals,
-    *("meta", "rows", "values", "experiment", "outcome", "find", "burda_passes", "match_nats"),
+    *("meta", "rows", "values", "experiment", "outcome", "paired", "find", "burda_passes", "match_nats"),
     *("row", "paper", "run", "prefix", "prefix_meta"),
 )
 
@@ -665,6 +669,19 @@ def namespace(results: Results, experiment: Experiment) -> dict[str, Any]:
         """Another experiment's names."""
         return namespace(results, results.get(name))
 
+    def paired(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Row ``a``'s NLL minus row ``b``'s on the same examples, with the standard error of the per-example
+        differences (``difference``, ``std_err``, ``n``); None unless both evaluations kept per-example values."""
+        from iwae.evaluate import paired_nll_difference
+
+        if a.get("per_example") is None or b.get("per_example") is None:
+            return None
+        try:
+            pair = paired_nll_difference(results.root / a["per_example"], results.root / b["per_example"])
+        except ValueError as error:
+            raise ResultsError(str(error)) from None
+        return {"difference": pair.difference, "std_err": pair.std_err, "n": pair.n_examples}
+
     def outcome(name: str, run: str) -> str | None:
         """A run's result (``NLL ± se / units``) once evaluated, else where it stands; None if not declared."""
         target = results.get(name)
@@ -684,6 +701,7 @@ def namespace(results: Results, experiment: Experiment) -> dict[str, Any]:
         "find": find,
         "experiment": other,
         "outcome": outcome,
+        "paired": paired,
         "burda_passes": BURDA_PASSES,
         "match_nats": MATCH_NATS,
     }

@@ -183,23 +183,41 @@ _REDO = "restore it from a copy, or train the run again"
 _GENERATOR_STATE_DEVICES = {5056: "cpu", 16: "cuda"}
 
 
-def _read(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+def _read(path: Path, remedy: str = _REDO) -> tuple[dict[str, Tensor], dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is empty (an interrupted copy?); {_REDO}")
+        raise CheckpointError(f"{path} is empty (an interrupted copy?); {remedy}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as error:
         reason = str(error).splitlines()[0].lower() if str(error) else type(error).__name__
-        raise CheckpointError(f"{path} is truncated, garbled or not a safetensors file ({reason}); {_REDO}") from None
+        raise CheckpointError(f"{path} is truncated, garbled or not a safetensors file ({reason}); {remedy}") from None
     digest = metadata.get("digest")  # a file without a digest is read unchecked
     if digest is not None and digest != tensors_digest(tensors):
-        raise CheckpointError(f"{path} is damaged: its tensors fail the checksum stored with them; {_REDO}")
+        raise CheckpointError(f"{path} is damaged: its tensors fail the checksum stored with them; {remedy}")
     return tensors, metadata
+
+
+PER_EXAMPLE_FORMAT = "iwae-per-example-1"
+
+
+def save_per_example(path: Path, values: dict[str, Tensor], images_digest: str) -> None:
+    """Save an evaluation's per-example values (``[n]`` tensors by name) with the digest of the examples they were
+    computed on (:func:`iwae.evaluate.examples_digest`), atomically."""
+    _save_tensors_atomically(path, values, {"format": PER_EXAMPLE_FORMAT, "images": images_digest})
+
+
+def load_per_example(path: Path) -> tuple[dict[str, Tensor], str]:
+    """The values and the examples' digest that :func:`save_per_example` stored; :class:`CheckpointError` for a
+    damaged file or another kind of file."""
+    tensors, metadata = _read(path, remedy="evaluate the run again")
+    if metadata.get("format") != PER_EXAMPLE_FORMAT or "images" not in metadata:
+        raise CheckpointError(f"{path} is not an evaluation's per-example file (format {metadata.get('format')!r})")
+    return tensors, metadata["images"]
 
 
 def save_model(path: Path, model: nn.Module, config_json: str) -> None:

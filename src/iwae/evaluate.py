@@ -24,18 +24,22 @@ variances drop out of the weight matrices (:meth:`iwae.models.LatentVariableMode
 
 :func:`evaluate_run` keeps earlier results: each goes to a file named by its settings,
 ``eval-<split>-k<K>-seed<S>[-limit<N>][-authors][-<binarization>].json`` (the same settings replace their file), and to
-``eval.json``, the latest. A model with non-finite parameters or a non-finite NLL raises
+``eval.json``, the latest. Beside each named file goes ``<its stem>.per-example.safetensors``: L_k of every example
+(and the pruned L_k), with the digest of the binary examples (``images_sha256``, also in the JSON), so that two models
+scored on the same examples can be compared by the paired difference, whose standard error is far smaller than
+either NLL's (:func:`paired_nll_difference`). A model with non-finite parameters or a non-finite NLL raises
 :class:`~iwae.runs.RunError` and writes nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +48,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from iwae.bounds import LogMeanExpAccumulator
-from iwae.checkpoint import atomic_write_text
+from iwae.checkpoint import atomic_write_text, load_per_example, save_per_example
 from iwae.data import Dataset, Split, binarize, for_run, load_dataset
 from iwae.models import LatentVariableModel
 from iwae.names import BINARIZATIONS, UNIT_DEFINITIONS
@@ -53,6 +57,7 @@ from iwae.runs import EVAL_FILE, RunError, load_model, resolve_device
 
 ACTIVE_THRESHOLD = 0.01
 AUTHORS_IMAGES = 500  # the authors' active units: the first 500 training images
+PER_EXAMPLE_SUFFIX = ".per-example.safetensors"  # beside an evaluation's named JSON file (per_example_file)
 # Sample rows per chunk of L_k (``[rows, x_dim]`` logits at a time): 16 MB on a CPU, where larger chunks gain
 # nothing; on a GPU large chunks (0.8 GB for MNIST) keep the device busy, with the log-mean-exp still in float64.
 CHUNK_ROWS = {"cpu": 5_000, "cuda": 250_000}
@@ -84,9 +89,68 @@ class EvalResult:
     # split) or "authors" (cut out of the weights by the authors' variances, active_units_authors).
     pruned_by: str = "ours"
     log_activity_authors: list[list[float]] = field(default_factory=list)  # log of the authors' variances
+    images_sha256: str = ""  # :func:`examples_digest` of the examples scored: equal digests, the same binary images
+    # Float64 ``[n_examples]`` values, in the split's order: ``log_lik`` (L_k) and, with a pruned NLL,
+    # ``log_lik_active``. Not in :meth:`to_dict`: :func:`evaluate_run` writes them to a file of their own.
+    per_example: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(replace(self, per_example={}))
+        del data["per_example"]
+        return data
+
+
+def examples_digest(images: Tensor, binarization: str) -> str:
+    """``sha256:<hex>`` of the examples an evaluation scores: the images as L_k receives them (for ``dynamic``, the
+    one draw already made) and how they are binarised, which together fix the binary images."""
+    hasher = hashlib.sha256(f"{binarization}|{list(images.shape)}|".encode())
+    hasher.update(images.detach().to("cpu", torch.float32).contiguous().reshape(-1).view(torch.uint8).numpy())
+    return f"sha256:{hasher.hexdigest()}"
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``nll`` of model a minus model b on the same examples, with the standard error of the per-example
+    differences (nats)."""
+
+    difference: float
+    std_err: float
+    n_examples: int
+
+
+def per_example_file(eval_file: str | Path) -> Path:
+    """The per-example file beside an evaluation's JSON file (``eval-test-k5000-seed0.json`` ->
+    ``eval-test-k5000-seed0.per-example.safetensors``)."""
+    eval_file = Path(eval_file)
+    return eval_file.with_name(eval_file.stem + PER_EXAMPLE_SUFFIX)
+
+
+def paired_nll_difference(a: str | Path, b: str | Path, key: str = "log_lik") -> PairedDifference:
+    """The NLL of evaluation ``a`` minus that of ``b``, from their per-example files (or the evaluation JSON files
+    beside them), with the standard error of the paired differences: the same examples (equal
+    ``images_sha256``) make the two models' errors largely cancel.
+
+    Raises:
+        ValueError: one line, if a file is missing or damaged, or the two scored other examples.
+    """
+    values = []
+    for given in (a, b):
+        path = Path(given)
+        path = path if path.name.endswith(PER_EXAMPLE_SUFFIX) else per_example_file(path)
+        if not path.is_file():
+            raise ValueError(f"no per-example values at {path}; evaluate the run again (iwae eval) to write them")
+        tensors, digest = load_per_example(path)
+        if key not in tensors:
+            raise ValueError(f"{path} holds no {key!r}; it holds {', '.join(sorted(tensors))}")
+        values.append((path, tensors[key].double(), digest))
+    (path_a, log_a, digest_a), (path_b, log_b, digest_b) = values
+    if digest_a != digest_b or log_a.shape != log_b.shape:
+        raise ValueError(f"{path_a} and {path_b} scored different examples: a paired difference needs the same ones")
+    differences = log_b - log_a  # NLL_a - NLL_b per example
+    n = differences.numel()
+    if n < 2:
+        raise ValueError(f"a paired difference needs at least 2 examples, got {n}")
+    return PairedDifference(differences.mean().item(), differences.std().item() / math.sqrt(n), n)
 
 
 @torch.no_grad()
@@ -323,6 +387,7 @@ def evaluate_model(
     generator = torch.Generator(device=device).manual_seed(seed)
     if binarization == "dynamic":  # the images first: the same draw whatever the model and k draw after it
         split, binarization = Split(binarize(split.images, binarization, generator), split.labels), "fixed"
+    images_sha256 = examples_digest(split.images, binarization)
     variances, mean_kls = activity(model, split, binarization, generator)
     authors_variances: list[Tensor] = []
     if authors_split is not None:
@@ -378,6 +443,8 @@ def evaluate_model(
         log_activity=[torch.log(v.clamp_min(1e-300)).tolist() for v in variances],
         pruned_by=units,
         log_activity_authors=[torch.log(v.clamp_min(1e-300)).tolist() for v in authors_variances],
+        images_sha256=images_sha256,
+        per_example={name: estimates[name] for name in ("log_lik", "log_lik_active") if name in estimates},
     )
 
 
@@ -459,9 +526,12 @@ def evaluate_run(
     payload["dataset"] = config.dataset
     if other is not None:
         payload["binarization"] = other
+    named = run_dir / eval_file_name(split, k, seed, limit, units, other)
+    payload["per_example_file"] = per_example_file(named).name
     payload.update(extra or {})
     text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
-    atomic_write_text(run_dir / eval_file_name(split, k, seed, limit, units, other), text)
+    save_per_example(per_example_file(named), result.per_example, result.images_sha256)  # before the JSON naming it
+    atomic_write_text(named, text)
     atomic_write_text(run_dir / EVAL_FILE, text)
     return result
 

@@ -470,6 +470,40 @@ def test_an_experiment_kept_as_the_commands_outputs(made_up: Path, capsys) -> No
     assert "-1.25 1" in page.read_text()
 
 
+def test_paired_compares_two_runs_on_the_same_examples(made_up: Path, capsys) -> None:
+    """``paired(a, b)``: a's NLL minus b's with the standard error of the per-example differences, from the files
+    the evaluations kept (their path is the rows' ``per_example``); None where one kept none; different images
+    are refused."""
+    from iwae.checkpoint import save_per_example
+
+    folder = made_up / "results" / "pair"
+    meta = json.loads((made_up / "results" / "full" / "experiment.json").read_text())
+    folder.mkdir()
+    (folder / "experiment.json").write_text(json.dumps({**meta, "runs": ["a", "b", "c"]}))
+    offsets = {"a": 0.0, "b": 0.5, "c": 0.0}
+    shared = torch.linspace(-120.0, -60.0, 8, dtype=torch.float64)
+    for name, offset in offsets.items():
+        run = folder / "runs" / name
+        _write_run(run, epochs=13)
+        values = shared - offset + 0.1 * torch.arange(8, dtype=torch.float64) % 3
+        evaluation = {**EVALUATION, "nll": -values.mean().item(), "n_examples": 8}
+        if name != "c":
+            evaluation["per_example_file"] = "eval-test.per-example.safetensors"
+            save_per_example(run / evaluation["per_example_file"], {"log_lik": values}, "sha256:images")
+        (run / "eval.json").write_text(json.dumps(evaluation))
+    page = made_up / "docs" / "results.md"
+    template = (
+        "{% set p = paired(b, a) %}{{ p.difference | fmt('.3f') }} ± {{ p.std_err | fmt('.3f') }} on {{ p.n }}; "
+        "{{ paired(a, c) is none }}; {{ b.per_example }}"
+    )
+    page.write_text(f"<!-- results:pair text\n{template}\n-->\n<!-- /results:pair -->\n")
+    assert results_docs.main([], root=made_up) == 0
+    assert "0.500 ± 0.000 on 8; True; results/pair/runs/b/eval-test.per-example.safetensors" in page.read_text()
+    save_per_example(folder / "runs" / "a" / "eval-test.per-example.safetensors", {"log_lik": shared}, "sha256:other")
+    assert results_docs.main(["--check"], root=made_up) == 2
+    assert "scored different examples" in capsys.readouterr().err
+
+
 # -- the claim of the full run's caption ------------------------------------------------------------------------------
 def test_a_shorter_burda_schedule_trains_the_longer_ones_first_passes(tmp_path: Path, mnist) -> None:
     """``--schedule burda:2`` and the first 4 passes of ``--schedule burda:3``, same seed: the same computation."""

@@ -33,7 +33,6 @@ either NLL's (:func:`paired_nll_difference`). A model with non-finite parameters
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -48,7 +47,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from iwae.bounds import LogMeanExpAccumulator
-from iwae.checkpoint import atomic_write_text, load_per_example, save_per_example
+from iwae.checkpoint import atomic_write_text, load_per_example, save_per_example, tensors_digest
 from iwae.data import Dataset, Split, binarize, for_run, load_dataset
 from iwae.models import LatentVariableModel
 from iwae.names import BINARIZATIONS, UNIT_DEFINITIONS
@@ -103,9 +102,7 @@ class EvalResult:
 def examples_digest(images: Tensor, binarization: str) -> str:
     """``sha256:<hex>`` of the examples an evaluation scores: the images as L_k receives them (for ``dynamic``, the
     one draw already made) and how they are binarised, which together fix the binary images."""
-    hasher = hashlib.sha256(f"{binarization}|{list(images.shape)}|".encode())
-    hasher.update(images.detach().to("cpu", torch.float32).contiguous().reshape(-1).view(torch.uint8).numpy())
-    return f"sha256:{hasher.hexdigest()}"
+    return tensors_digest({binarization: images.to(torch.float32)})
 
 
 @dataclass(frozen=True)
